@@ -1,0 +1,930 @@
+"""envs.py: the world every script in algos/ stands on.
+
+Sections, top to bottom:
+  1. names      parse an environment name (OGBench dataset names, ExORL-style dm_control tasks)
+  2. datasets   load a file from --dataset-dir, or generate one offline with OGBench's official recipe
+  3. splits     10% of whole trajectories held out; the rest in one seeded trajectory order (nested prefixes)
+  4. sampling   batches and OGBench-style goals, drawn on device inside jit
+  5. oracles    the noiseless scripted expert's action for any (state, goal): pointmaze, cube-single
+  6. rollouts   lockstep evaluation of a batched policy on the environment's evaluation tasks
+  7. run folders config.json / metrics.jsonl / result.json / checkpoints, written atomically
+  8. CLI        `python envs.py generate ...`, `python envs.py list`
+
+Bad input raises `UsageError` with one line naming the problem and the fix; every entry point turns it
+into exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+
+# No display anywhere: MuJoCo must never try to open a window (set before mujoco is imported).
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import dataclasses
+import difflib
+import glob
+import json
+import math
+import sys
+import tempfile
+from collections import deque
+from pathlib import Path
+from typing import Annotated, Callable, Literal
+
+import numpy as np
+import tyro
+
+DEFAULT_DATASET_DIR = "~/.ogbench/data"  # the same folder ogbench itself uses for its downloads
+
+
+class UsageError(Exception):
+    """Bad input from the user: the message is one line naming the problem and the fix (exit status 2)."""
+
+
+def exit_on_usage_error(main: Callable[[], None]) -> None:
+    """Run `main`; turn a UsageError into a one-line message on stderr and exit status 2."""
+    try:
+        main()
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Names
+# ----------------------------------------------------------------------------------------------------------------
+# OGBench names a dataset `<env>-<dataset type>-v0` (goal-conditioned) or
+# `<env>-<dataset type>-singletask[-task<k>]-v0` (one fixed task, rewards relabelled). dm_control tasks are named
+# `<domain>-<task>[-<exorl algo>]`; without the algo suffix the ExORL RND data is used, as in the paper.
+
+_OGBENCH_DATASET_TYPES = {
+    "pointmaze": ("navigate", "stitch", "explore"),
+    "antmaze": ("navigate", "stitch", "explore"),
+    "humanoidmaze": ("navigate", "stitch"),
+    "antsoccer": ("navigate", "stitch"),
+    "cube": ("play", "noisy"),
+    "scene": ("play", "noisy"),
+    "puzzle": ("play", "noisy"),
+}
+_OGBENCH_ENVS = {
+    "pointmaze": ("medium", "large", "giant", "teleport"),
+    "antmaze": ("medium", "large", "giant", "teleport"),
+    "humanoidmaze": ("medium", "large", "giant"),
+    "antsoccer": ("arena", "medium"),
+    "cube": ("single", "double", "triple", "quadruple"),
+    "scene": (None,),
+    "puzzle": ("3x3", "4x4", "4x5", "4x6"),
+}
+DMC_TASKS = (
+    "walker-stand", "walker-walk", "walker-run", "cheetah-run", "quadruped-walk", "quadruped-run", "hopper-hop",
+)
+DEFAULT_EXORL_ALGO = "rnd"
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSpec:
+    """What a name means. `name` is what the user typed; everything else is derived from it."""
+
+    name: str
+    family: Literal["ogbench", "dmc"]
+    goal_conditioned: bool
+    env_id: str  # gymnasium id (ogbench) or "<domain>-<task>" (dmc)
+    dataset_name: str  # file stem in --dataset-dir (ogbench) or "<domain>/<algo>" (dmc, ExORL layout)
+    kind: str  # pointmaze, cube, walker, ...
+    dataset_type: str  # navigate, play, rnd, random, ...
+
+    @property
+    def has_oracle(self) -> bool:
+        """True where a noiseless scripted expert labels any state, so the three MSE metrics exist."""
+        return self.kind == "pointmaze" or self.env_id.startswith("cube-single")
+
+    @property
+    def can_generate(self) -> bool:
+        """True where `envs.py generate` can make the dataset offline."""
+        if self.family == "dmc":
+            return self.dataset_type == "random"
+        return self.kind == "pointmaze" or self.kind == "cube"
+
+
+def all_env_names() -> list[str]:
+    """Every name `parse_env` accepts (singletask variants shown without their optional -task<k>)."""
+    names = []
+    for kind, sizes in _OGBENCH_ENVS.items():
+        for size in sizes:
+            base = kind if size is None else f"{kind}-{size}"
+            for dataset_type in _OGBENCH_DATASET_TYPES[kind]:
+                if dataset_type == "explore" and (kind != "antmaze" and kind != "pointmaze" or size not in ("medium", "large")):
+                    continue
+                names.append(f"{base}-{dataset_type}-v0")
+                names.append(f"{base}-{dataset_type}-singletask-v0")
+    names += list(DMC_TASKS) + [f"{task}-random" for task in DMC_TASKS]
+    return names
+
+
+def parse_env(name: str) -> EnvSpec:
+    """Parse an environment name; raise UsageError naming the closest valid names."""
+    parts = name.split("-")
+    if parts[-1] == "v0" and parts[0] in _OGBENCH_ENVS:
+        kind = parts[0]
+        singletask = "singletask" in parts
+        core = parts[: parts.index("singletask")] if singletask else parts[:-1]
+        task_suffix = parts[parts.index("singletask") + 1 : -1] if singletask else []
+        dataset_type = core[-1] if len(core) >= 2 else ""
+        env_base = "-".join(core[:-1])
+        valid_base = any(env_base == (kind if s is None else f"{kind}-{s}") for s in _OGBENCH_ENVS[kind])
+        valid_task = task_suffix == [] or (len(task_suffix) == 1 and task_suffix[0] in [f"task{k}" for k in range(1, 6)])
+        if valid_base and dataset_type in _OGBENCH_DATASET_TYPES[kind] and valid_task:
+            env_id = "-".join([env_base] + (["singletask"] + task_suffix if singletask else []) + ["v0"])
+            return EnvSpec(name, "ogbench", not singletask, env_id, f"{env_base}-{dataset_type}-v0", kind, dataset_type)
+    if len(parts) in (2, 3) and "-".join(parts[:2]) in DMC_TASKS:
+        algo = parts[2] if len(parts) == 3 else DEFAULT_EXORL_ALGO
+        return EnvSpec(name, "dmc", False, "-".join(parts[:2]), f"{parts[0]}/{algo}", parts[0], algo)
+    close = difflib.get_close_matches(name, all_env_names(), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else "run `python envs.py list` for valid names"
+    raise UsageError(f"unknown environment '{name}' (--env): {hint}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Datasets
+# ----------------------------------------------------------------------------------------------------------------
+# In memory, a dataset is a dict of numpy arrays, one row per transition, trajectories contiguous:
+#   observations, actions, next_observations, rewards, masks (0 where the episode truly ends), terminals (1 on the
+#   last transition of each trajectory). Goal-conditioned datasets carry rewards/masks of zero: they are computed
+#   from the sampled goal at training time.
+
+TRANSITION_KEYS = ("observations", "actions", "next_observations", "rewards", "masks", "terminals")
+
+
+def dataset_path(spec: EnvSpec, dataset_dir: str) -> Path:
+    """Where the dataset of `spec` lives: an OGBench .npz file or an ExORL `buffer/` folder."""
+    root = Path(os.path.expanduser(dataset_dir))
+    if spec.family == "ogbench":
+        return root / f"{spec.dataset_name}.npz"
+    return root / spec.dataset_name / "buffer"
+
+
+def _missing_dataset_message(spec: EnvSpec, path: Path, dataset_dir: str) -> str:
+    if spec.can_generate:
+        return (f"no dataset at {path} (--dataset-dir): generate it offline with "
+                f"`python envs.py generate {spec.name.replace('-singletask', '').split('-task')[0] if spec.family == 'ogbench' else spec.name} --dataset-dir {dataset_dir}`")
+    if spec.family == "dmc":
+        return (f"no ExORL episodes at {path} (--dataset-dir): download ExORL's '{spec.dataset_type}' data for "
+                f"'{spec.kind}' into {path.parent}, or use `{spec.env_id}-random`, which `envs.py generate` makes offline")
+    return (f"no dataset at {path} (--dataset-dir): '{spec.dataset_name}' needs trained experts to generate; "
+            f"place the official OGBench files {spec.dataset_name}.npz and {spec.dataset_name}-val.npz there")
+
+
+def load_dataset(spec: EnvSpec, dataset_dir: str = DEFAULT_DATASET_DIR) -> dict[str, np.ndarray]:
+    """Load the whole dataset of `spec` (the official -val file, if any, is not used: splits are ours)."""
+    path = dataset_path(spec, dataset_dir)
+    if not path.exists():
+        raise UsageError(_missing_dataset_message(spec, path, dataset_dir))
+    if spec.family == "ogbench":
+        return _load_ogbench(spec, path)
+    return _load_exorl(spec, path)
+
+
+def _load_ogbench(spec: EnvSpec, path: Path) -> dict[str, np.ndarray]:
+    import ogbench
+
+    try:
+        raw = ogbench.load_dataset(str(path), add_info=not spec.goal_conditioned)
+    except Exception as error:  # a truncated or foreign file: name it instead of a traceback
+        raise UsageError(f"cannot read dataset {path}: {type(error).__name__}: {error}; regenerate or re-download it")
+    data = {k: raw[k] for k in ("observations", "actions", "next_observations")}
+    data["terminals"] = raw["terminals"].astype(np.float32)
+    if spec.goal_conditioned:
+        data["rewards"] = np.zeros(len(data["actions"]), np.float32)
+        data["masks"] = np.ones(len(data["actions"]), np.float32)
+    else:
+        from ogbench.relabel_utils import relabel_dataset
+
+        relabel_dataset(spec.env_id, make_env(spec), raw)  # sets the task, then rewards/masks from qpos
+        data["rewards"], data["masks"] = raw["rewards"], raw["masks"]
+    return data
+
+
+def _dmc_env(spec: EnvSpec, seed: int = 0):
+    from dm_control import suite
+
+    domain, task = spec.env_id.split("-")
+    return suite.load(domain, task, task_kwargs={"random": seed})
+
+
+def _flat_obs(observation) -> np.ndarray:
+    # ExORL flattens dm_control's ordered observation dict in its own order.
+    return np.concatenate([np.asarray(v, np.float32).ravel() for v in observation.values()])
+
+
+def _load_exorl(spec: EnvSpec, path: Path) -> dict[str, np.ndarray]:
+    files = sorted(glob.glob(str(path / "*.npz")))
+    if not files:
+        raise UsageError(f"no episode files (*.npz) in {path}: expected ExORL's layout <dataset-dir>/{spec.dataset_name}/buffer/*.npz")
+    env = _dmc_env(spec)
+    chunks = {k: [] for k in TRANSITION_KEYS}
+    for file in files:
+        with np.load(file) as episode:
+            missing = [k for k in ("observation", "action", "physics") if k not in episode]
+            if missing:
+                raise UsageError(f"ExORL episode {file} lacks key(s) {missing}; expected observation, action, physics")
+            obs, act, physics = episode["observation"], episode["action"], episode["physics"]
+        # ExORL episodes start with a dummy step: observation[0] is the reset state, action[0] is a placeholder.
+        # Transition t (1..T) is (observation[t-1], action[t], reward(physics[t]), observation[t]).
+        rewards = np.empty(len(physics) - 1, np.float32)
+        for t in range(1, len(physics)):
+            with env.physics.reset_context():
+                env.physics.set_state(physics[t])
+            rewards[t - 1] = env.task.get_reward(env.physics)
+        length = len(obs) - 1
+        chunks["observations"].append(obs[:-1].astype(np.float32))
+        chunks["actions"].append(act[1:].astype(np.float32))
+        chunks["next_observations"].append(obs[1:].astype(np.float32))
+        chunks["rewards"].append(rewards)
+        chunks["masks"].append(np.ones(length, np.float32))  # dm_control tasks never terminate; time limits are not ends
+        chunks["terminals"].append(np.eye(1, length, length - 1, dtype=np.float32)[0])
+    return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# Official recipes (OGBench data_gen_scripts/commands.sh): episodes, steps per episode, noise.
+def official_recipe(spec: EnvSpec) -> dict:
+    """The official generation settings for `spec`'s dataset (num_episodes, max_episode_steps, noise knobs)."""
+    if spec.kind == "pointmaze":
+        size = spec.env_id.split("-")[1]
+        if spec.dataset_type == "stitch":
+            return dict(num_episodes=5000, max_episode_steps=201, noise=0.5)
+        if size == "giant":
+            return dict(num_episodes=500, max_episode_steps=2001, noise=0.5)
+        return dict(num_episodes=1000, max_episode_steps=1001, noise=0.5)
+    if spec.kind == "cube":
+        episodes = {"single": 1000, "double": 1000, "triple": 3000, "quadruple": 5000}[spec.env_id.split("-")[1]]
+        p_random = 0.1 if spec.dataset_type == "noisy" else 0.0
+        return dict(num_episodes=episodes, max_episode_steps=1001, noise=0.1, p_random_action=p_random)
+    if spec.family == "dmc":
+        return dict(num_episodes=100, max_episode_steps=1000)
+    raise UsageError(f"'{spec.name}' cannot be generated offline (it needs trained expert policies); "
+                     f"place the official OGBench file in --dataset-dir")
+
+
+def generate(spec: EnvSpec, dataset_dir: str, num_episodes: int | None = None, max_episode_steps: int | None = None,
+             seed: int = 0, progress: bool = True) -> Path:
+    """Generate `spec`'s dataset offline with the official recipe, in the official file format; return its path.
+
+    OGBench files: `<name>.npz` (num_episodes episodes) and `<name>-val.npz` (num_episodes // 10 more), keys
+    observations, actions, terminals, qpos, qvel; a `<name>.json` beside them records how they were made.
+    dm_control (`<domain>-<task>-random`): uniformly random actions, ExORL episode files in `<domain>/random/buffer`.
+    """
+    if not spec.can_generate:
+        official_recipe(spec)  # raises the explanation for OGBench names
+        raise UsageError(f"'{spec.name}' uses ExORL's '{spec.dataset_type}' data, which needs an exploration agent; "
+                         f"download it, or generate `{spec.env_id}-random` instead")
+    recipe = official_recipe(spec)
+    if num_episodes is not None:
+        recipe["num_episodes"] = num_episodes
+    if max_episode_steps is not None:
+        recipe["max_episode_steps"] = max_episode_steps
+    if recipe["num_episodes"] < 1 or recipe["max_episode_steps"] < 2:
+        raise UsageError("--num-episodes must be >= 1 and --max-episode-steps >= 2")
+    from tqdm import trange
+
+    if spec.family == "dmc":
+        return _generate_dmc_random(spec, dataset_dir, recipe, seed, progress)
+    np.random.seed(seed)  # the official recipes draw from numpy's global generator
+    collect = _collect_pointmaze_episode if spec.kind == "pointmaze" else _collect_cube_episode
+    env, state = _generation_env(spec, recipe, seed)
+    num_train, num_val = recipe["num_episodes"], recipe["num_episodes"] // 10
+    episodes = [collect(env, state, spec, recipe)
+                for _ in trange(num_train + num_val, desc=f"generate {spec.dataset_name}", disable=not progress)]
+
+    def stack(eps):
+        out = {}
+        for key in eps[0]:
+            dtype = bool if key == "terminals" else np.float32
+            out[key] = np.concatenate([e[key] for e in eps]).astype(dtype) if eps else np.zeros((0,), dtype)
+        return out
+
+    path = dataset_path(spec, dataset_dir)
+    meta = dict(dataset=spec.dataset_name, recipe=recipe, seed=seed, train_episodes=num_train, val_episodes=num_val,
+                generator="offrl-bottlenecks envs.py (OGBench data_gen_scripts recipe)")
+    if num_val:
+        _write_npz_atomic(path.with_name(f"{spec.dataset_name}-val.npz"), stack(episodes[num_train:]))
+    else:  # ogbench's loader wants a -val file beside the training file; an empty one keeps it happy
+        _write_npz_atomic(path.with_name(f"{spec.dataset_name}-val.npz"), {k: v[:1] for k, v in stack(episodes).items()})
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    _write_npz_atomic(path, stack(episodes[:num_train]))  # written last: its presence means the set is complete
+    return path
+
+
+def _generation_env(spec: EnvSpec, recipe: dict, seed: int):
+    import gymnasium
+    import ogbench  # noqa: F401  (registers the environments)
+
+    gc_id = spec.env_id.replace("-singletask", "").split("-task")[0]
+    if spec.kind == "pointmaze":
+        env = gymnasium.make(gc_id, terminate_at_goal=False, max_episode_steps=recipe["max_episode_steps"])
+        env.action_space.seed(seed)
+        maze_map = env.unwrapped.maze_map
+        free = [(i, j) for i in range(maze_map.shape[0]) for j in range(maze_map.shape[1]) if maze_map[i, j] == 0]
+
+        def is_hallway(i, j):
+            vertical = maze_map[i - 1, j] == 0 and maze_map[i + 1, j] == 0 and maze_map[i, j - 1] == 1 and maze_map[i, j + 1] == 1
+            horizontal = maze_map[i, j - 1] == 0 and maze_map[i, j + 1] == 0 and maze_map[i - 1, j] == 1 and maze_map[i + 1, j] == 1
+            return vertical or horizontal
+
+        return env, dict(all_cells=free, vertex_cells=[c for c in free if not is_hallway(*c)])
+    from ogbench.manipspace.oracles.markov.cube_markov import CubeMarkovOracle
+    from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle
+
+    env = gymnasium.make(gc_id, terminate_at_goal=False, mode="data_collection", max_episode_steps=recipe["max_episode_steps"])
+    env.reset(seed=seed)
+    env.action_space.seed(seed)
+    if spec.dataset_type == "play":  # non-Markovian plan oracle with smoothed noise
+        oracle = CubePlanOracle(env=env, noise=recipe["noise"], noise_smoothing=0.5)
+    else:  # Markovian closed-loop oracle; Gaussian noise added per step below
+        oracle = CubeMarkovOracle(env=env, min_norm=0.4)
+    return env, dict(oracle=oracle)
+
+
+def _bfs(maze_map: np.ndarray, start: tuple[int, int]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Moves from `start` to every cell through free cells (-1: unreachable or wall), and the cells in the order
+    BFS discovers them (neighbours tried up, left, down, right, as OGBench does)."""
+    dist = np.full(maze_map.shape, -1, np.int64)
+    dist[start] = 0
+    queue, order = deque([start]), []
+    while queue:
+        i, j = queue.popleft()
+        for di, dj in ((-1, 0), (0, -1), (1, 0), (0, 1)):
+            ni, nj = i + di, j + dj
+            if 0 <= ni < maze_map.shape[0] and 0 <= nj < maze_map.shape[1] and maze_map[ni, nj] == 0 and dist[ni, nj] < 0:
+                dist[ni, nj] = dist[i, j] + 1
+                queue.append((ni, nj))
+                order.append((ni, nj))
+    return dist, order
+
+
+def _collect_pointmaze_episode(env, state, spec, recipe):
+    all_cells, vertex_cells = state["all_cells"], state["vertex_cells"]
+    init_ij = all_cells[np.random.randint(len(all_cells))]
+    if spec.dataset_type == "stitch":  # a goal exactly 4 cells away
+        dist, order = _bfs(env.unwrapped.maze_map, init_ij)
+        adjacent = [c for c in order if dist[c] == 4]  # in discovery order, so the same index draws the same cell
+        goal_ij = adjacent[np.random.randint(len(adjacent))] if adjacent else init_ij
+    else:
+        goal_ij = vertex_cells[np.random.randint(len(vertex_cells))]
+    ob, _ = env.reset(options=dict(task_info=dict(init_ij=init_ij, goal_ij=goal_ij)))
+    episode = {k: [] for k in ("observations", "actions", "terminals", "qpos", "qvel")}
+    done, step, explore_dir = False, 0, None
+    while not done:
+        xy = env.unwrapped.get_xy()
+        if spec.dataset_type == "explore":  # a fresh random direction every 10 steps
+            if step % 10 == 0:
+                explore_dir = np.random.randn(2)
+                explore_dir = explore_dir / (np.linalg.norm(explore_dir) + 1e-6)
+            direction = explore_dir
+        else:
+            subgoal_xy, _ = env.unwrapped.get_oracle_subgoal(xy, env.unwrapped.cur_goal_xy)
+            direction = (subgoal_xy - xy) / (np.linalg.norm(subgoal_xy - xy) + 1e-6)
+        action = np.clip(direction + np.random.normal(0, recipe["noise"], 2), -1, 1)
+        next_ob, _, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
+        if info["success"] and spec.dataset_type == "navigate":  # navigate: a new goal each time one is reached
+            env.unwrapped.set_goal(vertex_cells[np.random.randint(len(vertex_cells))])
+        for key, value in (("observations", ob), ("actions", action), ("terminals", done),
+                           ("qpos", info["prev_qpos"]), ("qvel", info["prev_qvel"])):
+            episode[key].append(value)
+        ob, step = next_ob, step + 1
+    return {k: np.asarray(v) for k, v in episode.items()}
+
+
+def _collect_cube_episode(env, state, spec, recipe):
+    oracle = state["oracle"]
+    ob, info = env.reset()
+    p_stack = {"single": 0.0}.get(spec.env_id.split("-")[1])
+    if p_stack is None:
+        low, high = {"double": (0.0, 0.25), "triple": (0.05, 0.35), "quadruple": (0.1, 0.5)}[spec.env_id.split("-")[1]]
+        p_stack = np.random.uniform(low, high)
+    markov = spec.dataset_type == "noisy"
+    xi = np.random.uniform(0, recipe["noise"]) if markov else 0.0  # this episode's noise level
+    oracle.reset(ob, info)
+    episode = {k: [] for k in ("observations", "actions", "terminals", "qpos", "qvel")}
+    done = False
+    while not done:
+        if np.random.rand() < recipe["p_random_action"]:
+            action = env.action_space.sample()
+        else:
+            action = np.array(oracle.select_action(ob, info))
+            if markov:
+                action = action + np.random.normal(0, [xi, xi, xi, xi * 3, xi * 10], action.shape)
+        action = np.clip(action, -1, 1)
+        next_ob, _, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
+        if oracle.done:  # the current sub-task is finished: set a new target
+            agent_ob, agent_info = env.unwrapped.set_new_target(p_stack=p_stack)
+            oracle.reset(agent_ob, agent_info)
+        for key, value in (("observations", ob), ("actions", action), ("terminals", done),
+                           ("qpos", info["prev_qpos"]), ("qvel", info["prev_qvel"])):
+            episode[key].append(value)
+        ob = next_ob
+    return {k: np.asarray(v) for k, v in episode.items()}
+
+
+def _generate_dmc_random(spec: EnvSpec, dataset_dir: str, recipe: dict, seed: int, progress: bool) -> Path:
+    from tqdm import trange
+
+    env = _dmc_env(spec, seed)
+    spec_a = env.action_spec()
+    rng = np.random.default_rng(seed)
+    folder = dataset_path(spec, dataset_dir)
+    for episode_index in trange(recipe["num_episodes"], desc=f"generate {spec.dataset_name}", disable=not progress):
+        time_step = env.reset()
+        # ExORL layout: a dummy first entry (reset observation, zero action, zero reward, discount 1).
+        episode = dict(observation=[_flat_obs(time_step.observation)], action=[np.zeros(spec_a.shape, np.float32)],
+                       reward=[np.zeros(1, np.float32)], discount=[np.ones(1, np.float32)],
+                       physics=[env.physics.get_state().copy()])
+        for _ in range(recipe["max_episode_steps"]):
+            action = rng.uniform(spec_a.minimum, spec_a.maximum, spec_a.shape).astype(np.float32)
+            time_step = env.step(action)
+            episode["observation"].append(_flat_obs(time_step.observation))
+            episode["action"].append(action)
+            episode["reward"].append(np.array([time_step.reward or 0.0], np.float32))
+            episode["discount"].append(np.array([time_step.discount], np.float32))
+            episode["physics"].append(env.physics.get_state().copy())
+            if time_step.last():
+                break
+        length = len(episode["action"]) - 1
+        _write_npz_atomic(folder / f"episode_{episode_index:06d}_{length}.npz", {k: np.asarray(v) for k, v in episode.items()})
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Splits and nested subsets
+# ----------------------------------------------------------------------------------------------------------------
+
+def trajectory_bounds(terminals: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) index pairs, end exclusive, of the trajectories marked by `terminals` (1 on each last row)."""
+    ends = np.flatnonzero(terminals > 0) + 1
+    if len(ends) == 0 or ends[-1] != len(terminals):
+        ends = np.append(ends, len(terminals))
+    starts = np.concatenate([[0], ends[:-1]])
+    return list(zip(starts.tolist(), ends.tolist()))
+
+
+def split_dataset(data: dict[str, np.ndarray], seed: int, val_fraction: float = 0.1):
+    """Hold out `val_fraction` of whole trajectories (seeded); order the rest by one seeded permutation.
+
+    Returns (train, val). Every array of `train` follows the permuted trajectory order, so the first N rows are the
+    subset of size N and a larger subset always contains a smaller one. Both carry `final_idxs`: for each row, the row
+    of its trajectory's last transition (the goal samplers stay inside a trajectory with it).
+    """
+    bounds = trajectory_bounds(data["terminals"])
+    order = np.random.default_rng(seed).permutation(len(bounds))
+    num_val = int(round(val_fraction * len(bounds))) if len(bounds) > 1 else 0
+    num_val = min(max(num_val, 1 if len(bounds) > 1 and val_fraction > 0 else 0), len(bounds) - 1)
+
+    def gather(trajectory_ids):
+        rows = np.concatenate([np.arange(*bounds[t]) for t in trajectory_ids]) if len(trajectory_ids) else np.zeros(0, int)
+        part = {k: v[rows] for k, v in data.items()}
+        lengths = [bounds[t][1] - bounds[t][0] for t in trajectory_ids]
+        ends = np.cumsum(lengths)
+        part["final_idxs"] = np.repeat(ends - 1, lengths).astype(np.int32)
+        part["terminals"] = np.zeros(len(rows), np.float32)
+        part["terminals"][ends - 1] = 1.0
+        return part
+
+    return gather(order[num_val:]), gather(order[:num_val])
+
+
+def check_data_size(size: int, train: dict[str, np.ndarray], flag: str) -> None:
+    """A data size must be positive and no larger than the training split."""
+    available = len(train["actions"])
+    if not 1 <= size <= available:
+        raise UsageError(f"{flag} {size} is out of range: the training split of this dataset has {available} "
+                         f"transitions; choose a size in [1, {available}] or generate more episodes")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Sampling on device
+# ----------------------------------------------------------------------------------------------------------------
+# OGBench's goal distributions. Value goals: 20% the current state (reward 0, episode ends), 50% a future state of
+# the same trajectory at a geometric offset, 30% a random state of the subset. Actor goals: a uniformly drawn future
+# state of the same trajectory. Reward is 0 at the goal and -1 elsewhere. Sizes are traced, so one compiled program
+# serves every subset size.
+
+@dataclasses.dataclass(frozen=True)
+class GoalConfig:
+    """OGBench's goal-sampling probabilities (value goals) and the geometric offset's discount."""
+
+    p_current: float = 0.2
+    p_trajectory: float = 0.5
+    p_random: float = 0.3
+    discount: float = 0.99
+
+
+def to_device(part: dict[str, np.ndarray]):
+    """Move a split onto the accelerator once (pass it into jitted functions as an argument, never close over it)."""
+    import jax.numpy as jnp
+
+    return {k: jnp.asarray(v) for k, v in part.items()}
+
+
+def sample_batch(key, data, data_size, batch_size: int, goals: Literal["none", "value", "actor"],
+                 goal_config: GoalConfig = GoalConfig()):
+    """Draw `batch_size` transitions from the first `data_size` rows (a traced int), with goals if asked.
+
+    For goal-conditioned data, `goals="value"` adds `goals`, `rewards` and `masks` from OGBench's value-goal mixture;
+    `goals="actor"` adds `goals` drawn from the future of each trajectory. Goals never leave the subset: a trajectory
+    cut by the subset boundary is treated as ending there.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    k_idx, k_kind, k_geom, k_uniform, k_random = jax.random.split(key, 5)
+    idxs = jax.random.randint(k_idx, (batch_size,), 0, data_size)
+    batch = {k: data[k][idxs] for k in ("observations", "actions", "next_observations", "rewards", "masks")}
+    if goals == "none":
+        return batch
+    final = jnp.minimum(data["final_idxs"][idxs], data_size - 1)
+    uniform = jax.random.uniform(k_uniform, (batch_size,))
+    if goals == "actor":
+        # Uniformly among the strict future (the last state itself when there is none).
+        future = jnp.minimum(idxs + 1 + jnp.floor(uniform * (final - idxs)).astype(jnp.int32), final)
+        batch["goals"] = data["observations"][future]
+        return batch
+    offset = jnp.ceil(jnp.log1p(-jax.random.uniform(k_geom, (batch_size,))) / jnp.log(goal_config.discount))
+    geometric = jnp.minimum(idxs + jnp.maximum(offset.astype(jnp.int32), 1), final)
+    random_goal = jax.random.randint(k_random, (batch_size,), 0, data_size)
+    u = jax.random.uniform(k_kind, (batch_size,))
+    goal_idxs = jnp.where(u < goal_config.p_current, idxs,
+                          jnp.where(u < goal_config.p_current + goal_config.p_trajectory, geometric, random_goal))
+    success = (goal_idxs == idxs).astype(jnp.float32)
+    batch["goals"] = data["observations"][goal_idxs]
+    batch["rewards"] = success - 1.0
+    batch["masks"] = 1.0 - success
+    return batch
+
+
+def fixed_goal_states(part: dict[str, np.ndarray], data_size: int, count: int, seed: int):
+    """A fixed sample of (row, actor goal) pairs from the first `data_size` rows, for the MSE metrics (host side)."""
+    rng = np.random.default_rng(seed)
+    rows = np.floor(rng.uniform(size=count) * data_size).astype(np.int64)
+    final = np.minimum(part["final_idxs"][rows], data_size - 1)
+    goal_rows = np.minimum(rows + 1 + np.floor(rng.uniform(size=count) * (final - rows)).astype(np.int64), final)
+    return part["observations"][rows], part["observations"][goal_rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Oracles: the noiseless expert's action for any state and goal
+# ----------------------------------------------------------------------------------------------------------------
+
+def make_oracle(spec: EnvSpec) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Return `oracle(observations [N, d], goals [N, d]) -> actions [N, a]`, deterministic, vectorised (numpy)."""
+    if spec.kind == "pointmaze":
+        return _pointmaze_oracle(spec)
+    if spec.env_id.startswith("cube-single"):
+        return _cube_single_oracle
+    raise UsageError(f"'{spec.name}' has no scripted oracle; the MSE metrics exist for pointmaze and cube-single only")
+
+
+def _pointmaze_oracle(spec: EnvSpec):
+    """Unit vector toward the next cell on a shortest BFS path to the goal's cell; inside the goal's cell, toward the
+    goal itself. (OGBench's data oracle aims at the goal cell's centre instead, which can miss a goal placed with
+    noise up to a cell quarter away from the centre: we label the truly optimal direction.)"""
+    import gymnasium
+    import ogbench  # noqa: F401
+
+    maze = gymnasium.make(spec.env_id.replace("-singletask", "").split("-task")[0]).unwrapped
+    maze_map, unit, off_x, off_y = np.asarray(maze.maze_map), maze._maze_unit, maze._offset_x, maze._offset_y
+    height, width = maze_map.shape
+    # steps[g, c]: BFS moves from cell c to goal cell g (big where unreachable), for every pair of cells.
+    steps = np.full((height * width, height * width), 10**6, np.int64)
+    for i, j in np.argwhere(maze_map == 0):
+        dist = _bfs(maze_map, (i, j))[0].ravel()
+        steps[i * width + j] = np.where(dist >= 0, dist, 10**6)
+    moves = np.array([(-1, 0), (0, -1), (1, 0), (0, 1)])  # the official tie-breaking order
+
+    def cell(xy):
+        i = np.clip(np.floor((xy[:, 1] + off_y + 0.5 * unit) / unit).astype(np.int64), 0, height - 1)
+        j = np.clip(np.floor((xy[:, 0] + off_x + 0.5 * unit) / unit).astype(np.int64), 0, width - 1)
+        return i, j
+
+    def oracle(observations, goals):
+        xy, goal_xy = np.asarray(observations)[:, :2], np.asarray(goals)[:, :2]
+        (i, j), (gi, gj) = cell(xy), cell(goal_xy)
+        goal_cell = gi * width + gj
+        best_i, best_j = i.copy(), j.copy()
+        best = steps[goal_cell, i * width + j]
+        for di, dj in moves:  # first neighbour with the strictly smallest distance, as OGBench breaks ties
+            ni, nj = np.clip(i + di, 0, height - 1), np.clip(j + dj, 0, width - 1)
+            d = steps[goal_cell, ni * width + nj]
+            better = d < best
+            best, best_i, best_j = np.where(better, d, best), np.where(better, ni, best_i), np.where(better, nj, best_j)
+        target = np.stack([best_j * unit - off_x, best_i * unit - off_y], axis=-1).astype(np.float64)
+        in_goal_cell = (i == gi) & (j == gj)
+        target = np.where(in_goal_cell[:, None], goal_xy, target)
+        direction = target - xy
+        return (direction / (np.linalg.norm(direction, axis=-1, keepdims=True) + 1e-6)).astype(np.float32)
+
+    return oracle
+
+
+def _cube_single_oracle(observations, goals, min_norm: float = 0.4):
+    """OGBench's CubeMarkovOracle rebuilt from the observation and goal alone (no privileged info, no memory).
+
+    Observation layout (28-d): arm joints 0:6, joint velocities 6:12, effector xyz (scaled) 12:15, effector yaw
+    cos/sin 15:17, gripper opening 17, gripper contact 18, cube xyz (scaled) 19:22, cube quaternion 22:26, cube yaw
+    cos/sin 26:28. Positions are stored as (xyz - [0.425, 0, 0]) * 10. The oracle's last phase moves to a random
+    resting pose; without memory we hold still above the placed cube instead (zero motion, gripper open).
+    """
+    obs, goal = np.asarray(observations, np.float64), np.asarray(goals, np.float64)
+    center = np.array([0.425, 0.0, 0.0])
+    effector = obs[:, 12:15] / 10.0 + center
+    effector_yaw = np.arctan2(obs[:, 16], obs[:, 15])
+    contact = obs[:, 18]
+    block = obs[:, 19:22] / 10.0 + center
+    target = goal[:, 19:22] / 10.0 + center
+
+    def shortest_yaw(reference, yaw):  # the cube looks the same every quarter turn
+        candidates = yaw[:, None] + 2 * np.pi * np.arange(-4, 5)[None, :] / 4
+        return candidates[np.arange(len(yaw)), np.argmin(np.abs(reference[:, None] - candidates), axis=1)]
+
+    block_yaw = shortest_yaw(effector_yaw, np.arctan2(obs[:, 27], obs[:, 26]))
+    target_yaw = shortest_yaw(effector_yaw, np.arctan2(goal[:, 27], goal[:, 26]))
+
+    def shape(diff):  # at least `min_norm` long, so the arm never creeps
+        norm = np.linalg.norm(diff, axis=-1, keepdims=True)
+        return np.where(norm >= min_norm, diff, diff / (norm + 1e-6) * min_norm)
+
+    above_offset, above_threshold = np.array([0, 0, 0.18]), 0.16
+    closed, opened, above = contact > 0.5, contact < 0.1, effector[:, 2] > above_threshold
+    xy_aligned = np.linalg.norm(block[:, :2] - effector[:, :2], axis=-1) <= 0.04
+    pos_aligned = np.linalg.norm(block - effector, axis=-1) <= 0.02
+    target_xy_aligned = np.linalg.norm(target[:, :2] - block[:, :2], axis=-1) <= 0.04
+    target_aligned = np.linalg.norm(target - block, axis=-1) <= 0.02
+    lift = np.stack([block[:, 0], block[:, 1], np.full(len(block), above_offset[2] * 2)], -1)
+    lift_open = np.stack([block[:, 0], block[:, 1], np.full(len(block), above_threshold * 2)], -1)
+    # (condition, position target, yaw error, gripper) per phase, first match wins, as in the official if-chain.
+    phases = [
+        (~target_aligned & ~xy_aligned, block + above_offset, block_yaw - effector_yaw, -1.0),  # above the cube
+        (~target_aligned & ~pos_aligned, block, block_yaw - effector_yaw, -1.0),  # down to the cube
+        (~target_aligned & ~closed, block, block_yaw - effector_yaw, 1.0),  # grasp
+        (~target_aligned & ~above & ~target_xy_aligned, lift, target_yaw - block_yaw, 1.0),  # lift
+        (~target_aligned & ~target_xy_aligned, target + above_offset, target_yaw - block_yaw, 1.0),  # carry
+        (~target_aligned, target, target_yaw - block_yaw, 1.0),  # lower onto the target
+        (~opened, target, target_yaw - block_yaw, -1.0),  # release
+        (~above, lift_open, np.zeros(len(obs)), -1.0),  # back up
+    ]
+    action = np.zeros((len(obs), 5))
+    action[:, 4] = -1.0  # done: hold still, gripper open
+    assigned = np.zeros(len(obs), bool)
+    for condition, position, yaw_error, gripper in phases:
+        take = condition & ~assigned
+        action[take, :3] = shape(position - effector)[take] * 5.0
+        action[take, 3] = (yaw_error * 3.0)[take]
+        action[take, 4] = gripper
+        assigned |= take
+    return np.clip(action, -1, 1).astype(np.float32)
+
+
+def task_goal(spec: EnvSpec) -> np.ndarray | None:
+    """The fixed goal observation of a singletask environment (what the oracle aims at); None otherwise."""
+    if spec.family != "ogbench" or spec.goal_conditioned:
+        return None
+    env = make_env(spec)
+    _, info = env.reset(seed=0)
+    return np.asarray(info["goal"], np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Environments and lockstep evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+def make_env(spec: EnvSpec):
+    """One environment instance: a gymnasium env (OGBench) or a dm_control suite env."""
+    if spec.family == "dmc":
+        return _dmc_env(spec)
+    import gymnasium
+    import ogbench  # noqa: F401
+
+    return gymnasium.make(spec.env_id)
+
+
+def env_dims(spec: EnvSpec) -> tuple[int, int]:
+    """(observation dim, action dim) of `spec`'s environment."""
+    env = make_env(spec)
+    if spec.family == "dmc":
+        return len(_flat_obs(env.reset().observation)), env.action_spec().shape[0]
+    return env.observation_space.shape[0], env.action_space.shape[0]
+
+
+def num_eval_tasks(spec: EnvSpec) -> int:
+    """OGBench goal-conditioned environments have 5 evaluation tasks; the others one."""
+    return 5 if spec.goal_conditioned else 1
+
+
+class Evaluator:
+    """Steps `num_members * episodes` environments in lockstep; the policy is called once per step for all of them.
+
+    `evaluate(policy, seed)` runs `episodes_per_task` episodes of every evaluation task for every member, all members
+    seeing the same start states and goals (numpy's and each env's generator are reseeded from `seed`).
+    """
+
+    def __init__(self, spec: EnvSpec, num_members: int, episodes_per_task: int):
+        if episodes_per_task < 1:
+            raise UsageError(f"--eval-episodes must be >= 1, got {episodes_per_task}")
+        self.spec, self.num_members = spec, num_members
+        self.tasks = np.repeat(np.arange(1, num_eval_tasks(spec) + 1), episodes_per_task)
+        self.envs = [[make_env(spec) for _ in self.tasks] for _ in range(num_members)]
+        self.max_steps = 1000 if spec.family == "dmc" else self.envs[0][0].spec.max_episode_steps
+
+    def evaluate(self, policy: Callable[[np.ndarray, np.ndarray | None], np.ndarray], seed: int) -> dict:
+        """Returns success [M, E], return [M, E], and the visited states: observations [M, E, T, d], goals
+        [M, E, d] (None without goals), actions [M, E, T, a], valid [M, E, T] (False after an episode ended)."""
+        M, E, T = self.num_members, len(self.tasks), self.max_steps
+        obs, goals = [], []
+        for m in range(M):
+            np.random.seed(seed)  # OGBench draws start and goal noise from numpy's global generator
+            for e, task in enumerate(self.tasks):
+                o, g = self._reset(self.envs[m][e], task, seed * 10007 + e)
+                obs.append(o)
+                goals.append(g)
+        obs = np.asarray(obs, np.float32).reshape(M, E, -1)
+        goals = None if goals[0] is None else np.asarray(goals, np.float32).reshape(M, E, -1)
+        visited = np.zeros((M, E, T, obs.shape[-1]), np.float32)
+        actions_taken, valid = None, np.zeros((M, E, T), bool)
+        alive, success, returns = np.ones((M, E), bool), np.zeros((M, E)), np.zeros((M, E))
+        for t in range(T):
+            actions = np.asarray(policy(obs, goals))
+            if actions_taken is None:
+                actions_taken = np.zeros((M, E, T, actions.shape[-1]), np.float32)
+            visited[:, :, t], actions_taken[:, :, t], valid[:, :, t] = obs, actions, alive
+            for m, e in zip(*np.nonzero(alive)):
+                o, reward, done, succeeded = self._step(self.envs[m][e], actions[m, e])
+                obs[m, e] = o
+                returns[m, e] += reward
+                success[m, e] = max(success[m, e], succeeded)
+                alive[m, e] = not done
+            if not alive.any():
+                break
+        return dict(success=success, returns=returns, observations=visited, goals=goals, actions=actions_taken,
+                    valid=valid)
+
+    def _reset(self, env, task, seed):
+        if self.spec.family == "dmc":
+            env.task.random.seed(seed)
+            return _flat_obs(env.reset().observation), None
+        ob, info = env.reset(seed=seed, options=dict(task_id=int(task)) if self.spec.goal_conditioned else None)
+        return ob, (info["goal"] if self.spec.goal_conditioned else None)
+
+    def _step(self, env, action):
+        if self.spec.family == "dmc":
+            time_step = env.step(action)
+            return _flat_obs(time_step.observation), float(time_step.reward or 0.0), time_step.last(), 0.0
+        ob, reward, terminated, truncated, info = env.step(action)
+        return ob, float(reward), terminated or truncated, float(info.get("success", 0.0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Run folders
+# ----------------------------------------------------------------------------------------------------------------
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages a result depends on (stored in config.json)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("jax", "jaxlib", "optax", "numpy", "ogbench", "mujoco", "dm_control", "gymnasium", "tyro"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON through a temporary file and a rename: the file is either absent or complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    """config.json (every flag and package versions), metrics.jsonl (one object per member per log event),
+    result.json (written last, atomically: a folder with it is complete), checkpoints/ if asked."""
+
+    def __init__(self, path: str, config: dict):
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise UsageError(f"cannot write to --out-dir {self.path}: {error.strerror}; choose a writable folder")
+        if (self.path / "result.json").exists():
+            raise UsageError(f"{self.path} already holds a complete run (result.json); choose another --out-dir")
+        write_json_atomic(self.path / "config.json", dict(config=config, versions=package_versions()))
+        self._metrics = open(self.path / "metrics.jsonl", "a")
+
+    def log(self, records: list[dict]) -> None:
+        for record in records:
+            self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+
+    def checkpoint(self, step: int, params) -> None:
+        """Save a parameter pytree as flat .npz arrays keyed by their tree path."""
+        import jax
+
+        flat = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+        _write_npz_atomic(self.path / "checkpoints" / f"step_{step:08d}.npz", flat)
+
+    def finish(self, result: dict) -> None:
+        self._metrics.close()
+        write_json_atomic(self.path / "result.json", result)
+
+
+def summarize(per_member: dict[str, list[float]]) -> dict:
+    """Per-member numbers plus their mean and std over members (NaN-free lists only; 'n/a' passes through)."""
+    out = {}
+    for key, values in per_member.items():
+        if any(isinstance(v, str) for v in values):
+            out[key] = dict(per_member=values, mean="n/a", std="n/a")
+        else:
+            arr = np.asarray(values, np.float64)
+            out[key] = dict(per_member=arr.tolist(), mean=float(arr.mean()), std=float(arr.std()))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class GenerateArgs:
+    """Generate a dataset offline with OGBench's official recipe (pointmaze-*, cube-*) or random dm_control data."""
+
+    env: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="ENV")]]
+    """Dataset name, e.g. pointmaze-medium-navigate-v0, cube-single-noisy-v0, walker-run-random."""
+    dataset_dir: str = DEFAULT_DATASET_DIR
+    """Folder to write into (files are named as OGBench names them, so its loader reads them)."""
+    num_episodes: int | None = None
+    """Training episodes (the official count when omitted); a further 10% is written to the -val file."""
+    max_episode_steps: int | None = None
+    """Steps per episode (the official length when omitted)."""
+    seed: int = 0
+    """Seed of numpy's generator and the environment's."""
+    force: bool = False
+    """Overwrite an existing dataset."""
+
+
+def _generate_cli(args: GenerateArgs) -> None:
+    spec = parse_env(args.env)
+    path = dataset_path(spec, args.dataset_dir)
+    if path.exists() and not args.force:
+        raise UsageError(f"{path} already exists; pass --force to overwrite it")
+    written = generate(spec, args.dataset_dir, args.num_episodes, args.max_episode_steps, args.seed)
+    data = load_dataset(spec, args.dataset_dir)
+    print(f"wrote {written}: {len(data['actions'])} transitions in {len(trajectory_bounds(data['terminals']))} trajectories")
+
+
+@dataclasses.dataclass
+class ListArgs:
+    """List every environment name the scripts accept, and whether its data can be generated offline."""
+
+    generatable_only: bool = False
+    """Only names whose dataset `envs.py generate` can make."""
+
+
+def _list_cli(args: ListArgs) -> None:
+    for name in all_env_names():
+        spec = parse_env(name)
+        if args.generatable_only and not spec.can_generate:
+            continue
+        notes = ["goal-conditioned" if spec.goal_conditioned else "reward-based", "oracle" if spec.has_oracle else "",
+                 "generate offline" if spec.can_generate else "download"]
+        print(f"{name:48s} {', '.join(n for n in notes if n)}")
+
+
+if __name__ == "__main__":
+    from typing import Union
+
+    def main():
+        args = tyro.cli(Union[Annotated[GenerateArgs, tyro.conf.subcommand("generate")],
+                              Annotated[ListArgs, tyro.conf.subcommand("list")]])
+        (_generate_cli if isinstance(args, GenerateArgs) else _list_cli)(args)
+
+    exit_on_usage_error(main)
