@@ -166,8 +166,8 @@ def dataset_path(spec: EnvSpec, dataset_dir: str) -> Path:
 
 def _missing_dataset_message(spec: EnvSpec, path: Path, dataset_dir: str) -> str:
     if spec.can_generate:
-        return (f"no dataset at {path} (--dataset-dir): generate it offline with "
-                f"`python envs.py generate {spec.name.replace('-singletask', '').split('-task')[0] if spec.family == 'ogbench' else spec.name} --dataset-dir {dataset_dir}`")
+        name = spec.dataset_name if spec.family == "ogbench" else spec.name
+        return f"no dataset at {path} (--dataset-dir): generate it offline with `python envs.py generate {name} --dataset-dir {dataset_dir}`"
     if spec.family == "dmc":
         return (f"no ExORL episodes at {path} (--dataset-dir): download ExORL's '{spec.dataset_type}' data for "
                 f"'{spec.kind}' into {path.parent}, or use `{spec.env_id}-random`, which `envs.py generate` makes offline")
@@ -645,8 +645,9 @@ def _cube_single_oracle(observations, goals, min_norm: float = 0.4):
 
     Observation layout (28-d): arm joints 0:6, joint velocities 6:12, effector xyz (scaled) 12:15, effector yaw
     cos/sin 15:17, gripper opening 17, gripper contact 18, cube xyz (scaled) 19:22, cube quaternion 22:26, cube yaw
-    cos/sin 26:28. Positions are stored as (xyz - [0.425, 0, 0]) * 10. The oracle's last phase moves to a random
-    resting pose; without memory we hold still above the placed cube instead (zero motion, gripper open).
+    cos/sin 26:28. Positions are stored as (xyz - [0.425, 0, 0]) * 10. Once the cube is released on its target, the
+    official oracle turns to a random yaw and moves to a random resting pose; without memory we rise straight up
+    without turning and then hold still (zero motion, gripper open). Before that, the actions are the official ones.
     """
     obs, goal = np.asarray(observations, np.float64), np.asarray(goals, np.float64)
     center = np.array([0.425, 0.0, 0.0])

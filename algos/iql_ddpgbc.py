@@ -277,8 +277,8 @@ def main(config: Config) -> dict:
     spec = envs.parse_env(config.env)
     data = envs.load_dataset(spec, config.dataset_dir)
     train, val = envs.split_dataset(data, config.split_seed)
-    value_size = config.value_data_size or len(train["actions"])
-    policy_size = config.policy_data_size or len(train["actions"])
+    value_size = len(train["actions"]) if config.value_data_size is None else config.value_data_size
+    policy_size = len(train["actions"]) if config.policy_data_size is None else config.policy_data_size
     envs.check_data_size(value_size, train, "--value-data-size")
     envs.check_data_size(policy_size, train, "--policy-data-size")
     gc = spec.goal_conditioned

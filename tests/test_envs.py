@@ -1,0 +1,224 @@
+"""envs.py: generated files, loaders, splits, on-device sampling, oracles, evaluation, bad input."""
+
+import gymnasium
+import jax
+import numpy as np
+import ogbench
+import pytest
+from conftest import POINTMAZE, run_script
+
+import envs
+
+
+# ---------------------------------------------------------------- generated files in the official format
+@pytest.mark.parametrize("name, obs_dim, action_dim", [(POINTMAZE, 2, 2), ("cube-single-noisy-v0", 28, 5)])
+def test_generated_files_load_through_ogbench(data_dir, name, obs_dim, action_dim):
+    path = data_dir / f"{name}.npz"
+    with np.load(path) as raw:
+        assert set(raw.files) == {"observations", "actions", "terminals", "qpos", "qvel"}
+        assert raw["observations"].dtype == np.float32 and raw["actions"].dtype == np.float32
+        assert raw["terminals"].dtype == bool
+        assert raw["observations"].shape[1] == obs_dim and raw["actions"].shape[1] == action_dim
+        assert np.abs(raw["actions"]).max() <= 1.0
+    assert (data_dir / f"{name}-val.npz").exists()
+    # OGBench's own loader, given the path, reads both files (it never downloads when dataset_path is given).
+    env, train, val = ogbench.make_env_and_datasets(name, dataset_path=str(path))
+    assert set(train) == {"observations", "actions", "terminals", "next_observations"}
+    assert train["observations"].shape[1] == env.observation_space.shape[0] == obs_dim
+    assert len(val["actions"]) > 0
+
+
+def test_generation_sizes_follow_the_knobs(data_dir):
+    with np.load(data_dir / f"{POINTMAZE}.npz") as raw:
+        assert len(raw["actions"]) == 30 * 200 and raw["terminals"].sum() == 30
+    with np.load(data_dir / f"{POINTMAZE}-val.npz") as raw:
+        assert len(raw["actions"]) == 3 * 200
+    assert envs.official_recipe(envs.parse_env("pointmaze-giant-stitch-v0")) == dict(
+        num_episodes=5000, max_episode_steps=201, noise=0.5)
+    assert envs.official_recipe(envs.parse_env("cube-single-noisy-v0"))["p_random_action"] == 0.1
+
+
+def test_interrupted_generation_leaves_no_file(tmp_path, monkeypatch):
+    calls = []
+
+    def dying_collect(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    real = envs._collect_pointmaze_episode
+    monkeypatch.setattr(envs, "_collect_pointmaze_episode", dying_collect)
+    with pytest.raises(KeyboardInterrupt):
+        envs.generate(envs.parse_env(POINTMAZE), str(tmp_path), num_episodes=5, max_episode_steps=20, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generation_is_seeded(tmp_path):
+    spec = envs.parse_env(POINTMAZE)
+    a = envs.generate(spec, str(tmp_path / "a"), num_episodes=2, max_episode_steps=30, seed=3, progress=False)
+    b = envs.generate(spec, str(tmp_path / "b"), num_episodes=2, max_episode_steps=30, seed=3, progress=False)
+    with np.load(a) as x, np.load(b) as y:
+        assert np.array_equal(x["observations"], y["observations"]) and np.array_equal(x["actions"], y["actions"])
+
+
+# ---------------------------------------------------------------- ExORL layout and reward relabelling
+def test_exorl_folder_loads_and_relabels_rewards_from_physics(data_dir):
+    spec = envs.parse_env("walker-run-random")
+    data = envs.load_dataset(spec, str(data_dir))
+    assert len(data["actions"]) == 3 * 40 and data["terminals"].sum() == 3
+    files = sorted((data_dir / "walker" / "random" / "buffer").glob("*.npz"))
+    stored = np.concatenate([np.load(f)["reward"][1:, 0] for f in files])
+    # Rewards recomputed from the stored physics state equal what the environment paid while collecting.
+    np.testing.assert_allclose(data["rewards"], stored, rtol=1e-5, atol=1e-6)
+    # The same buffer serves another task of the domain with different rewards.
+    walk = envs.load_dataset(envs.parse_env("walker-walk-random"), str(data_dir))
+    assert np.array_equal(walk["observations"], data["observations"])
+    assert not np.allclose(walk["rewards"], data["rewards"])
+
+
+# ---------------------------------------------------------------- splits and subsets
+def _toy_dataset(lengths):
+    ids = np.concatenate([np.full(n, i, np.float32) for i, n in enumerate(lengths)])
+    terminals = np.concatenate([np.eye(1, n, n - 1)[0] for n in lengths]).astype(np.float32)
+    step = np.concatenate([np.arange(n, dtype=np.float32) for n in lengths])
+    obs = np.stack([ids, step], -1)
+    return dict(observations=obs, next_observations=obs + [0, 1], actions=np.zeros((len(ids), 1), np.float32),
+                rewards=np.zeros(len(ids), np.float32), masks=np.ones(len(ids), np.float32), terminals=terminals)
+
+
+def test_split_is_disjoint_by_trajectory_and_seeded():
+    data = _toy_dataset([5, 7, 3, 9, 4, 6, 8, 2, 5, 7, 6, 4, 3, 5, 8, 9, 2, 6, 7, 5])
+    train, val = envs.split_dataset(data, seed=0)
+    train_ids, val_ids = set(train["observations"][:, 0]), set(val["observations"][:, 0])
+    assert len(val_ids) == 2 and not train_ids & val_ids and len(train_ids | val_ids) == 20
+    # Each trajectory stays whole and in order; final_idxs points at its last row.
+    for part in (train, val):
+        for row, final in enumerate(part["final_idxs"]):
+            assert part["observations"][final, 0] == part["observations"][row, 0]
+            assert part["terminals"][final] == 1
+    again, _ = envs.split_dataset(data, seed=0)
+    other, _ = envs.split_dataset(data, seed=1)
+    assert np.array_equal(again["observations"], train["observations"])
+    assert not np.array_equal(other["observations"], train["observations"])
+
+
+def test_sampling_respects_the_subset_and_trajectories():
+    data = _toy_dataset([50] * 40)
+    train, _ = envs.split_dataset(data, seed=0)
+    device = envs.to_device(train)
+    for size in (30, 120, 1000):  # 120 cuts a trajectory in the middle
+        for goals in ("value", "actor"):
+            batch = jax.jit(envs.sample_batch, static_argnums=(3, 4))(jax.random.PRNGKey(size), device, size, 4096, goals)
+            rows = {tuple(o) for o in np.asarray(train["observations"][:size])}
+            assert all(tuple(o) in rows for o in np.asarray(batch["observations"]))
+            assert all(tuple(g) in rows for g in np.asarray(batch["goals"]))
+            obs, goal = np.asarray(batch["observations"]), np.asarray(batch["goals"])
+            same_trajectory = obs[:, 0] == goal[:, 0]
+            if goals == "actor":  # future states of the same trajectory
+                assert same_trajectory.all() and (goal[:, 1] >= obs[:, 1]).all()
+            else:  # reward 0 and mask 0 exactly when the goal is the current state
+                at_goal = (obs == goal).all(-1)
+                np.testing.assert_array_equal(np.asarray(batch["rewards"]), at_goal - 1.0)
+                np.testing.assert_array_equal(np.asarray(batch["masks"]), 1.0 - at_goal)
+                assert 0.15 < at_goal.mean() < 0.3 and same_trajectory.mean() > 0.65
+
+
+def test_subsets_are_nested_prefixes(data_dir):
+    spec = envs.parse_env(POINTMAZE)
+    train, _ = envs.split_dataset(envs.load_dataset(spec, str(data_dir)), seed=0)
+    small = envs.fixed_goal_states(train, 500, 256, seed=0)[0]
+    prefix = {tuple(o) for o in train["observations"][:500]}
+    assert all(tuple(o) in prefix for o in small)
+    with pytest.raises(envs.UsageError, match="--value-data-size 999999 is out of range"):
+        envs.check_data_size(999999, train, "--value-data-size")
+
+
+# ---------------------------------------------------------------- oracles
+def test_pointmaze_oracle_matches_ogbench_subgoal_and_is_deterministic():
+    spec = envs.parse_env(POINTMAZE)
+    oracle = envs.make_oracle(spec)
+    maze = gymnasium.make("pointmaze-medium-v0").unwrapped
+    rng = np.random.default_rng(0)
+    free = np.argwhere(maze.maze_map == 0)
+    cells = free[rng.integers(len(free), size=(200, 2))]
+    xy = np.array([maze.ij_to_xy(c) for c in cells[:, 0]]) + rng.uniform(-1.5, 1.5, (200, 2))
+    goal = np.array([maze.ij_to_xy(c) for c in cells[:, 1]])
+    labels = oracle(xy, goal)
+    np.testing.assert_array_equal(labels, oracle(xy, goal))
+    for k in range(200):
+        if tuple(cells[k, 0]) == tuple(cells[k, 1]):
+            continue  # inside the goal's cell we aim at the goal itself (documented difference)
+        subgoal, _ = maze.get_oracle_subgoal(xy[k], goal[k])
+        direction = (subgoal - xy[k]) / (np.linalg.norm(subgoal - xy[k]) + 1e-6)
+        np.testing.assert_allclose(labels[k], direction, atol=1e-5)
+
+
+def test_cube_oracle_matches_ogbench_markov_oracle():
+    from ogbench.manipspace.oracles.markov.cube_markov import CubeMarkovOracle
+
+    env = gymnasium.make("cube-single-v0", terminate_at_goal=False, mode="data_collection", max_episode_steps=300)
+    ob, info = env.reset(seed=1)
+    official = CubeMarkovOracle(env=env, min_norm=0.4)
+    official.reset(ob, info)
+    compared = 0
+    for _ in range(250):
+        goal = np.zeros(28)  # a goal observation carries the target cube pose at 19:22 and its yaw at 26:28
+        goal[19:22] = (info["privileged/target_block_pos"] - [0.425, 0, 0]) * 10
+        goal[26:28] = np.cos(info["privileged/target_block_yaw"][0]), np.sin(info["privileged/target_block_yaw"][0])
+        ours = envs.make_oracle(envs.parse_env("cube-single-play-v0"))(ob[None], goal[None])[0]
+        theirs = official.select_action(ob, info)
+        block, target = info["privileged/block_0_pos"], info["privileged/target_block_pos"]
+        released = np.linalg.norm(block - target) <= 0.02 and info["proprio/gripper_contact"][0] < 0.1
+        if not released:  # once released, the official oracle turns to a random resting pose; ours does not
+            np.testing.assert_allclose(ours, theirs, atol=1e-4)
+            compared += 1
+        ob, _, _, _, info = env.step(theirs)
+        if official.done:
+            break
+    assert compared > 30  # steps checked before the cube was placed (47 with this seed)
+
+
+@pytest.mark.parametrize("name", [POINTMAZE, "cube-single-play-v0", "pointmaze-medium-navigate-singletask-v0"])
+def test_oracle_solves_evaluation_tasks_closed_loop(name):
+    spec = envs.parse_env(name)
+    oracle, fixed = envs.make_oracle(spec), envs.task_goal(spec)
+    evaluator = envs.Evaluator(spec, num_members=1, episodes_per_task=1)
+
+    def policy(obs, goals):
+        flat = obs.reshape(-1, obs.shape[-1])
+        g = goals.reshape(len(flat), -1) if goals is not None else np.broadcast_to(fixed, (len(flat), len(fixed)))
+        return oracle(flat, g).reshape(*obs.shape[:2], -1)
+
+    out = evaluator.evaluate(policy, seed=0)
+    assert out["success"].shape == (1, envs.num_eval_tasks(spec))
+    assert out["success"].all()
+    assert out["valid"][0].sum() > 0 and out["observations"].shape[-1] == out["goals"].shape[-1] if out["goals"] is not None else True
+
+
+# ---------------------------------------------------------------- names and bad input
+def test_env_names():
+    gc = envs.parse_env("cube-single-play-v0")
+    assert gc.goal_conditioned and gc.env_id == "cube-single-v0" and gc.has_oracle
+    st = envs.parse_env("pointmaze-large-stitch-singletask-task3-v0")
+    assert not st.goal_conditioned and st.env_id == "pointmaze-large-singletask-task3-v0"
+    assert st.dataset_name == "pointmaze-large-stitch-v0"
+    walker = envs.parse_env("walker-run")
+    assert walker.family == "dmc" and walker.dataset_name == "walker/rnd" and not walker.has_oracle
+    for name in envs.all_env_names():
+        assert envs.parse_env(name).name == name
+    with pytest.raises(envs.UsageError, match="did you mean pointmaze-medium-navigate-v0"):
+        envs.parse_env("pointmaze-meduim-navigate-v0")
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(tmp_path):
+    cases = [
+        (["generate", "pointmaze-mediun-navigate-v0"], "unknown environment"),
+        (["generate", "antmaze-large-navigate-v0", "--dataset-dir", str(tmp_path)], "needs trained expert"),
+        (["generate", "walker-run", "--dataset-dir", str(tmp_path)], "generate `walker-run-random`"),
+    ]
+    for args, message in cases:
+        result = run_script("envs.py", *args)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert list(tmp_path.iterdir()) == []
