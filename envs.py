@@ -59,7 +59,7 @@ def exit_on_usage_error(main: Callable[[], None]) -> None:
 # `<domain>-<task>[-<exorl algo>]`; without the algo suffix the ExORL RND data is used, as in the paper.
 
 _OGBENCH_DATASET_TYPES = {
-    "pointmaze": ("navigate", "stitch", "explore"),
+    "pointmaze": ("navigate", "stitch"),
     "antmaze": ("navigate", "stitch", "explore"),
     "humanoidmaze": ("navigate", "stitch"),
     "antsoccer": ("navigate", "stitch"),
@@ -114,8 +114,8 @@ def all_env_names() -> list[str]:
         for size in sizes:
             base = kind if size is None else f"{kind}-{size}"
             for dataset_type in _OGBENCH_DATASET_TYPES[kind]:
-                if dataset_type == "explore" and (kind != "antmaze" and kind != "pointmaze" or size not in ("medium", "large")):
-                    continue
+                if dataset_type == "explore" and size not in ("medium", "large"):
+                    continue  # OGBench has explore data for antmaze-medium and -large only
                 names.append(f"{base}-{dataset_type}-v0")
                 names.append(f"{base}-{dataset_type}-singletask-v0")
     names += list(DMC_TASKS) + [f"{task}-random" for task in DMC_TASKS]
@@ -386,17 +386,11 @@ def _collect_pointmaze_episode(env, state, spec, recipe):
         goal_ij = vertex_cells[np.random.randint(len(vertex_cells))]
     ob, _ = env.reset(options=dict(task_info=dict(init_ij=init_ij, goal_ij=goal_ij)))
     episode = {k: [] for k in ("observations", "actions", "terminals", "qpos", "qvel")}
-    done, step, explore_dir = False, 0, None
+    done = False
     while not done:
         xy = env.unwrapped.get_xy()
-        if spec.dataset_type == "explore":  # a fresh random direction every 10 steps
-            if step % 10 == 0:
-                explore_dir = np.random.randn(2)
-                explore_dir = explore_dir / (np.linalg.norm(explore_dir) + 1e-6)
-            direction = explore_dir
-        else:
-            subgoal_xy, _ = env.unwrapped.get_oracle_subgoal(xy, env.unwrapped.cur_goal_xy)
-            direction = (subgoal_xy - xy) / (np.linalg.norm(subgoal_xy - xy) + 1e-6)
+        subgoal_xy, _ = env.unwrapped.get_oracle_subgoal(xy, env.unwrapped.cur_goal_xy)
+        direction = (subgoal_xy - xy) / (np.linalg.norm(subgoal_xy - xy) + 1e-6)
         action = np.clip(direction + np.random.normal(0, recipe["noise"], 2), -1, 1)
         next_ob, _, terminated, truncated, info = env.step(action)
         done = terminated or truncated
@@ -405,7 +399,7 @@ def _collect_pointmaze_episode(env, state, spec, recipe):
         for key, value in (("observations", ob), ("actions", action), ("terminals", done),
                            ("qpos", info["prev_qpos"]), ("qvel", info["prev_qvel"])):
             episode[key].append(value)
-        ob, step = next_ob, step + 1
+        ob = next_ob
     return {k: np.asarray(v) for k, v in episode.items()}
 
 
