@@ -6,8 +6,9 @@ Sections, top to bottom:
   3. splits     10% of whole trajectories held out; the rest in one seeded trajectory order (nested prefixes)
   4. sampling   batches and OGBench-style goals, drawn on device inside jit
   5. oracles    the noiseless scripted expert's action for any (state, goal): pointmaze, cube-single
-  6. rollouts   lockstep evaluation of a batched policy on the environment's evaluation tasks
-  7. run folders config.json / metrics.jsonl / result.json / checkpoints, written atomically
+  6. rollouts   lockstep evaluation of a batched policy on the environment's evaluation tasks, and the
+                train / validation / evaluation MSE against the oracle (OracleProbe)
+  7. run folders config.json / metrics.jsonl / result.json / checkpoints, written atomically; result summary
   8. CLI        `python envs.py generate ...`, `python envs.py list`
 
 Bad input raises `UsageError` with one line naming the problem and the fix; every entry point turns it
@@ -509,6 +510,13 @@ def check_data_size(size: int, train: dict[str, np.ndarray], flag: str) -> None:
                          f"transitions; choose a size in [1, {available}] or generate more episodes")
 
 
+def resolve_data_size(size: int | None, train: dict[str, np.ndarray], flag: str) -> int:
+    """The data size a flag asks for: all training transitions when omitted, else a checked prefix length."""
+    size = len(train["actions"]) if size is None else size
+    check_data_size(size, train, flag)
+    return size
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Sampling on device
 # ----------------------------------------------------------------------------------------------------------------
@@ -791,6 +799,60 @@ class Evaluator:
         return ob, float(reward), terminated or truncated, float(info.get("success", 0.0))
 
 
+class OracleProbe:
+    """The paper's generalization metrics: mean squared error between the policy's action and the oracle's action
+    (averaged over action dimensions) on three state distributions, per member:
+
+      train_mse  `samples` states drawn once from the policy's data subset, goals from their trajectory's future
+      val_mse    `samples` states drawn once from the held-out trajectories
+      eval_mse   every state the policy visited in an evaluation, with that episode's goal
+
+    Without an oracle (dm_control, or OGBench environments other than pointmaze and cube-single) every method returns
+    an empty dict and the run reports "n/a". `policy(obs [M, N, d], goals [M, N, d] | None) -> [M, N, a]` is the same
+    batched callable the Evaluator steps the environments with.
+    """
+
+    def __init__(self, spec: EnvSpec, train: dict[str, np.ndarray], val: dict[str, np.ndarray], policy_data_size: int,
+                 samples: int, seed: int):
+        self.spec, self.sets = spec, {}
+        if not spec.has_oracle:
+            return
+        self.oracle, self.task_goal = make_oracle(spec), task_goal(spec)
+        parts = {"train": (train, policy_data_size, seed + 1)}
+        if len(val["actions"]):
+            parts["val"] = (val, len(val["actions"]), seed + 2)
+        for name, (part, size, part_seed) in parts.items():
+            obs, goals = fixed_goal_states(part, size, samples, part_seed)
+            oracle_goals = goals if spec.goal_conditioned else self._task_goals(len(obs))
+            # Labelled once, on the host; the policy's goals are None for a reward-based task.
+            self.sets[name] = (obs, goals if spec.goal_conditioned else None, self.oracle(obs, oracle_goals))
+
+    def _task_goals(self, count: int) -> np.ndarray:
+        return np.broadcast_to(self.task_goal, (count, self.task_goal.shape[0]))
+
+    def train_val(self, policy, num_members: int) -> dict[str, np.ndarray]:
+        """{"train_mse": [M], "val_mse": [M]} (the keys that exist) for the policy's current parameters."""
+        out = {}
+        for name, (obs, goals, labels) in self.sets.items():
+            tile = lambda x: None if x is None else np.broadcast_to(x, (num_members, *x.shape))  # noqa: E731
+            actions = np.asarray(policy(tile(obs), tile(goals)))
+            out[f"{name}_mse"] = ((actions - labels) ** 2).mean((1, 2))
+        return out
+
+    def eval(self, rollout: dict) -> dict[str, np.ndarray]:
+        """{"eval_mse": [M]} over the valid steps of an `Evaluator.evaluate` rollout."""
+        if not self.spec.has_oracle:
+            return {}
+        valid, observations = rollout["valid"], rollout["observations"]
+        M, E = valid.shape[:2]
+        goals = rollout["goals"] if self.spec.goal_conditioned else self._task_goals(M * E).reshape(M, E, -1)
+        goals = np.broadcast_to(goals[:, :, None, :], observations.shape)
+        labels = self.oracle(observations[valid], goals[valid])
+        errors = ((rollout["actions"][valid] - labels) ** 2).mean(-1)
+        member_of_row = np.nonzero(valid)[0]
+        return {"eval_mse": np.bincount(member_of_row, errors, M) / np.bincount(member_of_row, minlength=M)}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 7. Run folders
 # ----------------------------------------------------------------------------------------------------------------
@@ -850,6 +912,31 @@ class RunFolder:
     def finish(self, result: dict) -> None:
         self._metrics.close()
         write_json_atomic(self.path / "result.json", result)
+
+
+def member_records(event: str, step: int, seeds: list[int], metrics: dict, **shared) -> list[dict]:
+    """One metrics.jsonl record per member: `metrics` maps a name to a per-member array; `shared` is the same for all."""
+    return [{"event": event, "step": step, "member": m, "seed": seed, **{k: float(v[m]) for k, v in metrics.items()},
+             **shared} for m, seed in enumerate(seeds)]
+
+
+RESULT_METRICS = ("success", "return", "train_mse", "val_mse", "eval_mse")
+
+
+def final_result(header: dict, last_eval: list[dict], best_success: np.ndarray) -> dict:
+    """result.json's content: `header` (env, script, sizes, ...) plus, per metric of the last evaluation, the numbers
+    per member with their mean and std ("n/a" where the environment has no oracle), and the best success seen."""
+    per_member = {k: [r.get(k, "n/a") for r in last_eval] for k in RESULT_METRICS}
+    per_member["best_success"] = np.asarray(best_success).tolist()
+    return {**header, **summarize(per_member)}
+
+
+def result_line(result: dict, out_dir: str) -> str:
+    """The one line a script prints at the end."""
+    fmt = lambda k: "n/a" if result[k]["mean"] == "n/a" else f"{result[k]['mean']:.4f}"  # noqa: E731
+    return (f"final success {fmt('success')} (return {fmt('return')}) | train MSE {fmt('train_mse')} | "
+            f"val MSE {fmt('val_mse')} | eval MSE {fmt('eval_mse')} | over {len(result['seeds'])} seed(s) -> "
+            f"{out_dir}/result.json")
 
 
 def summarize(per_member: dict[str, list[float]]) -> dict:

@@ -37,6 +37,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import tyro  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+SCRIPT = "iql_ddpgbc"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -275,17 +278,14 @@ def make_act(goal_conditioned: bool):
 def main(config: Config) -> dict:
     validate(config)
     spec = envs.parse_env(config.env)
-    data = envs.load_dataset(spec, config.dataset_dir)
-    train, val = envs.split_dataset(data, config.split_seed)
-    value_size = len(train["actions"]) if config.value_data_size is None else config.value_data_size
-    policy_size = len(train["actions"]) if config.policy_data_size is None else config.policy_data_size
-    envs.check_data_size(value_size, train, "--value-data-size")
-    envs.check_data_size(policy_size, train, "--policy-data-size")
+    train, val = envs.split_dataset(envs.load_dataset(spec, config.dataset_dir), config.split_seed)
+    value_size = envs.resolve_data_size(config.value_data_size, train, "--value-data-size")
+    policy_size = envs.resolve_data_size(config.policy_data_size, train, "--policy-data-size")
     gc = spec.goal_conditioned
     obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]
 
-    out_dir = config.out_dir or f"runs/{config.env}/iql_ddpgbc/{time.strftime('%Y%m%d-%H%M%S')}_s{config.seed}"
-    run = envs.RunFolder(out_dir, {**dataclasses.asdict(config), "script": "iql_ddpgbc",
+    out_dir = config.out_dir or f"runs/{config.env}/{SCRIPT}/{time.strftime('%Y%m%d-%H%M%S')}_s{config.seed}"
+    run = envs.RunFolder(out_dir, {**dataclasses.asdict(config), "script": SCRIPT,
                                    "value_data_size": value_size, "policy_data_size": policy_size})
     M = config.num_seeds
     seeds = [config.seed + i for i in range(M)]
@@ -297,62 +297,27 @@ def main(config: Config) -> dict:
     device_data = envs.to_device(train)
     train_chunk, act = make_train_chunk(config, gc), make_act(gc)
 
-    # Oracle-labelled states for the train / validation MSE: drawn once, labelled once on the host.
-    mse_sets = {}
-    if spec.has_oracle:
-        oracle, fixed_goal = envs.make_oracle(spec), envs.task_goal(spec)
+    def policy(obs, goals):  # [M, N, d] -> [M, N, a], one jitted call for every member and environment
+        return act(states["params"]["actor"], obs, goals) if gc else act(states["params"]["actor"], obs)
 
-        def labelled(part, size, seed):
-            obs, goals = envs.fixed_goal_states(part, size, config.mse_samples, seed)
-            goals = goals if gc else np.broadcast_to(fixed_goal, (len(obs), fixed_goal.shape[0]))
-            return obs, goals, oracle(obs, goals)
-
-        mse_sets["train"] = labelled(train, policy_size, config.split_seed + 1)
-        if len(val["actions"]):
-            mse_sets["val"] = labelled(val, len(val["actions"]), config.split_seed + 2)
-
-    def policy_mse() -> dict[str, np.ndarray]:
-        out = {}
-        for name, (obs, goals, labels) in mse_sets.items():
-            tile = lambda x: jnp.broadcast_to(x, (M, *x.shape))  # noqa: E731
-            actions = act(states["params"]["actor"], tile(obs), tile(goals)) if gc else act(
-                states["params"]["actor"], tile(obs))
-            out[f"{name}_mse"] = np.asarray(((actions - labels) ** 2).mean((1, 2)))
-        return out
-
+    probe = envs.OracleProbe(spec, train, val, policy_size, config.mse_samples, config.split_seed)
     evaluator = envs.Evaluator(spec, M, config.eval_episodes)
 
     def evaluate(step: int) -> list[dict]:
-        def policy(obs, goals):
-            return act(states["params"]["actor"], obs, goals) if gc else act(states["params"]["actor"], obs)
-
         rollout = evaluator.evaluate(policy, seed=config.seed)
-        metrics = {"success": rollout["success"].mean(1), "return": rollout["returns"].mean(1), **policy_mse()}
-        if spec.has_oracle:
-            goals = rollout["goals"] if gc else np.broadcast_to(fixed_goal, (*rollout["valid"].shape[:2], obs_dim))
-            goals = np.broadcast_to(goals[:, :, None, :], rollout["observations"].shape)
-            valid = rollout["valid"]
-            labels = oracle(rollout["observations"][valid], goals[valid])
-            errors = ((rollout["actions"][valid] - labels) ** 2).mean(-1)
-            member_of_row = np.nonzero(valid)[0]
-            metrics["eval_mse"] = np.bincount(member_of_row, errors, M) / np.bincount(member_of_row, minlength=M)
-        return [{"event": "eval", "step": step, "member": m, "seed": seeds[m],
-                 **{k: float(v[m]) for k, v in metrics.items()}} for m in range(M)]
+        metrics = {"success": rollout["success"].mean(1), "return": rollout["returns"].mean(1),
+                   **probe.train_val(policy, M), **probe.eval(rollout)}
+        return envs.member_records("eval", step, seeds, metrics)
 
-    run.log([{"event": "init", "step": 0, "member": m, "seed": seeds[m], **{k: float(v[m]) for k, v in policy_mse().items()}}
-             for m in range(M)])
-    from tqdm import tqdm
-
-    bar = tqdm(total=config.steps, desc=f"iql_ddpgbc {config.env}", disable=not config.progress, unit="step")
+    run.log(envs.member_records("init", 0, seeds, probe.train_val(policy, M)))
+    bar = tqdm(total=config.steps, desc=f"{SCRIPT} {config.env}", disable=not config.progress, unit="step")
     last_eval, best_success, start = [], np.full(M, -np.inf), time.time()
     for step in range(config.log_interval, config.steps + 1, config.log_interval):
         chunk_start = time.time()
         states, infos = train_chunk(states, device_data, members)
         infos = jax.device_get(infos)  # the only host transfer of a chunk
-        seconds = time.time() - chunk_start
-        records = [{"event": "train", "step": step, "member": m, "seed": seeds[m],
-                    **{k: float(v[m]) for k, v in infos.items()}, "seconds": time.time() - start,
-                    "updates_per_second": config.log_interval / seconds} for m in range(M)]
+        records = envs.member_records("train", step, seeds, infos, seconds=time.time() - start,
+                                      updates_per_second=config.log_interval / (time.time() - chunk_start))
         if not all(math.isfinite(v) for r in records for v in r.values() if isinstance(v, float)):
             raise FloatingPointError(f"non-finite loss at step {step}: {records[0]}")
         if step % config.eval_interval == 0 or step == config.steps:
@@ -366,16 +331,11 @@ def main(config: Config) -> dict:
         bar.update(config.log_interval)
     bar.close()
 
-    keys = ["success", "return", "train_mse", "val_mse", "eval_mse"]
-    per_member = {k: [r.get(k, "n/a") for r in last_eval] for k in keys}
-    per_member["best_success"] = best_success.tolist()
-    result = {"env": config.env, "script": "iql_ddpgbc", "steps": config.steps, "seeds": seeds,
-              "value_data_size": value_size, "policy_data_size": policy_size, "alpha": config.alpha,
-              "wall_seconds": time.time() - start, **envs.summarize(per_member)}
+    result = envs.final_result({"env": config.env, "script": SCRIPT, "steps": config.steps, "seeds": seeds,
+                                "value_data_size": value_size, "policy_data_size": policy_size, "alpha": config.alpha,
+                                "wall_seconds": time.time() - start}, last_eval, best_success)
     run.finish(result)
-    fmt = lambda k: "n/a" if result[k]["mean"] == "n/a" else f"{result[k]['mean']:.4f}"  # noqa: E731
-    print(f"final success {fmt('success')} (return {fmt('return')}) | train MSE {fmt('train_mse')} | "
-          f"val MSE {fmt('val_mse')} | eval MSE {fmt('eval_mse')} | over {M} seed(s) -> {out_dir}/result.json")
+    print(envs.result_line(result, out_dir))
     return result
 
 
