@@ -26,7 +26,6 @@ import dataclasses
 import difflib
 import glob
 import json
-import math
 import sys
 import tempfile
 from collections import deque
@@ -134,7 +133,8 @@ def parse_env(name: str) -> EnvSpec:
         dataset_type = core[-1] if len(core) >= 2 else ""
         env_base = "-".join(core[:-1])
         valid_base = any(env_base == (kind if s is None else f"{kind}-{s}") for s in _OGBENCH_ENVS[kind])
-        valid_task = task_suffix == [] or (len(task_suffix) == 1 and task_suffix[0] in [f"task{k}" for k in range(1, 6)])
+        valid_task = task_suffix == [] or (len(task_suffix) == 1
+                                           and task_suffix[0] in [f"task{k}" for k in range(1, 6)])
         if valid_base and dataset_type in _OGBENCH_DATASET_TYPES[kind] and valid_task:
             env_id = "-".join([env_base] + (["singletask"] + task_suffix if singletask else []) + ["v0"])
             return EnvSpec(name, "ogbench", not singletask, env_id, f"{env_base}-{dataset_type}-v0", kind, dataset_type)
@@ -168,10 +168,12 @@ def dataset_path(spec: EnvSpec, dataset_dir: str) -> Path:
 def _missing_dataset_message(spec: EnvSpec, path: Path, dataset_dir: str) -> str:
     if spec.can_generate:
         name = spec.dataset_name if spec.family == "ogbench" else spec.name
-        return f"no dataset at {path} (--dataset-dir): generate it offline with `python envs.py generate {name} --dataset-dir {dataset_dir}`"
+        return (f"no dataset at {path} (--dataset-dir): generate it offline with "
+                f"`python envs.py generate {name} --dataset-dir {dataset_dir}`")
     if spec.family == "dmc":
         return (f"no ExORL episodes at {path} (--dataset-dir): download ExORL's '{spec.dataset_type}' data for "
-                f"'{spec.kind}' into {path.parent}, or use `{spec.env_id}-random`, which `envs.py generate` makes offline")
+                f"'{spec.kind}' into {path.parent}, or use `{spec.env_id}-random`, which `envs.py generate` makes "
+                "offline")
     return (f"no dataset at {path} (--dataset-dir): '{spec.dataset_name}' needs trained experts to generate; "
             f"place the official OGBench files {spec.dataset_name}.npz and {spec.dataset_name}-val.npz there")
 
@@ -192,7 +194,8 @@ def _load_ogbench(spec: EnvSpec, path: Path) -> dict[str, np.ndarray]:
     try:
         raw = ogbench.load_dataset(str(path), add_info=not spec.goal_conditioned)
     except Exception as error:  # a truncated or foreign file: name it instead of a traceback
-        raise UsageError(f"cannot read dataset {path}: {type(error).__name__}: {error}; regenerate or re-download it")
+        raise UsageError(f"cannot read dataset {path}: {type(error).__name__}: {error}; regenerate or re-download "
+                         "it") from error
     data = {k: raw[k] for k in ("observations", "actions", "next_observations")}
     data["terminals"] = raw["terminals"].astype(np.float32)
     if spec.goal_conditioned:
@@ -221,7 +224,8 @@ def _flat_obs(observation) -> np.ndarray:
 def _load_exorl(spec: EnvSpec, path: Path) -> dict[str, np.ndarray]:
     files = sorted(glob.glob(str(path / "*.npz")))
     if not files:
-        raise UsageError(f"no episode files (*.npz) in {path}: expected ExORL's layout <dataset-dir>/{spec.dataset_name}/buffer/*.npz")
+        raise UsageError(f"no episode files (*.npz) in {path}: expected ExORL's layout "
+                         f"<dataset-dir>/{spec.dataset_name}/buffer/*.npz")
     env = _dmc_env(spec)
     chunks = {k: [] for k in TRANSITION_KEYS}
     for file in files:
@@ -242,7 +246,7 @@ def _load_exorl(spec: EnvSpec, path: Path) -> dict[str, np.ndarray]:
         chunks["actions"].append(act[1:].astype(np.float32))
         chunks["next_observations"].append(obs[1:].astype(np.float32))
         chunks["rewards"].append(rewards)
-        chunks["masks"].append(np.ones(length, np.float32))  # dm_control tasks never terminate; time limits are not ends
+        chunks["masks"].append(np.ones(length, np.float32))  # dm_control never terminates; a time limit is no end
         chunks["terminals"].append(np.eye(1, length, length - 1, dtype=np.float32)[0])
     return {k: np.concatenate(v) for k, v in chunks.items()}
 
@@ -323,7 +327,8 @@ def generate(spec: EnvSpec, dataset_dir: str, num_episodes: int | None = None, m
     if num_val:
         _write_npz_atomic(path.with_name(f"{spec.dataset_name}-val.npz"), stack(episodes[num_train:]))
     else:  # ogbench's loader wants a -val file beside the training file; an empty one keeps it happy
-        _write_npz_atomic(path.with_name(f"{spec.dataset_name}-val.npz"), {k: v[:1] for k, v in stack(episodes).items()})
+        first = {k: v[:1] for k, v in stack(episodes).items()}
+        _write_npz_atomic(path.with_name(f"{spec.dataset_name}-val.npz"), first)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     _write_npz_atomic(path, stack(episodes[:num_train]))  # written last: its presence means the set is complete
     return path
@@ -341,15 +346,18 @@ def _generation_env(spec: EnvSpec, recipe: dict, seed: int):
         free = [(i, j) for i in range(maze_map.shape[0]) for j in range(maze_map.shape[1]) if maze_map[i, j] == 0]
 
         def is_hallway(i, j):
-            vertical = maze_map[i - 1, j] == 0 and maze_map[i + 1, j] == 0 and maze_map[i, j - 1] == 1 and maze_map[i, j + 1] == 1
-            horizontal = maze_map[i, j - 1] == 0 and maze_map[i, j + 1] == 0 and maze_map[i - 1, j] == 1 and maze_map[i + 1, j] == 1
+            vertical = (maze_map[i - 1, j] == 0 and maze_map[i + 1, j] == 0
+                        and maze_map[i, j - 1] == 1 and maze_map[i, j + 1] == 1)
+            horizontal = (maze_map[i, j - 1] == 0 and maze_map[i, j + 1] == 0
+                          and maze_map[i - 1, j] == 1 and maze_map[i + 1, j] == 1)
             return vertical or horizontal
 
         return env, dict(all_cells=free, vertex_cells=[c for c in free if not is_hallway(*c)])
     from ogbench.manipspace.oracles.markov.cube_markov import CubeMarkovOracle
     from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle
 
-    env = gymnasium.make(gc_id, terminate_at_goal=False, mode="data_collection", max_episode_steps=recipe["max_episode_steps"])
+    env = gymnasium.make(gc_id, terminate_at_goal=False, mode="data_collection",
+                         max_episode_steps=recipe["max_episode_steps"])
     env.reset(seed=seed)
     env.action_space.seed(seed)
     if spec.dataset_type == "play":  # non-Markovian plan oracle with smoothed noise
@@ -369,7 +377,8 @@ def _bfs(maze_map: np.ndarray, start: tuple[int, int]) -> tuple[np.ndarray, list
         i, j = queue.popleft()
         for di, dj in ((-1, 0), (0, -1), (1, 0), (0, 1)):
             ni, nj = i + di, j + dj
-            if 0 <= ni < maze_map.shape[0] and 0 <= nj < maze_map.shape[1] and maze_map[ni, nj] == 0 and dist[ni, nj] < 0:
+            inside = 0 <= ni < maze_map.shape[0] and 0 <= nj < maze_map.shape[1]
+            if inside and maze_map[ni, nj] == 0 and dist[ni, nj] < 0:
                 dist[ni, nj] = dist[i, j] + 1
                 queue.append((ni, nj))
                 order.append((ni, nj))
@@ -460,7 +469,8 @@ def _generate_dmc_random(spec: EnvSpec, dataset_dir: str, recipe: dict, seed: in
             if time_step.last():
                 break
         length = len(episode["action"]) - 1
-        _write_npz_atomic(folder / f"episode_{episode_index:06d}_{length}.npz", {k: np.asarray(v) for k, v in episode.items()})
+        _write_npz_atomic(folder / f"episode_{episode_index:06d}_{length}.npz",
+                          {k: np.asarray(v) for k, v in episode.items()})
     return folder
 
 
@@ -490,7 +500,8 @@ def split_dataset(data: dict[str, np.ndarray], seed: int, val_fraction: float = 
     num_val = min(max(num_val, 1 if len(bounds) > 1 and val_fraction > 0 else 0), len(bounds) - 1)
 
     def gather(trajectory_ids):
-        rows = np.concatenate([np.arange(*bounds[t]) for t in trajectory_ids]) if len(trajectory_ids) else np.zeros(0, int)
+        rows = (np.concatenate([np.arange(*bounds[t]) for t in trajectory_ids]) if len(trajectory_ids)
+                else np.zeros(0, int))
         part = {k: v[rows] for k, v in data.items()}
         lengths = [bounds[t][1] - bounds[t][0] for t in trajectory_ids]
         ends = np.cumsum(lengths)
@@ -891,7 +902,8 @@ class RunFolder:
             probe.write_text("")
             probe.unlink()
         except OSError as error:
-            raise UsageError(f"cannot write to --out-dir {self.path}: {error.strerror}; choose a writable folder")
+            raise UsageError(f"cannot write to --out-dir {self.path}: {error.strerror}; choose a writable "
+                             "folder") from error
         if (self.path / "result.json").exists():
             raise UsageError(f"{self.path} already holds a complete run (result.json); choose another --out-dir")
         write_json_atomic(self.path / "config.json", dict(config=config, versions=package_versions()))
@@ -906,7 +918,8 @@ class RunFolder:
         """Save a parameter pytree as flat .npz arrays keyed by their tree path."""
         import jax
 
-        flat = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+        leaves = jax.tree_util.tree_leaves_with_path(params)
+        flat = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
         _write_npz_atomic(self.path / "checkpoints" / f"step_{step:08d}.npz", flat)
 
     def finish(self, result: dict) -> None:
@@ -915,7 +928,7 @@ class RunFolder:
 
 
 def member_records(event: str, step: int, seeds: list[int], metrics: dict, **shared) -> list[dict]:
-    """One metrics.jsonl record per member: `metrics` maps a name to a per-member array; `shared` is the same for all."""
+    """One metrics.jsonl record per member: `metrics` maps names to per-member arrays; `shared` is common to all."""
     return [{"event": event, "step": step, "member": m, "seed": seed, **{k: float(v[m]) for k, v in metrics.items()},
              **shared} for m, seed in enumerate(seeds)]
 
@@ -980,7 +993,8 @@ def _generate_cli(args: GenerateArgs) -> None:
         raise UsageError(f"{path} already exists; pass --force to overwrite it")
     written = generate(spec, args.dataset_dir, args.num_episodes, args.max_episode_steps, args.seed)
     data = load_dataset(spec, args.dataset_dir)
-    print(f"wrote {written}: {len(data['actions'])} transitions in {len(trajectory_bounds(data['terminals']))} trajectories")
+    num_trajectories = len(trajectory_bounds(data["terminals"]))
+    print(f"wrote {written}: {len(data['actions'])} transitions in {num_trajectories} trajectories")
 
 
 @dataclasses.dataclass

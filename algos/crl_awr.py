@@ -1,0 +1,374 @@
+"""CRL value learning (contrastive RL) + AWR policy extraction, in one file. Goal-conditioned tasks only.
+
+What it learns
+  Value (CRL): a critic Q(s, a, g) = phi(s, a) . psi(g) / sqrt(d), trained as a binary classifier of whether g is a
+    future state of (s, a): over a batch of B pairs (s_i, a_i, g_i), g_i drawn a geometric number of steps ahead in
+    the same trajectory, the B x B logits l_ij = Q(s_i, a_i, g_j) are labelled 1 on the diagonal, 0 elsewhere:
+      L_Q = E_ij[ BCE(l_ij, 1(i = j)) ],  for each of a two-member ensemble (phi_k, psi_k).
+    AWR needs a baseline, so a state-only V(s, g) = phi_V(s) . psi_V(g) / sqrt(d) is trained the same way on the same
+    pairs. Both are log-density ratios (log Q, log V). No TD, no target networks.
+  Policy (AWR, Gaussian policy pi = N(mu(s, g), diag(std^2)), tanh mean, learned state-independent std):
+    L_pi = -E[ min(exp(alpha * (min_k Q_k(s, a, g) - V(s, g))), 100) * log pi(a|s, g) ]
+
+Knobs that matter
+  --alpha: the inverse temperature; the paper sweeps {0.3, 1, 3, 10}. Large alpha clones only the best actions,
+    and overfits at small policy data; small alpha is plain behaviour cloning.
+  --latent-dim: width d of phi and psi (512).
+  --discount: the geometric offset of the positive goals (0.99), i.e. CRL's horizon.
+  --value-data-size / --policy-data-size: critic, V and policy learn from nested prefixes of one trajectory order.
+
+Easy to get wrong
+  The advantage is a difference of logits (log Q - log V), not of probabilities. The weight exp(alpha * A) is a
+  constant of the actor's loss and is clipped at 100. CRL needs goals: on a singletask or dm_control environment
+  the script exits 2.
+
+Run `python algos/crl_awr.py --help` for every flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # envs.py lives at the repository root
+
+import envs  # noqa: E402  (sets MUJOCO_GL before anything imports mujoco)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import tyro  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+SCRIPT = "crl_awr"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Config:
+    env: str = "pointmaze-medium-navigate-v0"
+    """Goal-conditioned environment / dataset name (`python envs.py list`)."""
+    dataset_dir: str = envs.DEFAULT_DATASET_DIR
+    """Folder holding the dataset (OGBench .npz, or ExORL <domain>/<algo>/buffer/)."""
+    value_data_size: int | None = None
+    """Transitions the contrastive critic and V learn from (a prefix of the seeded trajectory order); all if omitted."""
+    policy_data_size: int | None = None
+    """Transitions the policy learns from (a prefix of the same order); all when omitted."""
+    seed: int = 0
+    """Seed of the first member; member i uses seed + i. The data split uses --split-seed."""
+    num_seeds: int = 1
+    """Members trained together in one vmapped program, seeds seed .. seed + num_seeds - 1."""
+    split_seed: int = 0
+    """Seed of the trajectory permutation and the 10% validation hold-out (shared by all members)."""
+    steps: int = 1_000_000
+    """Gradient steps (each updates critic, V and actor once)."""
+    batch_size: int = 256
+    """Transitions per batch, for the value batch and the policy batch alike."""
+    hidden_dims: tuple[int, ...] = (512, 512, 512)
+    """Hidden layer widths of every MLP (phi, psi of the critic and of V, actor)."""
+    latent_dim: int = 512
+    """Width of the contrastive representations phi(s, a) and psi(g)."""
+    lr: float = 3e-4
+    """Adam learning rate of all networks."""
+    alpha: float = 3.0
+    """AWR inverse temperature (OURS as a default; the paper sweeps {0.3, 1, 3, 10} per environment)."""
+    discount: float = 0.99
+    """Discount of the geometric offset at which the critic's positive goals are drawn."""
+    log_interval: int = 5_000
+    """Steps per jitted training chunk; metrics are logged once per chunk."""
+    eval_interval: int = 100_000
+    """Steps between evaluations (a multiple of --log-interval); the last step is always evaluated."""
+    eval_episodes: int = 5
+    """Evaluation episodes per evaluation task (OGBench goal-conditioned envs have 5 tasks)."""
+    mse_samples: int = 2048
+    """States sampled once from the policy subset and from the validation split for the train / val MSE."""
+    checkpoint_interval: int = 0
+    """Steps between parameter checkpoints in <out-dir>/checkpoints (0: none)."""
+    out_dir: str | None = None
+    """Run folder; default runs/<env>/crl_awr/<time>_s<seed>."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def validate(config: Config) -> None:
+    """Reject bad flags with a one-line UsageError naming the flag."""
+    checks = [
+        (config.num_seeds >= 1, "--num-seeds must be >= 1"),
+        (config.steps >= 1, "--steps must be >= 1"),
+        (config.batch_size >= 1, "--batch-size must be >= 1"),
+        (len(config.hidden_dims) >= 1 and min(config.hidden_dims) >= 1, "--hidden-dims needs positive widths"),
+        (config.alpha >= 0, "--alpha must be >= 0"),
+        (0 < config.discount < 1, "--discount must be in (0, 1) (the geometric goal offset needs it below 1)"),
+        (config.latent_dim >= 1, "--latent-dim must be >= 1"),
+        (config.log_interval >= 1 and config.steps % config.log_interval == 0,
+         f"--steps {config.steps} must be a positive multiple of --log-interval {config.log_interval}"),
+        (config.eval_interval >= 1 and config.eval_interval % config.log_interval == 0,
+         "--eval-interval must be a positive multiple of --log-interval"),
+        (config.checkpoint_interval >= 0 and config.checkpoint_interval % config.log_interval == 0,
+         "--checkpoint-interval must be 0 or a multiple of --log-interval"),
+        (config.mse_samples >= 1, "--mse-samples must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise envs.UsageError(message)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Networks: pure-JAX MLPs with LayerNorm; parameters are pytrees (lists of dicts)
+# ------------------------------------------------------------------------------------------------------------------
+def mlp_init(key, sizes: tuple[int, ...]) -> list[dict]:
+    params = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        key, sub = jax.random.split(key)
+        limit = math.sqrt(6.0 / (fan_in + fan_out))  # Glorot uniform
+        layer = {"w": jax.random.uniform(sub, (fan_in, fan_out), minval=-limit, maxval=limit), "b": jnp.zeros(fan_out)}
+        if i < len(sizes) - 2:  # hidden layers get LayerNorm
+            layer["scale"], layer["shift"] = jnp.ones(fan_out), jnp.zeros(fan_out)
+        params.append(layer)
+    return params
+
+
+def mlp_apply(params: list[dict], x):
+    for layer in params[:-1]:
+        x = x @ layer["w"] + layer["b"]
+        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        x = (x - mean) * jax.lax.rsqrt(var + 1e-6) * layer["scale"] + layer["shift"]
+        x = jax.nn.gelu(x)
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def representations(params, inputs, goals):
+    """phi_k(inputs) and psi_k(goals) for every ensemble member k (parameters stacked on a leading axis): [K, B, d]."""
+    phi = jax.vmap(lambda p: mlp_apply(p, inputs))(params["phi"])
+    psi = jax.vmap(lambda p: mlp_apply(p, goals))(params["psi"])
+    return phi, psi
+
+
+def contrastive_logits(params, inputs, goals):
+    """l[k, i, j] = phi_k(inputs_i) . psi_k(g_j) / sqrt(d): every input against every goal of the batch, [K, B, B]."""
+    phi, psi = representations(params, inputs, goals)
+    return jnp.einsum("kid,kjd->kij", phi, psi) / math.sqrt(phi.shape[-1])
+
+
+def critic_fn(params, obs, goals, actions):
+    """Q_k(s, a, g) = phi_k(s, a) . psi_k(g) / sqrt(d): the logits' diagonal only, [K, B]."""
+    phi, psi = representations(params, jnp.concatenate([obs, actions], -1), goals)
+    return (phi * psi).sum(-1) / math.sqrt(phi.shape[-1])
+
+
+def value_fn(params, obs, goals):
+    """V(s, g) = phi_V(s) . psi_V(g) / sqrt(d) (a one-member ensemble) -> [B]."""
+    phi, psi = representations(params, obs, goals)
+    return (phi * psi).sum(-1)[0] / math.sqrt(phi.shape[-1])
+
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+
+
+def actor_fn(params, obs, goals):
+    """Gaussian policy: (mean in [-1, 1], log std [a]); the std is learned and state-independent."""
+    mean = jnp.tanh(mlp_apply(params["net"], jnp.concatenate([obs, goals], -1)))
+    return mean, jnp.clip(params["log_std"], LOG_STD_MIN, LOG_STD_MAX)
+
+
+def gaussian_log_prob(mean, log_std, actions):
+    """log N(actions; mean, diag(exp(log_std)^2)), summed over action dimensions."""
+    z = (actions - mean) * jnp.exp(-log_std)
+    return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def init_params(key, obs_dim: int, goal_dim: int, action_dim: int, hidden_dims: tuple[int, ...],
+                latent_dim: int) -> dict:
+    k_phi, k_psi, k_v_phi, k_v_psi, k_actor = jax.random.split(key, 5)
+    ensemble = lambda k, sizes, n=2: jax.vmap(lambda kk: mlp_init(kk, sizes))(jax.random.split(k, n))  # noqa: E731
+    return {
+        "critic": {"phi": ensemble(k_phi, (obs_dim + action_dim, *hidden_dims, latent_dim)),
+                   "psi": ensemble(k_psi, (goal_dim, *hidden_dims, latent_dim))},
+        "value": {"phi": ensemble(k_v_phi, (obs_dim, *hidden_dims, latent_dim), 1),
+                  "psi": ensemble(k_v_psi, (goal_dim, *hidden_dims, latent_dim), 1)},
+        "actor": {"net": mlp_init(k_actor, (obs_dim + goal_dim, *hidden_dims, action_dim)),
+                  "log_std": jnp.zeros(action_dim)},
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Losses, each returning (loss, info)
+# ------------------------------------------------------------------------------------------------------------------
+def binary_nce_loss(logits):
+    """Mean binary cross-entropy of logits [K, B, B] against the identity: positives on the diagonal."""
+    labels = jnp.eye(logits.shape[-1])
+    return optax.sigmoid_binary_cross_entropy(logits, labels).mean()
+
+
+def contrastive_loss(params, inputs, goals, name: str, stat: str):
+    """Binary NCE of one contrastive function (`name` critic, `stat` q) with its diagnostics; the diagonal of the
+    logits is the function itself (log Q), so its statistics come for free."""
+    logits = contrastive_logits(params, inputs, goals)
+    loss = binary_nce_loss(logits)
+    eye, mean_logits = jnp.eye(logits.shape[-1]), logits.mean(0)
+    diagonal = jnp.diagonal(logits, axis1=1, axis2=2)
+    info = {f"{name}_loss": loss, f"{stat}_mean": diagonal.mean(), f"{stat}_max": diagonal.max(),
+            f"{stat}_min": diagonal.min(), f"{name}_logits_negative": (mean_logits * (1 - eye)).sum() / (1 - eye).sum(),
+            f"{name}_categorical_accuracy": (mean_logits.argmax(1) == jnp.arange(logits.shape[-1])).mean()}
+    return loss, info
+
+
+def contrastive_critic_loss(critic_params, batch):
+    inputs = jnp.concatenate([batch["observations"], batch["actions"]], -1)
+    return contrastive_loss(critic_params, inputs, batch["goals"], "critic", "q")
+
+
+def contrastive_value_loss(value_params, batch):
+    return contrastive_loss(value_params, batch["observations"], batch["goals"], "value", "v")
+
+
+AWR_MAX_WEIGHT = 100.0
+
+
+def awr_actor_loss(actor_params, value_params, critic_params, batch, alpha):
+    q = critic_fn(critic_params, batch["observations"], batch["goals"], batch["actions"]).min(0)
+    v = value_fn(value_params, batch["observations"], batch["goals"])
+    advantage = q - v
+    # The weight is a constant of this loss (Q and V are frozen here); clipping keeps a few transitions from dominating.
+    weight = jnp.minimum(jnp.exp(alpha * advantage), AWR_MAX_WEIGHT)
+    mean, log_std = actor_fn(actor_params, batch["observations"], batch["goals"])
+    log_prob = gaussian_log_prob(mean, log_std, batch["actions"])
+    loss = -(jax.lax.stop_gradient(weight) * log_prob).mean()
+    info = {"actor_loss": loss, "actor_advantage_mean": advantage.mean(), "awr_weight_mean": weight.mean(),
+            "awr_weight_clipped_fraction": (weight >= AWR_MAX_WEIGHT).mean(), "actor_bc_log_prob": log_prob.mean(),
+            "actor_std_mean": jnp.exp(log_std).mean(), "policy_mse_to_data": ((mean - batch["actions"]) ** 2).mean()}
+    return loss, info
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One update, a scanned chunk of updates, and the vmap over members
+# ------------------------------------------------------------------------------------------------------------------
+def init_state(key, obs_dim, goal_dim, action_dim, config: Config) -> dict:
+    k_params, k_train = jax.random.split(key)
+    params = init_params(k_params, obs_dim, goal_dim, action_dim, config.hidden_dims, config.latent_dim)
+    return {"params": params, "opt_state": make_optimizer(config).init(params), "key": k_train,
+            "step": jnp.zeros((), jnp.int32)}
+
+
+def make_optimizer(config: Config):
+    return optax.adam(config.lr)
+
+
+def update(state, data, member, config: Config, goal_conditioned: bool = True):
+    """One gradient step on critic, V and actor. `member` holds this member's traced value_data_size,
+    policy_data_size and alpha, so one compiled program trains any cell of a data-scaling matrix.
+    `goal_conditioned` is always True for CRL (the argument keeps every script's signature the same)."""
+    key, k_value_batch, k_policy_batch = jax.random.split(state["key"], 3)
+    # Critic goals: always a future state of the same trajectory, at a geometric offset (the positives of the NCE).
+    critic_goals = envs.GoalConfig(p_current=0.0, p_trajectory=1.0, p_random=0.0, discount=config.discount)
+    value_batch = envs.sample_batch(k_value_batch, data, member["value_data_size"], config.batch_size, "value",
+                                    critic_goals)
+    policy_batch = envs.sample_batch(k_policy_batch, data, member["policy_data_size"], config.batch_size, "actor")
+    params = state["params"]
+    (_, c_info), c_grad = jax.value_and_grad(contrastive_critic_loss, has_aux=True)(params["critic"], value_batch)
+    (_, v_info), v_grad = jax.value_and_grad(contrastive_value_loss, has_aux=True)(params["value"], value_batch)
+    # The actor's gradient is taken with respect to the actor's parameters only: V and Q stay fixed inside it.
+    (_, a_info), a_grad = jax.value_and_grad(awr_actor_loss, has_aux=True)(
+        params["actor"], params["value"], params["critic"], policy_batch, member["alpha"])
+    grads = {"critic": c_grad, "value": v_grad, "actor": a_grad}
+    updates, opt_state = make_optimizer(config).update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    new_state = {"params": params, "opt_state": opt_state, "key": key, "step": state["step"] + 1}
+    return new_state, {**c_info, **v_info, **a_info}
+
+
+def make_train_chunk(config: Config, goal_conditioned: bool = True):
+    """jit(vmap over members(scan over log_interval updates)); metrics are averaged over the chunk on device."""
+
+    def chunk(state, data, member):
+        def body(carry, _):
+            return update(carry, data, member, config, goal_conditioned)
+
+        state, infos = jax.lax.scan(body, state, None, length=config.log_interval)
+        return state, jax.tree_util.tree_map(jnp.mean, infos)
+
+    # The dataset is an argument (in_axes None), never a closed-over constant; states are donated (updated in place).
+    return jax.jit(jax.vmap(chunk, in_axes=(0, None, 0)), donate_argnums=(0,))
+
+
+def make_act():
+    """act(actor params [M], obs [M, N, d], goals [M, N, d]) -> actions [M, N, a], jitted: the policy's mean."""
+    return jax.jit(jax.vmap(lambda params, obs, goals: actor_fn(params, obs, goals)[0]))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training loop
+# ------------------------------------------------------------------------------------------------------------------
+def main(config: Config) -> dict:
+    validate(config)
+    spec = envs.parse_env(config.env)
+    if not spec.goal_conditioned:
+        raise envs.UsageError(f"{SCRIPT} needs a goal-conditioned environment (CRL's critic is a function of goals), "
+                              f"and {config.env} has none; use iql_awr or sarsa_awr for it")
+    train, val = envs.split_dataset(envs.load_dataset(spec, config.dataset_dir), config.split_seed)
+    value_size = envs.resolve_data_size(config.value_data_size, train, "--value-data-size")
+    policy_size = envs.resolve_data_size(config.policy_data_size, train, "--policy-data-size")
+    obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]
+
+    out_dir = config.out_dir or f"runs/{config.env}/{SCRIPT}/{time.strftime('%Y%m%d-%H%M%S')}_s{config.seed}"
+    run = envs.RunFolder(out_dir, {**dataclasses.asdict(config), "script": SCRIPT,
+                                   "value_data_size": value_size, "policy_data_size": policy_size})
+    M = config.num_seeds
+    seeds = [config.seed + i for i in range(M)]
+    members = {"value_data_size": jnp.full(M, value_size, jnp.int32),
+               "policy_data_size": jnp.full(M, policy_size, jnp.int32),
+               "alpha": jnp.full(M, config.alpha, jnp.float32)}
+    states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim, action_dim, config))(
+        jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds)))
+    device_data = envs.to_device(train)
+    train_chunk, act = make_train_chunk(config, True), make_act()
+
+    def policy(obs, goals):  # [M, N, d] -> [M, N, a], one jitted call for every member and environment
+        return act(states["params"]["actor"], obs, goals)
+
+    probe = envs.OracleProbe(spec, train, val, policy_size, config.mse_samples, config.split_seed)
+    evaluator = envs.Evaluator(spec, M, config.eval_episodes)
+
+    def evaluate(step: int) -> list[dict]:
+        rollout = evaluator.evaluate(policy, seed=config.seed)
+        metrics = {"success": rollout["success"].mean(1), "return": rollout["returns"].mean(1),
+                   **probe.train_val(policy, M), **probe.eval(rollout)}
+        return envs.member_records("eval", step, seeds, metrics)
+
+    run.log(envs.member_records("init", 0, seeds, probe.train_val(policy, M)))
+    bar = tqdm(total=config.steps, desc=f"{SCRIPT} {config.env}", disable=not config.progress, unit="step")
+    last_eval, best_success, start = [], np.full(M, -np.inf), time.time()
+    for step in range(config.log_interval, config.steps + 1, config.log_interval):
+        chunk_start = time.time()
+        states, infos = train_chunk(states, device_data, members)
+        infos = jax.device_get(infos)  # the only host transfer of a chunk
+        records = envs.member_records("train", step, seeds, infos, seconds=time.time() - start,
+                                      updates_per_second=config.log_interval / (time.time() - chunk_start))
+        if not all(math.isfinite(v) for r in records for v in r.values() if isinstance(v, float)):
+            raise FloatingPointError(f"non-finite loss at step {step}: {records[0]}")
+        if step % config.eval_interval == 0 or step == config.steps:
+            last_eval = evaluate(step)
+            best_success = np.maximum(best_success, [r["success"] for r in last_eval])
+            records += last_eval
+            bar.set_postfix(success=f"{np.mean([r['success'] for r in last_eval]):.2f}")
+        run.log(records)
+        if config.checkpoint_interval and step % config.checkpoint_interval == 0:
+            run.checkpoint(step, states["params"])
+        bar.update(config.log_interval)
+    bar.close()
+
+    result = envs.final_result({"env": config.env, "script": SCRIPT, "steps": config.steps, "seeds": seeds,
+                                "value_data_size": value_size, "policy_data_size": policy_size, "alpha": config.alpha,
+                                "wall_seconds": time.time() - start}, last_eval, best_success)
+    run.finish(result)
+    print(envs.result_line(result, out_dir))
+    return result
+
+
+if __name__ == "__main__":
+    envs.exit_on_usage_error(lambda: main(tyro.cli(Config)))

@@ -1,0 +1,369 @@
+"""IQL value learning + SfBC policy extraction (sampling from behaviour cloning), in one file.
+
+What it learns
+  Value (IQL, in-sample: only dataset actions are ever evaluated by Q during value learning):
+    L_V = E[ |tau - 1(Qbar - V < 0)| (Qbar - V)^2 ],  Qbar = min(Q1_target, Q2_target)(s, a)
+    L_Q = sum_i E[ (r + discount * mask * V(s') - Q_i(s, a))^2 ],  targets Polyak-averaged with rate 0.005
+  Policy (SfBC): a behaviour-cloning Gaussian pi = N(mu(s), diag(std^2)), L_pi = -E[ log pi(a|s) ], and at action
+    time:  a = argmax_{a_k} min_i Q_i(s, a_k)  over  a_1 .. a_N ~ pi(.|s)  (clipped to [-1, 1]).
+
+Knobs that matter
+  --num-samples: N candidates per action (32 default, the paper's); more candidates trust Q more, the way a small
+    alpha does for the other extractors. There is no alpha: the policy itself is plain behaviour cloning.
+  --expectile: 0.9 (goal-conditioned default, the paper's); 0.7 is common for locomotion; 0.5 is SARSA.
+  --value-data-size / --policy-data-size: value and policy learn from nested prefixes of one trajectory order.
+
+Easy to get wrong
+  The extraction happens at action time, so every action the agent is judged by, including the actions behind the
+  train / validation / evaluation MSE, must go through the same sample-and-argmax rule, not the BC mean. And the
+  policy's std must be learned: candidates drawn with a fixed unit std on a [-1, 1] action box are mostly clipped.
+
+Run `python algos/iql_sfbc.py --help` for every flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # envs.py lives at the repository root
+
+import envs  # noqa: E402  (sets MUJOCO_GL before anything imports mujoco)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import tyro  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+SCRIPT = "iql_sfbc"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Config:
+    env: str = "pointmaze-medium-navigate-v0"
+    """Environment / dataset name (`python envs.py list`)."""
+    dataset_dir: str = envs.DEFAULT_DATASET_DIR
+    """Folder holding the dataset (OGBench .npz, or ExORL <domain>/<algo>/buffer/)."""
+    value_data_size: int | None = None
+    """Transitions the value function learns from (a prefix of the seeded trajectory order); all when omitted."""
+    policy_data_size: int | None = None
+    """Transitions the policy learns from (a prefix of the same order); all when omitted."""
+    seed: int = 0
+    """Seed of the first member; member i uses seed + i. The data split uses --split-seed."""
+    num_seeds: int = 1
+    """Members trained together in one vmapped program, seeds seed .. seed + num_seeds - 1."""
+    split_seed: int = 0
+    """Seed of the trajectory permutation and the 10% validation hold-out (shared by all members)."""
+    steps: int = 1_000_000
+    """Gradient steps (each updates value, critic and actor once)."""
+    batch_size: int = 256
+    """Transitions per batch, for the value batch and the policy batch alike."""
+    hidden_dims: tuple[int, ...] = (512, 512, 512)
+    """Hidden layer widths of every MLP (value, twin critics, actor)."""
+    lr: float = 3e-4
+    """Adam learning rate of all networks."""
+    num_samples: int = 32
+    """Candidate actions sampled from the BC policy per action; the one with the highest min_i Q_i is taken."""
+    discount: float = 0.99
+    """Discount factor (also the geometric goal-offset discount of goal sampling)."""
+    expectile: float = 0.9
+    """IQL expectile tau in (0, 1); 0.5 gives SARSA."""
+    tau: float = 0.005
+    """Polyak rate of the target critics."""
+    log_interval: int = 5_000
+    """Steps per jitted training chunk; metrics are logged once per chunk."""
+    eval_interval: int = 100_000
+    """Steps between evaluations (a multiple of --log-interval); the last step is always evaluated."""
+    eval_episodes: int = 5
+    """Evaluation episodes per evaluation task (OGBench goal-conditioned envs have 5 tasks)."""
+    mse_samples: int = 2048
+    """States sampled once from the policy subset and from the validation split for the train / val MSE."""
+    checkpoint_interval: int = 0
+    """Steps between parameter checkpoints in <out-dir>/checkpoints (0: none)."""
+    out_dir: str | None = None
+    """Run folder; default runs/<env>/iql_sfbc/<time>_s<seed>."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def validate(config: Config) -> None:
+    """Reject bad flags with a one-line UsageError naming the flag."""
+    checks = [
+        (config.num_seeds >= 1, "--num-seeds must be >= 1"),
+        (config.steps >= 1, "--steps must be >= 1"),
+        (config.batch_size >= 1, "--batch-size must be >= 1"),
+        (len(config.hidden_dims) >= 1 and min(config.hidden_dims) >= 1, "--hidden-dims needs positive widths"),
+        (config.num_samples >= 1, "--num-samples must be >= 1"),
+        (0 < config.discount <= 1, "--discount must be in (0, 1]"),
+        (0 < config.expectile < 1, "--expectile must be in (0, 1)"),
+        (0 < config.tau <= 1, "--tau must be in (0, 1]"),
+        (config.log_interval >= 1 and config.steps % config.log_interval == 0,
+         f"--steps {config.steps} must be a positive multiple of --log-interval {config.log_interval}"),
+        (config.eval_interval >= 1 and config.eval_interval % config.log_interval == 0,
+         "--eval-interval must be a positive multiple of --log-interval"),
+        (config.checkpoint_interval >= 0 and config.checkpoint_interval % config.log_interval == 0,
+         "--checkpoint-interval must be 0 or a multiple of --log-interval"),
+        (config.mse_samples >= 1, "--mse-samples must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise envs.UsageError(message)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Networks: pure-JAX MLPs with LayerNorm; parameters are pytrees (lists of dicts)
+# ------------------------------------------------------------------------------------------------------------------
+def mlp_init(key, sizes: tuple[int, ...]) -> list[dict]:
+    params = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        key, sub = jax.random.split(key)
+        limit = math.sqrt(6.0 / (fan_in + fan_out))  # Glorot uniform
+        layer = {"w": jax.random.uniform(sub, (fan_in, fan_out), minval=-limit, maxval=limit), "b": jnp.zeros(fan_out)}
+        if i < len(sizes) - 2:  # hidden layers get LayerNorm
+            layer["scale"], layer["shift"] = jnp.ones(fan_out), jnp.zeros(fan_out)
+        params.append(layer)
+    return params
+
+
+def mlp_apply(params: list[dict], x):
+    for layer in params[:-1]:
+        x = x @ layer["w"] + layer["b"]
+        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        x = (x - mean) * jax.lax.rsqrt(var + 1e-6) * layer["scale"] + layer["shift"]
+        x = jax.nn.gelu(x)
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def value_fn(params, obs, goals):
+    """V(s[, g]) -> [B]."""
+    return mlp_apply(params, _inputs(obs, goals))[..., 0]
+
+
+def critic_fn(params, obs, goals, actions):
+    """Twin Q(s, a[, g]) -> [2, B]; the two critics' parameters are stacked on a leading axis."""
+    x = jnp.concatenate([_inputs(obs, goals), actions], -1)
+    return jax.vmap(lambda p: mlp_apply(p, x)[..., 0])(params)
+
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+
+
+def actor_fn(params, obs, goals):
+    """Gaussian policy: (mean in [-1, 1], log std [a]); the std is learned and state-independent."""
+    mean = jnp.tanh(mlp_apply(params["net"], _inputs(obs, goals)))
+    return mean, jnp.clip(params["log_std"], LOG_STD_MIN, LOG_STD_MAX)
+
+
+def gaussian_log_prob(mean, log_std, actions):
+    """log N(actions; mean, diag(exp(log_std)^2)), summed over action dimensions."""
+    z = (actions - mean) * jnp.exp(-log_std)
+    return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def _inputs(obs, goals):
+    return obs if goals is None else jnp.concatenate([obs, goals], -1)
+
+
+def init_params(key, obs_dim: int, goal_dim: int, action_dim: int, hidden_dims: tuple[int, ...]) -> dict:
+    k_value, k_critic, k_actor = jax.random.split(key, 3)
+    state_dim = obs_dim + goal_dim
+    critic = jax.vmap(lambda k: mlp_init(k, (state_dim + action_dim, *hidden_dims, 1)))(jax.random.split(k_critic))
+    return {
+        "value": mlp_init(k_value, (state_dim, *hidden_dims, 1)),
+        "critic": critic,
+        "actor": {"net": mlp_init(k_actor, (state_dim, *hidden_dims, action_dim)), "log_std": jnp.zeros(action_dim)},
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Losses, each returning (loss, info)
+# ------------------------------------------------------------------------------------------------------------------
+def expectile_loss(diff, expectile):
+    """|tau - 1(diff < 0)| * diff^2, elementwise, with diff = Qbar - V."""
+    weight = jnp.where(diff < 0, 1.0 - expectile, expectile)
+    return weight * diff**2
+
+
+def value_loss(value_params, target_critic_params, batch, expectile):
+    q = critic_fn(target_critic_params, batch["observations"], batch.get("goals"), batch["actions"]).min(0)
+    v = value_fn(value_params, batch["observations"], batch.get("goals"))
+    loss = expectile_loss(q - v, expectile).mean()
+    return loss, {"value_loss": loss, "v_mean": v.mean(), "advantage_mean": (q - v).mean()}
+
+
+def critic_loss(critic_params, value_params, batch, discount):
+    next_v = value_fn(value_params, batch["next_observations"], batch.get("goals"))
+    target = batch["rewards"] + discount * batch["masks"] * next_v
+    q = critic_fn(critic_params, batch["observations"], batch.get("goals"), batch["actions"])
+    loss = ((q - jax.lax.stop_gradient(target)) ** 2).mean(1).sum()
+    return loss, {"critic_loss": loss, "q_mean": q.mean(), "q_max": q.max(), "q_min": q.min()}
+
+
+def bc_actor_loss(actor_params, batch):
+    mean, log_std = actor_fn(actor_params, batch["observations"], batch.get("goals"))
+    log_prob = gaussian_log_prob(mean, log_std, batch["actions"])
+    loss = -log_prob.mean()
+    info = {"actor_loss": loss, "actor_bc_log_prob": log_prob.mean(), "actor_std_mean": jnp.exp(log_std).mean(),
+            "policy_mse_to_data": ((mean - batch["actions"]) ** 2).mean()}
+    return loss, info
+
+
+def select_best(candidates, q):
+    """candidates [N, B, a], q [N, B] -> the candidate of highest q for each of the B states, [B, a]."""
+    best = jnp.argmax(q, axis=0)
+    return jnp.take_along_axis(candidates, best[None, :, None], axis=0)[0]
+
+
+def sfbc_action(actor_params, critic_params, obs, goals, key, num_samples: int):
+    """Sample `num_samples` actions from the BC policy for every state and keep the one the critics like best."""
+    mean, log_std = actor_fn(actor_params, obs, goals)
+    noise = jax.random.normal(key, (num_samples, *mean.shape))
+    candidates = jnp.clip(mean + jnp.exp(log_std) * noise, -1.0, 1.0)
+    q = jax.vmap(lambda a: critic_fn(critic_params, obs, goals, a).min(0))(candidates)  # pessimistic: min of twins
+    return select_best(candidates, q)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One update, a scanned chunk of updates, and the vmap over members
+# ------------------------------------------------------------------------------------------------------------------
+def init_state(key, obs_dim, goal_dim, action_dim, config: Config) -> dict:
+    k_params, k_train = jax.random.split(key)
+    params = init_params(k_params, obs_dim, goal_dim, action_dim, config.hidden_dims)
+    # The target starts as a copy (a distinct buffer: the training state is donated to each jitted chunk).
+    target_critic = jax.tree_util.tree_map(jnp.copy, params["critic"])
+    return {"params": params, "target_critic": target_critic, "opt_state": make_optimizer(config).init(params),
+            "key": k_train, "step": jnp.zeros((), jnp.int32)}
+
+
+def make_optimizer(config: Config):
+    return optax.adam(config.lr)
+
+
+def update(state, data, member, config: Config, goal_conditioned: bool):
+    """One gradient step on value, critics and actor. `member` holds this member's traced value_data_size and
+    policy_data_size, so one compiled program trains any cell of a data-scaling matrix."""
+    key, k_value_batch, k_policy_batch = jax.random.split(state["key"], 3)
+    value_batch = envs.sample_batch(k_value_batch, data, member["value_data_size"], config.batch_size,
+                                    "value" if goal_conditioned else "none", envs.GoalConfig(discount=config.discount))
+    policy_batch = envs.sample_batch(k_policy_batch, data, member["policy_data_size"], config.batch_size,
+                                     "actor" if goal_conditioned else "none")
+    params = state["params"]
+    (_, v_info), v_grad = jax.value_and_grad(value_loss, has_aux=True)(
+        params["value"], state["target_critic"], value_batch, config.expectile)
+    (_, c_info), c_grad = jax.value_and_grad(critic_loss, has_aux=True)(
+        params["critic"], params["value"], value_batch, config.discount)
+    # The policy is plain behaviour cloning on its own subset; Q enters only at action time (sfbc_action).
+    (_, a_info), a_grad = jax.value_and_grad(bc_actor_loss, has_aux=True)(params["actor"], policy_batch)
+    grads = {"value": v_grad, "critic": c_grad, "actor": a_grad}
+    updates, opt_state = make_optimizer(config).update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    target = jax.tree_util.tree_map(lambda t, p: (1 - config.tau) * t + config.tau * p, state["target_critic"],
+                                    params["critic"])
+    new_state = {"params": params, "target_critic": target, "opt_state": opt_state, "key": key,
+                 "step": state["step"] + 1}
+    return new_state, {**v_info, **c_info, **a_info}
+
+
+def make_train_chunk(config: Config, goal_conditioned: bool):
+    """jit(vmap over members(scan over log_interval updates)); metrics are averaged over the chunk on device."""
+
+    def chunk(state, data, member):
+        def body(carry, _):
+            return update(carry, data, member, config, goal_conditioned)
+
+        state, infos = jax.lax.scan(body, state, None, length=config.log_interval)
+        return state, jax.tree_util.tree_map(jnp.mean, infos)
+
+    # The dataset is an argument (in_axes None), never a closed-over constant; states are donated (updated in place).
+    return jax.jit(jax.vmap(chunk, in_axes=(0, None, 0)), donate_argnums=(0,))
+
+
+def make_act(goal_conditioned: bool, num_samples: int):
+    """act(params [M], obs [M, N, d], goals [M, N, g] or None, key) -> actions [M, N, a], jitted: the SfBC rule."""
+
+    def act(params, obs, goals, key):
+        return sfbc_action(params["actor"], params["critic"], obs, goals, key, num_samples)
+
+    if goal_conditioned:
+        return jax.jit(jax.vmap(act, in_axes=(0, 0, 0, None)))
+    return jax.jit(jax.vmap(lambda p, o, k: act(p, o, None, k), in_axes=(0, 0, None)))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training loop
+# ------------------------------------------------------------------------------------------------------------------
+def main(config: Config) -> dict:
+    validate(config)
+    spec = envs.parse_env(config.env)
+    train, val = envs.split_dataset(envs.load_dataset(spec, config.dataset_dir), config.split_seed)
+    value_size = envs.resolve_data_size(config.value_data_size, train, "--value-data-size")
+    policy_size = envs.resolve_data_size(config.policy_data_size, train, "--policy-data-size")
+    gc = spec.goal_conditioned
+    obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]
+
+    out_dir = config.out_dir or f"runs/{config.env}/{SCRIPT}/{time.strftime('%Y%m%d-%H%M%S')}_s{config.seed}"
+    run = envs.RunFolder(out_dir, {**dataclasses.asdict(config), "script": SCRIPT,
+                                   "value_data_size": value_size, "policy_data_size": policy_size})
+    M = config.num_seeds
+    seeds = [config.seed + i for i in range(M)]
+    members = {"value_data_size": jnp.full(M, value_size, jnp.int32),
+               "policy_data_size": jnp.full(M, policy_size, jnp.int32)}
+    states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim if gc else 0, action_dim, config))(
+        jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds)))
+    device_data = envs.to_device(train)
+    train_chunk, act = make_train_chunk(config, gc), make_act(gc, config.num_samples)
+    action_calls = itertools.count()  # a fresh key, hence fresh candidates, on every call; the same run after run
+
+    def policy(obs, goals):  # [M, N, d] -> [M, N, a], one jitted call for every member and environment
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), next(action_calls))
+        return act(states["params"], obs, goals, key) if gc else act(states["params"], obs, key)
+
+    probe = envs.OracleProbe(spec, train, val, policy_size, config.mse_samples, config.split_seed)
+    evaluator = envs.Evaluator(spec, M, config.eval_episodes)
+
+    def evaluate(step: int) -> list[dict]:
+        rollout = evaluator.evaluate(policy, seed=config.seed)
+        metrics = {"success": rollout["success"].mean(1), "return": rollout["returns"].mean(1),
+                   **probe.train_val(policy, M), **probe.eval(rollout)}
+        return envs.member_records("eval", step, seeds, metrics)
+
+    run.log(envs.member_records("init", 0, seeds, probe.train_val(policy, M)))
+    bar = tqdm(total=config.steps, desc=f"{SCRIPT} {config.env}", disable=not config.progress, unit="step")
+    last_eval, best_success, start = [], np.full(M, -np.inf), time.time()
+    for step in range(config.log_interval, config.steps + 1, config.log_interval):
+        chunk_start = time.time()
+        states, infos = train_chunk(states, device_data, members)
+        infos = jax.device_get(infos)  # the only host transfer of a chunk
+        records = envs.member_records("train", step, seeds, infos, seconds=time.time() - start,
+                                      updates_per_second=config.log_interval / (time.time() - chunk_start))
+        if not all(math.isfinite(v) for r in records for v in r.values() if isinstance(v, float)):
+            raise FloatingPointError(f"non-finite loss at step {step}: {records[0]}")
+        if step % config.eval_interval == 0 or step == config.steps:
+            last_eval = evaluate(step)
+            best_success = np.maximum(best_success, [r["success"] for r in last_eval])
+            records += last_eval
+            bar.set_postfix(success=f"{np.mean([r['success'] for r in last_eval]):.2f}")
+        run.log(records)
+        if config.checkpoint_interval and step % config.checkpoint_interval == 0:
+            run.checkpoint(step, states["params"])
+        bar.update(config.log_interval)
+    bar.close()
+
+    result = envs.final_result({"env": config.env, "script": SCRIPT, "steps": config.steps, "seeds": seeds,
+                                "value_data_size": value_size, "policy_data_size": policy_size, "alpha": None,
+                                "wall_seconds": time.time() - start}, last_eval, best_success)
+    run.finish(result)
+    print(envs.result_line(result, out_dir))
+    return result
+
+
+if __name__ == "__main__":
+    envs.exit_on_usage_error(lambda: main(tyro.cli(Config)))

@@ -1,0 +1,356 @@
+"""Every script in algos/: losses by hand, known values on a tiny MDP, invariants, sampling, smoke runs, bad input."""
+
+import dataclasses
+import importlib
+import inspect
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import POINTMAZE, run_script
+
+import envs
+
+VALUE_LEARNERS, EXTRACTORS = ("iql", "sarsa", "crl"), ("awr", "ddpgbc", "sfbc")
+SCRIPTS = [f"{v}_{e}" for v in VALUE_LEARNERS for e in EXTRACTORS] + ["bc"]
+Q_SCRIPTS = [s for s in SCRIPTS if s != "bc"]
+TD_SCRIPTS = [s for s in Q_SCRIPTS if not s.startswith("crl")]  # IQL and SARSA: value + twin critics + targets
+
+
+def load(script):
+    return importlib.import_module(f"algos.{script}")
+
+
+def member(script, value_size, policy_size, alpha=1.0):
+    """The traced per-member fields a script's update reads."""
+    fields = {"policy_data_size": policy_size}
+    if script != "bc":
+        fields["value_data_size"] = value_size
+    if hasattr(load(script).Config, "alpha"):
+        fields["alpha"] = alpha
+    return fields
+
+
+def tiny_config(script, **overrides):
+    return load(script).Config(**{"hidden_dims": (16,), "batch_size": 32, **overrides})
+
+
+def constant(params, value):
+    """Make an MLP output `value` everywhere: zero last-layer weights, bias = value."""
+    last = dict(params[-1])
+    last["w"] = jnp.zeros_like(last["w"])
+    last["b"] = jnp.full_like(last["b"], value)
+    return params[:-1] + [last]
+
+
+def constant_twins(critic, first, second):
+    q1 = constant(jax.tree_util.tree_map(lambda x: x[0], critic), first)
+    q2 = constant(jax.tree_util.tree_map(lambda x: x[1], critic), second)
+    return jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), q1, q2)
+
+
+BATCH = {"observations": jnp.array([[0.1, 0.2], [0.3, -0.4]]), "actions": jnp.array([[0.0, 1.0], [0.0, 1.0]]),
+         "next_observations": jnp.array([[0.0, 0.0], [1.0, 1.0]]), "rewards": jnp.array([-1.0, -1.0]),
+         "masks": jnp.array([1.0, 0.0])}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses against hand-computed values
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", TD_SCRIPTS)
+def test_expectile_value_and_td_critic_losses_by_hand(script):
+    algo = load(script)
+    diff = jnp.array([-2.0, 1.0])
+    np.testing.assert_allclose(algo.expectile_loss(diff, 0.9), [0.1 * 4, 0.9 * 1], rtol=1e-6)
+    np.testing.assert_allclose(algo.expectile_loss(diff, 0.5), [0.5 * 4, 0.5 * 1], rtol=1e-6)
+    # The script's own expectile: IQL's default 0.9, SARSA's fixed 0.5 (half the squared error).
+    expectile = algo.EXPECTILE if script.startswith("sarsa") else algo.Config().expectile
+    assert expectile == (0.5 if script.startswith("sarsa") else 0.9)
+    params = algo.init_params(jax.random.PRNGKey(0), 2, 0, 2, (8,))
+    value, critic = constant(params["value"], -3.0), constant_twins(params["critic"], -2.0, -4.0)
+    # Qbar = min(-2, -4) = -4, V = -3: diff = -1 < 0, so the weight is 1 - expectile.
+    loss, info = algo.value_loss(value, critic, BATCH, expectile)
+    np.testing.assert_allclose(loss, 1 - expectile, rtol=1e-5)
+    np.testing.assert_allclose(info["advantage_mean"], -1.0, rtol=1e-5)
+    # TD targets with discount 0.5: -1 + 0.5 * 1 * V(s') = -2.5 and -1 + 0 (terminal); Q1 = -2, Q2 = -4, summed.
+    loss, _ = algo.critic_loss(critic, value, BATCH, 0.5)
+    np.testing.assert_allclose(loss, np.mean([0.5**2, 1.0**2]) + np.mean([1.5**2, 3.0**2]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("script", ["iql_awr", "sarsa_awr", "crl_awr"])
+def test_awr_weights_are_exponentiated_advantages_clipped_at_100(script):
+    algo = load(script)
+    params = algo.init_params(jax.random.PRNGKey(0), 2, 2, 2, (8,), *((4,) if script.startswith("crl") else ()))
+    batch = {**BATCH, "goals": jnp.zeros((2, 2))}
+    actor = {"net": constant(params["actor"]["net"], math.atanh(0.5)), "log_std": jnp.zeros(2)}  # N(0.5, 1)
+    log_prob = -0.5 * (0.25 + 0.25) - math.log(2 * math.pi)  # both rows: a - mu = (-0.5, 0.5)
+    if script.startswith("crl"):  # contrastive functions: make the logits constant through the representations
+        critic = {"phi": params["critic"]["phi"], "psi": params["critic"]["psi"]}
+        critic["phi"] = constant_twins(critic["phi"], 1.0, 1.0)
+        critic["psi"] = constant_twins(critic["psi"], -2.0, -4.0)  # Q_k = 4 * c_k / sqrt(4): -4 and -8
+        value = {"phi": constant(jax.tree_util.tree_map(lambda x: x[0], params["value"]["phi"]), 1.0),
+                 "psi": constant(jax.tree_util.tree_map(lambda x: x[0], params["value"]["psi"]), -5.0)}
+        value = jax.tree_util.tree_map(lambda x: x[None], value)  # V = 4 * -5 / 2 = -10; A = -8 - (-10) = 2
+    else:
+        critic = constant_twins(params["critic"], -6.0, -8.0)
+        value = constant(params["value"], -10.0)  # A = min(-6, -8) - (-10) = 2
+    for alpha, weight in ((0.5, math.exp(1.0)), (3.0, 100.0)):  # exp(6) = 403 is clipped to 100
+        loss, info = algo.awr_actor_loss(actor, value, critic, batch, alpha)
+        np.testing.assert_allclose(info["actor_advantage_mean"], 2.0, rtol=1e-5)
+        np.testing.assert_allclose(loss, -weight * log_prob, rtol=1e-5)
+        assert float(info["awr_weight_clipped_fraction"]) == (1.0 if weight == 100.0 else 0.0)
+
+
+@pytest.mark.parametrize("script", ["iql_ddpgbc", "sarsa_ddpgbc", "crl_ddpgbc"])
+def test_ddpgbc_normalises_q_by_its_batch_mean_absolute_value(script):
+    algo = load(script)
+    params = algo.init_params(jax.random.PRNGKey(0), 2, 2, 2, (8,), *((4,) if script.startswith("crl") else ()))
+    batch = {**BATCH, "goals": jnp.zeros((2, 2))}
+    actor = constant(params["actor"], math.atanh(0.5))
+    if script.startswith("crl"):
+        critic = {"phi": constant_twins(params["critic"]["phi"], 1.0, 1.0),
+                  "psi": constant_twins(params["critic"]["psi"], -2.0, -4.0)}  # Q = -4, -8
+    else:
+        critic = constant_twins(params["critic"], -2.0, -4.0)
+    # -mean(minQ) / mean|minQ| = 1 whatever the scale; BC: 0.5 * ((0.5 - 0)^2 + (0.5 - 1)^2) = 0.25 per row.
+    for alpha in (0.0, 2.0):
+        loss, info = algo.ddpgbc_actor_loss(actor, critic, batch, alpha)
+        np.testing.assert_allclose(loss, 1.0 + alpha * 0.25, rtol=1e-5)
+        np.testing.assert_allclose(info["policy_mse_to_data"], 0.25, rtol=1e-5)
+    # The normaliser is a constant (stop-gradient): the Q term's gradient is that of -mean(Q) / c with c = mean|Q| held
+    # fixed. Without the stop-gradient, -mean(Q) / mean|Q| of an all-negative Q would be 1 and its gradient zero.
+    random = algo.init_params(jax.random.PRNGKey(7), 2, 2, 2, (8,), *((4,) if script.startswith("crl") else ()))
+    min_q = lambda a: algo.critic_fn(random["critic"], batch["observations"], batch["goals"],  # noqa: E731
+                                     algo.actor_fn(a, batch["observations"], batch["goals"])).min(0)
+    batch["goals"] = jax.random.normal(jax.random.PRNGKey(8), (2, 2))  # (psi(0) = 0 for a fresh CRL network)
+    c = jnp.abs(min_q(random["actor"])).mean()
+    by_hand = jax.grad(lambda a: -min_q(a).mean() / c)(random["actor"])
+    by_loss = jax.grad(lambda a: algo.ddpgbc_actor_loss(a, random["critic"], batch, 0.0)[0])(random["actor"])
+    for a, b in zip(jax.tree_util.tree_leaves(by_hand), jax.tree_util.tree_leaves(by_loss)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(by_loss))
+
+
+@pytest.mark.parametrize("script", ["crl_ddpgbc", "crl_awr", "crl_sfbc"])
+def test_crl_logits_pair_every_input_with_every_goal_and_positives_sit_on_the_diagonal(script):
+    algo = load(script)
+    params = algo.init_params(jax.random.PRNGKey(1), 3, 3, 2, (8,), 4)["critic"]
+    key_obs, key_act, key_goal = jax.random.split(jax.random.PRNGKey(2), 3)
+    obs, actions = jax.random.normal(key_obs, (5, 3)), jax.random.normal(key_act, (5, 2))
+    goals = jax.random.normal(key_goal, (5, 3))
+    inputs = jnp.concatenate([obs, actions], -1)
+    logits = algo.contrastive_logits(params, inputs, goals)
+    assert logits.shape == (2, 5, 5)
+    for k in range(2):
+        phi = algo.mlp_apply(jax.tree_util.tree_map(lambda x: x[k], params["phi"]), inputs)  # noqa: B023
+        psi = algo.mlp_apply(jax.tree_util.tree_map(lambda x: x[k], params["psi"]), goals)  # noqa: B023
+        np.testing.assert_allclose(logits[k], phi @ psi.T / 2.0, rtol=1e-5, atol=1e-6)  # sqrt(latent 4) = 2
+    # Q(s_i, a_i, g_i) is the diagonal: the positive pairs.
+    np.testing.assert_allclose(algo.critic_fn(params, obs, goals, actions),
+                               jnp.diagonal(logits, axis1=1, axis2=2), rtol=1e-5, atol=1e-6)
+    # Binary NCE by hand on a 2 x 2 logit matrix: -log sigmoid on the diagonal, -log(1 - sigmoid) off it.
+    hand = np.array([[[2.0, -1.0], [0.5, 3.0]]])
+    sig = 1 / (1 + np.exp(-hand[0]))
+    expected = -np.mean([np.log(sig[0, 0]), np.log(1 - sig[0, 1]), np.log(1 - sig[1, 0]), np.log(sig[1, 1])])
+    np.testing.assert_allclose(algo.binary_nce_loss(jnp.asarray(hand)), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("script", ["iql_sfbc", "sarsa_sfbc", "crl_sfbc"])
+def test_sfbc_acts_with_the_candidate_of_highest_q(script):
+    algo = load(script)
+    candidates = jnp.array([[[0.1], [0.2]], [[0.3], [0.4]], [[0.5], [0.6]]])  # [N=3, B=2, a=1]
+    q = jnp.array([[1.0, 9.0], [5.0, 2.0], [3.0, 4.0]])
+    np.testing.assert_allclose(algo.select_best(candidates, q), [[0.3], [0.2]])
+    # End to end: the chosen action scores at least as high as every one of the same candidates.
+    crl = script.startswith("crl")
+    params = algo.init_params(jax.random.PRNGKey(3), 2, 2, 2, (8,), *((4,) if crl else ()))
+    obs, goals = jax.random.normal(jax.random.PRNGKey(4), (6, 2)), jax.random.normal(jax.random.PRNGKey(5), (6, 2))
+    key = jax.random.PRNGKey(6)
+    chosen = algo.sfbc_action(params["actor"], params["critic"], obs, goals, key, 16)
+    mean, log_std = algo.actor_fn(params["actor"], obs, goals)
+    drawn = jnp.clip(mean + jnp.exp(log_std) * jax.random.normal(key, (16, *mean.shape)), -1, 1)
+    q_drawn = jax.vmap(lambda a: algo.critic_fn(params["critic"], obs, goals, a).min(0))(drawn)
+    q_chosen = algo.critic_fn(params["critic"], obs, goals, chosen).min(0)
+    np.testing.assert_allclose(q_chosen, q_drawn.max(0), rtol=1e-5)
+    assert np.any(np.abs(np.asarray(chosen) - np.asarray(mean)) > 1e-3)  # not simply the BC mean
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Known values: a two-state MDP where the behaviour policy's Q and IQL's expectile fixed point are known exactly
+# ----------------------------------------------------------------------------------------------------------------
+# s0 --(-1)--> end, reward 0.5;  s0 --(+1)--> s1, reward 0;  s1 --(+1)--> end, reward 1;  s1 --(-1)--> end, reward 0.
+# The data's behaviour policy picks -1 / +1 with equal probability in both states; discount 0.9. Then
+#   SARSA (tau = 0.5): V(s1) = 0.5,           Q(s0, +1) = 0.9 * 0.5 = 0.45 (the behaviour policy's value)
+#   IQL  (tau = 0.9): V(s1) = the 0.9-expectile of {0, 1} w.p. 1/2 each = 0.9, Q(s0, +1) = 0.81 (toward Q* = 0.9)
+# and Q(s0, -1) = 0.5 for both: SARSA prefers -1 in s0, IQL prefers +1.
+
+def chain_data(copies=64):
+    s0, s1, end = [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]
+    rows = [(s0, -1.0, 0.5, 0.0, end), (s0, 1.0, 0.0, 1.0, s1), (s1, 1.0, 1.0, 0.0, end), (s1, -1.0, 0.0, 0.0, end)]
+    rows = rows * copies
+    return {"observations": jnp.array([r[0] for r in rows]), "actions": jnp.array([[r[1]] for r in rows]),
+            "rewards": jnp.array([r[2] for r in rows]), "masks": jnp.array([r[3] for r in rows]),
+            "next_observations": jnp.array([r[4] for r in rows])}
+
+
+@pytest.mark.parametrize("script", ["sarsa_ddpgbc", "iql_ddpgbc", "sarsa_awr", "iql_sfbc"])
+def test_value_learning_reaches_the_known_fixed_point(script):
+    algo = load(script)
+    data = chain_data()
+    config = algo.Config(hidden_dims=(64, 64), batch_size=128, lr=1e-3, discount=0.9, tau=0.05, log_interval=3000)
+    state = jax.jit(lambda k: algo.init_state(k, 2, 0, 1, config))(jax.random.PRNGKey(0))
+    chunk = algo.make_train_chunk(config, False)
+    stacked = jax.tree_util.tree_map(lambda x: x[None], state)
+    fields = {k: jnp.asarray([v]) for k, v in member(script, len(data["actions"]), len(data["actions"])).items()}
+    stacked, _ = chunk(stacked, data, fields)
+    params = jax.tree_util.tree_map(lambda x: x[0], stacked["params"])
+    obs = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    q = algo.critic_fn(params["critic"], obs, None, jnp.array([[1.0], [-1.0], [1.0], [-1.0]])).mean(0)
+    v_s1 = algo.value_fn(params["value"], obs[2:3], None)[0]
+    sarsa = script.startswith("sarsa")
+    expected_q = [0.45 if sarsa else 0.81, 0.5, 1.0, 0.0]
+    np.testing.assert_allclose(q, expected_q, atol=0.05)  # tolerance: 0.05, a tenth of the SARSA / IQL gap
+    np.testing.assert_allclose(v_s1, 0.5 if sarsa else 0.9, atol=0.05)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Invariants
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def indexed_train(data_dir):
+    """The pointmaze training split with the row index written into observation feature 0 (and into the goals, which
+    are observations), so a batch tells which rows it came from."""
+    train, _ = envs.split_dataset(envs.load_dataset(envs.parse_env(POINTMAZE), str(data_dir)), seed=0)
+    train = {k: v.copy() for k, v in train.items()}
+    train["observations"][:, 0] = np.arange(len(train["actions"]))
+    return train
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_value_and_policy_batches_stay_inside_their_data_sizes(script, indexed_train, monkeypatch):
+    algo, seen = load(script), {"value": [], "actor": []}
+    original = envs.sample_batch
+
+    def recording(key, data, data_size, batch_size, goals, *args):
+        batch = original(key, data, data_size, batch_size, goals, *args)
+        rows = [batch["observations"][:, 0].max()] + ([batch["goals"][:, 0].max()] if "goals" in batch else [])
+        jax.debug.callback(lambda r, g=goals: seen[g].append(float(r)), jnp.max(jnp.stack(rows)))
+        return batch
+
+    monkeypatch.setattr(envs, "sample_batch", recording)
+    config, data = tiny_config(script), envs.to_device(indexed_train)
+    state = algo.init_state(jax.random.PRNGKey(0), 2, 2, 2, config)
+    value_size, policy_size = 700, 2500
+    step = jax.jit(lambda s: algo.update(s, data, member(script, value_size, policy_size), config, True))
+    for _ in range(40):
+        state, _ = step(state)
+    jax.effects_barrier()  # every debug callback has run
+    assert max(seen["actor"]) < policy_size and max(seen["actor"]) > 0.9 * policy_size
+    if script != "bc":
+        assert max(seen["value"]) < value_size and max(seen["value"]) > 0.9 * value_size
+    else:
+        assert not seen["value"]
+
+
+@pytest.mark.parametrize("script", Q_SCRIPTS)
+def test_actor_update_never_changes_value_parameters(script, data_dir):
+    algo = load(script)
+    train, _ = envs.split_dataset(envs.load_dataset(envs.parse_env(POINTMAZE), str(data_dir)), seed=0)
+    config, data = tiny_config(script), envs.to_device(train)
+    state = algo.init_state(jax.random.PRNGKey(0), 2, 2, 2, config)
+    step = jax.jit(lambda s, m: algo.update(s, data, m, config, True))
+    # Same keys, same value batches; only the policy's data size (and alpha) differ.
+    outs = [step(state, member(script, 3000, p, a))[0]["params"] for p, a in ((3000, 0.01), (500, 10.0))]
+    for name in [k for k in outs[0] if k != "actor"]:
+        for a, b in zip(jax.tree_util.tree_leaves(outs[0][name]), jax.tree_util.tree_leaves(outs[1][name])):
+            np.testing.assert_array_equal(a, b)
+    actor_pairs = zip(jax.tree_util.tree_leaves(outs[0]["actor"]), jax.tree_util.tree_leaves(outs[1]["actor"]))
+    assert any(not np.array_equal(a, b) for a, b in actor_pairs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Smoke runs: every script, every environment family it supports, a complete run folder
+# ----------------------------------------------------------------------------------------------------------------
+FAMILIES = {"goal-conditioned": POINTMAZE, "singletask": "cube-single-noisy-singletask-v0", "dmc": "walker-run-random"}
+TRAIN_KEYS = {"actor_loss", "actor_bc_log_prob", "policy_mse_to_data", "seconds", "updates_per_second"}
+VALUE_KEYS = {"q_mean", "critic_loss"}
+
+
+def smoke_config(script, env, data_dir, out_dir, **overrides):
+    return load(script).Config(**{"env": env, "dataset_dir": str(data_dir), "steps": 100, "log_interval": 50,
+                                  "eval_interval": 100, "hidden_dims": (32,), "batch_size": 32, "eval_episodes": 1,
+                                  "mse_samples": 128, "out_dir": str(out_dir), "progress": False, **overrides})
+
+
+@pytest.mark.parametrize("script,family", [(s, f) for s in SCRIPTS for f in FAMILIES
+                                           if f == "goal-conditioned" or not s.startswith("crl")])
+def test_smoke_every_script_on_every_family_it_supports(script, family, data_dir, tmp_path):
+    env = FAMILIES[family]
+    out = tmp_path / "run"
+    num_seeds = 2 if family == "goal-conditioned" else 1
+    result = load(script).main(smoke_config(script, env, data_dir, out, num_seeds=num_seeds))
+    saved = json.loads((out / "result.json").read_text())
+    assert saved == result and saved["script"] == script and saved["seeds"] == list(range(num_seeds))
+    assert json.loads((out / "config.json").read_text())["config"]["env"] == env
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["event"] == "train"]
+    assert len(train) == 2 * num_seeds and {r["event"] for r in records} == {"init", "train", "eval"}
+    expected = TRAIN_KEYS | (VALUE_KEYS if script != "bc" else set())
+    assert expected <= set(train[0]), expected - set(train[0])
+    assert all(math.isfinite(v) for r in train for v in r.values() if isinstance(v, float))
+    evals = [r for r in records if r["event"] == "eval"]
+    assert len(evals) == num_seeds and all({"success", "return"} <= set(r) for r in evals)
+    if family == "dmc":  # no oracle: the MSE metrics say so instead of inventing a number
+        assert saved["eval_mse"]["mean"] == "n/a" and "eval_mse" not in evals[0]
+    else:
+        for key in ("train_mse", "val_mse", "eval_mse"):
+            assert all(math.isfinite(v) for v in saved[key]["per_member"]), key
+    if num_seeds == 2:  # two members are two different networks
+        assert saved["train_mse"]["per_member"][0] != saved["train_mse"]["per_member"][1]
+
+
+@pytest.mark.parametrize("script", ["crl_ddpgbc", "crl_awr", "crl_sfbc"])
+def test_crl_on_a_reward_based_task_exits_2_and_says_why(script, data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script(f"algos/{script}.py", "--env", "pointmaze-medium-navigate-singletask-v0", "--dataset-dir",
+                      str(data_dir), "--out-dir", str(out), "--no-progress")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "needs a goal-conditioned environment" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["sarsa_sfbc", "bc"])
+def test_sfbc_and_bc_runs_are_deterministic(script, data_dir, tmp_path):
+    results = [load(script).main(smoke_config(script, POINTMAZE, data_dir, tmp_path / name, seed=3))
+               for name in ("a", "b")]
+    for key in envs.RESULT_METRICS:
+        assert results[0][key] == results[1][key]
+
+
+def test_every_script_documents_every_flag_and_rejects_bad_ones(data_dir, tmp_path):
+    common = ["--env", POINTMAZE, "--dataset-dir", str(data_dir), "--out-dir", str(tmp_path / "bad"), "--no-progress"]
+    cases = {"iql_awr": (["--alpha", "-1"], "--alpha must be >= 0"),
+             "sarsa_ddpgbc": (["--expectile", "0.9"], "--expectile"),  # SARSA has no expectile to set
+             "iql_sfbc": (["--num-samples", "0"], "--num-samples must be >= 1"),
+             "crl_awr": (["--latent-dim", "0"], "--latent-dim must be >= 1"),
+             "bc": (["--value-data-size", "10"], "--value-data-size")}  # BC has no value function
+    for script, (extra, message) in cases.items():
+        proc = run_script(f"algos/{script}.py", *common, *extra)
+        assert proc.returncode == 2 and message in proc.stderr, (script, proc.stderr[-1500:])
+        assert not (tmp_path / "bad" / "result.json").exists()
+
+
+def test_every_flag_has_a_one_line_docstring_shown_by_help():
+    for script in SCRIPTS:
+        config = load(script).Config
+        source = inspect.getsource(config)
+        for field in dataclasses.fields(config):
+            following = source.split(f"    {field.name}:", 1)[1].splitlines()[1].strip()
+            assert following.startswith('"""') and following.endswith('"""') and len(following) > 12, (script, field)
+    proc = run_script("algos/crl_sfbc.py", "--help")
+    assert proc.returncode == 0 and "--num-samples" in proc.stdout and "Candidate actions sampled" in proc.stdout
