@@ -504,7 +504,7 @@ def split_dataset(data: dict[str, np.ndarray], seed: int, val_fraction: float = 
                 else np.zeros(0, int))
         part = {k: v[rows] for k, v in data.items()}
         lengths = [bounds[t][1] - bounds[t][0] for t in trajectory_ids]
-        ends = np.cumsum(lengths)
+        ends = np.cumsum(lengths, dtype=np.int64)
         part["final_idxs"] = np.repeat(ends - 1, lengths).astype(np.int32)
         part["terminals"] = np.zeros(len(rows), np.float32)
         part["terminals"][ends - 1] = 1.0
