@@ -28,6 +28,7 @@ import glob
 import json
 import sys
 import tempfile
+import time
 from collections import deque
 from pathlib import Path
 from typing import Annotated, Callable, Literal
@@ -751,8 +752,9 @@ def num_eval_tasks(spec: EnvSpec) -> int:
 class Evaluator:
     """Steps `num_members * episodes` environments in lockstep; the policy is called once per step for all of them.
 
-    `evaluate(policy, seed)` runs `episodes_per_task` episodes of every evaluation task for every member, all members
-    seeing the same start states and goals (numpy's and each env's generator are reseeded from `seed`).
+    `evaluate(policy, seeds)` runs `episodes_per_task` episodes of every evaluation task for every member; member m's
+    start states and goals come from `seeds[m]` alone (numpy's and each env's generator are reseeded from it), so a
+    member meets the same episodes whether it trains alone or packed with others.
     """
 
     def __init__(self, spec: EnvSpec, num_members: int, episodes_per_task: int):
@@ -763,12 +765,14 @@ class Evaluator:
         self.envs = [[make_env(spec) for _ in self.tasks] for _ in range(num_members)]
         self.max_steps = 1000 if spec.family == "dmc" else self.envs[0][0].spec.max_episode_steps
 
-    def evaluate(self, policy: Callable[[np.ndarray, np.ndarray | None], np.ndarray], seed: int) -> dict:
+    def evaluate(self, policy: Callable[[np.ndarray, np.ndarray | None], np.ndarray], seeds: list[int]) -> dict:
         """Returns success [M, E], return [M, E], and the visited states: observations [M, E, T, d], goals
         [M, E, d] (None without goals), actions [M, E, T, a], valid [M, E, T] (False after an episode ended)."""
         M, E, T = self.num_members, len(self.tasks), self.max_steps
         obs, goals = [], []
-        for m in range(M):
+        if len(seeds) != M:
+            raise ValueError(f"{len(seeds)} seeds for {M} members")
+        for m, seed in enumerate(seeds):
             np.random.seed(seed)  # OGBench draws start and goal noise from numpy's global generator
             for e, task in enumerate(self.tasks):
                 o, g = self._reset(self.envs[m][e], task, seed * 10007 + e)
@@ -820,33 +824,39 @@ class OracleProbe:
 
     Without an oracle (dm_control, or OGBench environments other than pointmaze and cube-single) every method returns
     an empty dict and the run reports "n/a". `policy(obs [M, N, d], goals [M, N, d] | None) -> [M, N, a]` is the same
-    batched callable the Evaluator steps the environments with.
+    batched callable the Evaluator steps the environments with. Member m's training states come from its own policy
+    subset (`policy_data_sizes[m]`), so packed members of different sizes are each measured on their own data.
     """
 
-    def __init__(self, spec: EnvSpec, train: dict[str, np.ndarray], val: dict[str, np.ndarray], policy_data_size: int,
-                 samples: int, seed: int):
+    def __init__(self, spec: EnvSpec, train: dict[str, np.ndarray], val: dict[str, np.ndarray],
+                 policy_data_sizes: list[int], samples: int, seed: int):
         self.spec, self.sets = spec, {}
         if not spec.has_oracle:
             return
         self.oracle, self.task_goal = make_oracle(spec), task_goal(spec)
-        parts = {"train": (train, policy_data_size, seed + 1)}
+        labelled = {}  # one labelled set per distinct size, shared by the members of that size
+        for size in sorted(set(policy_data_sizes)):
+            labelled[size] = self._labelled(train, size, samples, seed + 1)
+        self.sets["train"] = tuple(None if labelled[policy_data_sizes[0]][i] is None else
+                                   np.stack([labelled[size][i] for size in policy_data_sizes]) for i in range(3))
         if len(val["actions"]):
-            parts["val"] = (val, len(val["actions"]), seed + 2)
-        for name, (part, size, part_seed) in parts.items():
-            obs, goals = fixed_goal_states(part, size, samples, part_seed)
-            oracle_goals = goals if spec.goal_conditioned else self._task_goals(len(obs))
-            # Labelled once, on the host; the policy's goals are None for a reward-based task.
-            self.sets[name] = (obs, goals if spec.goal_conditioned else None, self.oracle(obs, oracle_goals))
+            self.sets["val"] = tuple(None if x is None else np.broadcast_to(x, (len(policy_data_sizes), *x.shape))
+                                     for x in self._labelled(val, len(val["actions"]), samples, seed + 2))
+
+    def _labelled(self, part, size, samples, seed):
+        """(observations, policy goals or None for a reward-based task, oracle actions), labelled once on the host."""
+        obs, goals = fixed_goal_states(part, size, samples, seed)
+        oracle_goals = goals if self.spec.goal_conditioned else self._task_goals(len(obs))
+        return obs, goals if self.spec.goal_conditioned else None, self.oracle(obs, oracle_goals)
 
     def _task_goals(self, count: int) -> np.ndarray:
         return np.broadcast_to(self.task_goal, (count, self.task_goal.shape[0]))
 
-    def train_val(self, policy, num_members: int) -> dict[str, np.ndarray]:
+    def train_val(self, policy) -> dict[str, np.ndarray]:
         """{"train_mse": [M], "val_mse": [M]} (the keys that exist) for the policy's current parameters."""
         out = {}
         for name, (obs, goals, labels) in self.sets.items():
-            tile = lambda x: None if x is None else np.broadcast_to(x, (num_members, *x.shape))  # noqa: E731
-            actions = np.asarray(policy(tile(obs), tile(goals)))
+            actions = np.asarray(policy(obs, goals))
             out[f"{name}_mse"] = ((actions - labels) ** 2).mean((1, 2))
         return out
 
@@ -907,7 +917,7 @@ class RunFolder:
         if (self.path / "result.json").exists():
             raise UsageError(f"{self.path} already holds a complete run (result.json); choose another --out-dir")
         write_json_atomic(self.path / "config.json", dict(config=config, versions=package_versions()))
-        self._metrics = open(self.path / "metrics.jsonl", "a")
+        self._metrics = open(self.path / "metrics.jsonl", "w")  # an incomplete run is rerun from scratch
 
     def log(self, records: list[dict]) -> None:
         for record in records:
@@ -925,6 +935,98 @@ class RunFolder:
     def finish(self, result: dict) -> None:
         self._metrics.close()
         write_json_atomic(self.path / "result.json", result)
+
+
+MEMBER_FIELDS = ("value_data_size", "policy_data_size", "alpha")  # what a member may vary besides its seed
+
+
+class Members:
+    """Who trains in this process (one vmapped program) and which run folder each member writes to.
+
+    Default: `--num-seeds` seeds of the flags' setting, all in one run folder (per-member numbers, mean and std).
+    With `--members-file` (what `scaling.py --pack` writes): a JSON list of members, each {"seed", "out_dir"} plus any
+    of MEMBER_FIELDS the script has (the flags fill the rest); members sharing an out_dir must share a setting. Each
+    run folder's config.json holds the flags of the equivalent standalone run, so a packed folder reads like any other.
+
+    `seeds`, `settings` (per member, sizes resolved to transition counts) and `arrays` (the per-member fields the
+    jitted update takes) describe the members; `log`, `checkpoint` and `finish` route per-member data to the folders.
+    """
+
+    def __init__(self, config, script: str, train: dict[str, np.ndarray]):
+        flags = dataclasses.asdict(config)
+        fields = [f for f in MEMBER_FIELDS if f in flags]
+        if flags.get("members_file"):
+            entries = read_members_file(flags["members_file"], script, fields)
+        else:
+            out_dir = config.out_dir or f"runs/{config.env}/{script}/{time.strftime('%Y%m%d-%H%M%S')}_s{config.seed}"
+            entries = [{"seed": config.seed + i, "out_dir": out_dir} for i in range(config.num_seeds)]
+        self.seeds = [entry["seed"] for entry in entries]
+        self.settings = []
+        for entry in entries:
+            setting = {f: entry.get(f, flags[f]) for f in fields}
+            for f in fields:
+                if f.endswith("_data_size"):
+                    setting[f] = resolve_data_size(setting[f], train, "--" + f.replace("_", "-"))
+            self.settings.append(setting)
+        self.arrays = {f: np.asarray([s[f] for s in self.settings], np.float32 if f == "alpha" else np.int32)
+                       for f in fields}
+        groups: dict[str, list[int]] = {}
+        for m, entry in enumerate(entries):
+            groups.setdefault(entry["out_dir"], []).append(m)
+        self.folders = []
+        for out_dir, ms in groups.items():
+            if any(self.settings[m] != self.settings[ms[0]] for m in ms):
+                raise UsageError(f"members sharing out_dir {out_dir} have different settings; give each its own")
+            standalone = {**flags, **self.settings[ms[0]], "seed": self.seeds[ms[0]], "num_seeds": len(ms),
+                          "out_dir": out_dir, "script": script}
+            self.folders.append((RunFolder(out_dir, standalone), ms))
+
+    def log(self, records: list[dict]) -> None:
+        """Each record goes to its member's folder, renumbered to the member's index inside that folder."""
+        for folder, ms in self.folders:
+            folder.log([{**r, "member": ms.index(r["member"])} for r in records if r["member"] in ms])
+
+    def checkpoint(self, step: int, params) -> None:
+        import jax
+
+        for folder, ms in self.folders:
+            rows = np.asarray(ms)
+            folder.checkpoint(step, jax.tree_util.tree_map(lambda x, rows=rows: x[rows], params))
+
+    def finish(self, header: dict, last_eval: list[dict], best_success: np.ndarray) -> list[dict]:
+        """Write every folder's result.json (`header` plus its seeds and setting) and print its line; returns them."""
+        results = []
+        for folder, ms in self.folders:
+            setting = {f: self.settings[ms[0]].get(f) for f in MEMBER_FIELDS}
+            head = {k: header[k] for k in ("env", "script", "steps")}
+            result = final_result({**head, "seeds": [self.seeds[m] for m in ms], **setting,
+                                   **{k: v for k, v in header.items() if k not in head}},
+                                  [{**last_eval[m], "member": i} for i, m in enumerate(ms)],
+                                  np.asarray(best_success)[ms])
+            folder.finish(result)
+            print(result_line(result, str(folder.path)))
+            results.append(result)
+        return results
+
+
+def read_members_file(path: str, script: str, fields: list[str]) -> list[dict]:
+    """Parse and check a --members-file: a non-empty JSON list of {"seed": int, "out_dir": str, <field>: number}."""
+    try:
+        entries = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot read --members-file {path}: {error}; scaling.py --pack writes it") from error
+    if not isinstance(entries, list) or not entries:
+        raise UsageError(f"--members-file {path} must hold a non-empty JSON list of members")
+    for i, entry in enumerate(entries):
+        allowed = {"seed", "out_dir", *fields}
+        if not isinstance(entry, dict) or not {"seed", "out_dir"} <= entry.keys() or entry.keys() - allowed:
+            raise UsageError(f"--members-file {path}: member {i} must have 'seed' and 'out_dir' and may have "
+                             f"{', '.join(fields)} ({script} has no others); got {entry!r}")
+        if not isinstance(entry["seed"], int) or not isinstance(entry["out_dir"], str):
+            raise UsageError(f"--members-file {path}: member {i} needs an integer seed and a string out_dir")
+        if "alpha" in entry and not (isinstance(entry["alpha"], (int, float)) and entry["alpha"] >= 0):
+            raise UsageError(f"--members-file {path}: member {i} has alpha {entry['alpha']!r}; it must be >= 0")
+    return entries
 
 
 def member_records(event: str, step: int, seeds: list[int], metrics: dict, **shared) -> list[dict]:

@@ -89,6 +89,8 @@ class Config:
     """Steps between parameter checkpoints in <out-dir>/checkpoints (0: none)."""
     out_dir: str | None = None
     """Run folder; default runs/<env>/iql_awr/<time>_s<seed>."""
+    members_file: str | None = None
+    """JSON list of members to train together, one run folder each (scaling.py --pack writes it)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -294,23 +296,17 @@ def make_act(goal_conditioned: bool):
 # ------------------------------------------------------------------------------------------------------------------
 # Training loop
 # ------------------------------------------------------------------------------------------------------------------
-def main(config: Config) -> dict:
+def main(config: Config) -> list[dict]:
     validate(config)
     spec = envs.parse_env(config.env)
     train, val = envs.split_dataset(envs.load_dataset(spec, config.dataset_dir), config.split_seed)
-    value_size = envs.resolve_data_size(config.value_data_size, train, "--value-data-size")
-    policy_size = envs.resolve_data_size(config.policy_data_size, train, "--policy-data-size")
     gc = spec.goal_conditioned
     obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]
 
-    out_dir = config.out_dir or f"runs/{config.env}/{SCRIPT}/{time.strftime('%Y%m%d-%H%M%S')}_s{config.seed}"
-    run = envs.RunFolder(out_dir, {**dataclasses.asdict(config), "script": SCRIPT,
-                                   "value_data_size": value_size, "policy_data_size": policy_size})
-    M = config.num_seeds
-    seeds = [config.seed + i for i in range(M)]
-    members = {"value_data_size": jnp.full(M, value_size, jnp.int32),
-               "policy_data_size": jnp.full(M, policy_size, jnp.int32),
-               "alpha": jnp.full(M, config.alpha, jnp.float32)}
+    # This program's members: --num-seeds seeds of the flags' setting in one run folder, or a --members-file list
+    # (scaling.py --pack) of seeds, data sizes and alphas with one run folder each. Data sizes are traced values.
+    runs = envs.Members(config, SCRIPT, train)
+    seeds, members, M = runs.seeds, runs.arrays, len(runs.seeds)
     states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim if gc else 0, action_dim, config))(
         jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds)))
     device_data = envs.to_device(train)
@@ -319,16 +315,17 @@ def main(config: Config) -> dict:
     def policy(obs, goals):  # [M, N, d] -> [M, N, a], one jitted call for every member and environment
         return act(states["params"]["actor"], obs, goals) if gc else act(states["params"]["actor"], obs)
 
-    probe = envs.OracleProbe(spec, train, val, policy_size, config.mse_samples, config.split_seed)
+    policy_sizes = members["policy_data_size"].tolist()
+    probe = envs.OracleProbe(spec, train, val, policy_sizes, config.mse_samples, config.split_seed)
     evaluator = envs.Evaluator(spec, M, config.eval_episodes)
 
     def evaluate(step: int) -> list[dict]:
-        rollout = evaluator.evaluate(policy, seed=config.seed)
+        rollout = evaluator.evaluate(policy, seeds)
         metrics = {"success": rollout["success"].mean(1), "return": rollout["returns"].mean(1),
-                   **probe.train_val(policy, M), **probe.eval(rollout)}
+                   **probe.train_val(policy), **probe.eval(rollout)}
         return envs.member_records("eval", step, seeds, metrics)
 
-    run.log(envs.member_records("init", 0, seeds, probe.train_val(policy, M)))
+    runs.log(envs.member_records("init", 0, seeds, probe.train_val(policy)))
     bar = tqdm(total=config.steps, desc=f"{SCRIPT} {config.env}", disable=not config.progress, unit="step")
     last_eval, best_success, start = [], np.full(M, -np.inf), time.time()
     for step in range(config.log_interval, config.steps + 1, config.log_interval):
@@ -344,18 +341,14 @@ def main(config: Config) -> dict:
             best_success = np.maximum(best_success, [r["success"] for r in last_eval])
             records += last_eval
             bar.set_postfix(success=f"{np.mean([r['success'] for r in last_eval]):.2f}")
-        run.log(records)
+        runs.log(records)
         if config.checkpoint_interval and step % config.checkpoint_interval == 0:
-            run.checkpoint(step, states["params"])
+            runs.checkpoint(step, states["params"])
         bar.update(config.log_interval)
     bar.close()
 
-    result = envs.final_result({"env": config.env, "script": SCRIPT, "steps": config.steps, "seeds": seeds,
-                                "value_data_size": value_size, "policy_data_size": policy_size, "alpha": config.alpha,
-                                "wall_seconds": time.time() - start}, last_eval, best_success)
-    run.finish(result)
-    print(envs.result_line(result, out_dir))
-    return result
+    return runs.finish({"env": config.env, "script": SCRIPT, "steps": config.steps,
+                        "wall_seconds": time.time() - start}, last_eval, best_success)
 
 
 if __name__ == "__main__":

@@ -284,7 +284,8 @@ VALUE_KEYS = {"q_mean", "critic_loss"}
 def smoke_config(script, env, data_dir, out_dir, **overrides):
     return load(script).Config(**{"env": env, "dataset_dir": str(data_dir), "steps": 100, "log_interval": 50,
                                   "eval_interval": 100, "hidden_dims": (32,), "batch_size": 32, "eval_episodes": 1,
-                                  "mse_samples": 128, "out_dir": str(out_dir), "progress": False, **overrides})
+                                  "mse_samples": 128, "out_dir": out_dir and str(out_dir), "progress": False,
+                                  **overrides})
 
 
 @pytest.mark.parametrize("script,family", [(s, f) for s in SCRIPTS for f in FAMILIES
@@ -293,7 +294,7 @@ def test_smoke_every_script_on_every_family_it_supports(script, family, data_dir
     env = FAMILIES[family]
     out = tmp_path / "run"
     num_seeds = 2 if family == "goal-conditioned" else 1
-    result = load(script).main(smoke_config(script, env, data_dir, out, num_seeds=num_seeds))
+    [result] = load(script).main(smoke_config(script, env, data_dir, out, num_seeds=num_seeds))
     saved = json.loads((out / "result.json").read_text())
     assert saved == result and saved["script"] == script and saved["seeds"] == list(range(num_seeds))
     assert json.loads((out / "config.json").read_text())["config"]["env"] == env
@@ -314,6 +315,53 @@ def test_smoke_every_script_on_every_family_it_supports(script, family, data_dir
         assert saved["train_mse"]["per_member"][0] != saved["train_mse"]["per_member"][1]
 
 
+@pytest.mark.parametrize("script", ["iql_ddpgbc", "bc"])
+def test_members_file_packs_settings_into_one_program_with_a_folder_each(script, data_dir, tmp_path):
+    """scaling.py --pack: members of different seeds, data sizes and alphas train in one vmapped program, and each
+    folder holds what a standalone run of its setting writes (the same episodes; numbers equal to float rounding)."""
+    has_value = script != "bc"
+    settings = [{"seed": 5, "policy_data_size": 2000}, {"seed": 6, "policy_data_size": 4000}]
+    if has_value:
+        settings[0].update(value_data_size=4000, alpha=1.0)
+        settings[1].update(value_data_size=2000, alpha=0.1)
+    members = [{**s, "out_dir": str(tmp_path / f"packed{i}")} for i, s in enumerate(settings)]
+    (tmp_path / "members.json").write_text(json.dumps(members))
+    packed = load(script).main(smoke_config(script, POINTMAZE, data_dir, None,
+                                            members_file=str(tmp_path / "members.json")))
+    assert len(packed) == 2
+    for i, setting in enumerate(settings):
+        folder = tmp_path / f"packed{i}"
+        saved = json.loads((folder / "result.json").read_text())
+        assert saved == packed[i] and saved["seeds"] == [setting["seed"]]
+        for key, value in setting.items():
+            if key != "seed":
+                assert saved[key] == value, key
+        flags = json.loads((folder / "config.json").read_text())["config"]
+        assert flags["seed"] == setting["seed"] and flags["num_seeds"] == 1 and flags["out_dir"] == str(folder)
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert {r["member"] for r in records} == {0} and {r["seed"] for r in records} == {setting["seed"]}
+        # the standalone run of the same setting
+        [alone] = load(script).main(smoke_config(script, POINTMAZE, data_dir, tmp_path / f"alone{i}", **setting))
+        for key in envs.RESULT_METRICS:
+            np.testing.assert_allclose(saved[key]["mean"], alone[key]["mean"], rtol=1e-3, atol=1e-4, err_msg=key)
+
+
+def test_bad_members_files_exit_2(data_dir, tmp_path):
+    cases = [("[]", "non-empty JSON list"), ("{", "cannot read --members-file"),
+             ('[{"seed": 0}]', "must have 'seed' and 'out_dir'"),
+             ('[{"seed": 0, "out_dir": "x", "expectile": 0.7}]', "must have 'seed' and 'out_dir'"),
+             ('[{"seed": 0, "out_dir": "x", "alpha": -1}]', "it must be >= 0"),
+             ('[{"seed": 0, "out_dir": "x", "policy_data_size": 99999999}]', "--policy-data-size 99999999"),
+             ('[{"seed": 0, "out_dir": "x", "alpha": 1}, {"seed": 1, "out_dir": "x", "alpha": 2}]',
+              "different settings")]
+    for text, message in cases:
+        (tmp_path / "members.json").write_text(text.replace('"x"', json.dumps(str(tmp_path / "x"))))
+        proc = run_script("algos/iql_ddpgbc.py", "--env", POINTMAZE, "--dataset-dir", str(data_dir),
+                          "--members-file", str(tmp_path / "members.json"), "--no-progress")
+        assert proc.returncode == 2 and message in proc.stderr, (text, proc.stderr[-1000:])
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists(), proc.stderr
+
+
 @pytest.mark.parametrize("script", ["crl_ddpgbc", "crl_awr", "crl_sfbc"])
 def test_crl_on_a_reward_based_task_exits_2_and_says_why(script, data_dir, tmp_path):
     out = tmp_path / "run"
@@ -326,7 +374,7 @@ def test_crl_on_a_reward_based_task_exits_2_and_says_why(script, data_dir, tmp_p
 
 @pytest.mark.parametrize("script", ["sarsa_sfbc", "bc"])
 def test_sfbc_and_bc_runs_are_deterministic(script, data_dir, tmp_path):
-    results = [load(script).main(smoke_config(script, POINTMAZE, data_dir, tmp_path / name, seed=3))
+    results = [load(script).main(smoke_config(script, POINTMAZE, data_dir, tmp_path / name, seed=3))[0]
                for name in ("a", "b")]
     for key in envs.RESULT_METRICS:
         assert results[0][key] == results[1][key]

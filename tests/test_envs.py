@@ -191,7 +191,7 @@ def test_oracle_solves_evaluation_tasks_closed_loop(name):
         g = goals.reshape(len(flat), -1) if goals is not None else np.broadcast_to(fixed, (len(flat), len(fixed)))
         return oracle(flat, g).reshape(*obs.shape[:2], -1)
 
-    out = evaluator.evaluate(policy, seed=0)
+    out = evaluator.evaluate(policy, seeds=[0])
     assert out["success"].shape == (1, envs.num_eval_tasks(spec))
     assert out["success"].all()
     assert out["valid"][0].sum() > 0

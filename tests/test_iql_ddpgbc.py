@@ -59,7 +59,7 @@ def test_smoke_reward_based_envs(data_dir, tmp_path, env):
     config = algo.Config(env=env, dataset_dir=str(data_dir), steps=100, log_interval=100, eval_interval=100,
                          hidden_dims=(32,), batch_size=32, eval_episodes=1, mse_samples=128,
                          out_dir=str(tmp_path / "run"), progress=False)
-    result = algo.main(config)
+    [result] = algo.main(config)
     assert math.isfinite(result["return"]["mean"])
     if env.startswith("walker"):  # no oracle: the MSE metrics say so instead of inventing a number
         assert result["eval_mse"]["mean"] == "n/a" and result["train_mse"]["mean"] == "n/a"
@@ -90,7 +90,7 @@ def test_learning_lowers_validation_mse(data_dir, tmp_path):
     config = algo.Config(env=POINTMAZE, dataset_dir=str(data_dir), steps=1500, log_interval=500, eval_interval=1500,
                          hidden_dims=(64, 64), batch_size=128, eval_episodes=1, mse_samples=512, alpha=1.0,
                          out_dir=str(tmp_path / "run"), progress=False)
-    result = algo.main(config)
+    [result] = algo.main(config)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     initial = next(r for r in records if r["event"] == "init")["val_mse"]
     final = result["val_mse"]["mean"]

@@ -1,0 +1,491 @@
+"""scaling.py: data-scaling sweeps over environments x scripts x value sizes x policy sizes x alphas x seeds.
+
+    python scaling.py --preset quickstart                      # a 2x2 matrix on a generated pointmaze dataset
+    python scaling.py --preset matrix --dry-run                # the paper-size grid: print the plan, run nothing
+    python scaling.py --envs cube-single-play-v0 --scripts iql_ddpgbc sarsa_ddpgbc \\
+        --value-sizes 100000 1000000 --policy-sizes 100000 1000000 --ddpgbc-alphas 0.03 0.3 --seeds 0 1 \\
+        --steps 1000000 --sweep-dir sweeps/cube -- --hidden-dims 256 256   # flags after `--` go to every script
+
+What it does, in order:
+  1. the plan: every run of the grid, each with its run folder
+     <sweep-dir>/<env>/<script>/v<value size>_p<policy size>[_a<alpha>]_s<seed>/  (bc.py: p<size>_s<seed>);
+     alphas come from --awr-alphas / --ddpgbc-alphas by the script's extractor (SfBC and BC have none);
+  2. datasets: a missing one is generated offline (`envs.py generate`, --generate-episodes), sizes are checked;
+  3. runs: a folder with result.json is complete and skipped, never touched again; the others (re)start from
+     scratch. `--pack K` trains up to K runs of one env x script (different seeds, sizes, alphas) in one vmapped
+     process via the script's --members-file, still one run folder each. Processes run on a local pool
+     (--workers) or as Ray tasks (--backend ray). A failed process is retried up to --retries times; its exit
+     status and the last lines of its log are kept in sweep.json and listed at the end.
+  4. <sweep-dir>/sweep.json: the command, the plan, and every run's status, rewritten atomically as runs finish.
+
+Rerunning the same command finishes only what is missing; killing the launcher (SIGTERM, SIGINT or SIGKILL) stops
+its runs (on Linux they die with it) and never leaves a half-written result.json. Exit status: 0 when every run is
+complete, 1 when some failed, 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import envs
+import numpy as np
+import tyro
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent
+SCRIPTS = [f"{v}_{e}" for v in ("iql", "sarsa", "crl") for e in ("awr", "ddpgbc", "sfbc")] + ["bc"]
+LOG_TAIL_LINES = 20
+
+# Each preset fills the flags the user did not give. Sizes are transitions; "None" in a size list means all data.
+PRESETS: dict[str, dict] = {
+    "quickstart": dict(  # a 2x2 matrix that finishes on a 2-core CPU in well under 15 minutes
+        envs=("pointmaze-medium-navigate-v0",), scripts=("iql_ddpgbc",), value_sizes=(10_000, 90_000),
+        policy_sizes=(10_000, 90_000), ddpgbc_alphas=(0.3,), seeds=(0,), steps=10_000, pack=4,
+        dataset_dir="data/quickstart", generate_episodes=100,
+        script_args=("--hidden-dims", "256", "256", "--log-interval", "1000", "--eval-interval", "5000")),
+    "matrix": dict(  # the paper's grid: 4 x 4 sizes, 4 seeds, the extractors' alpha grids, 1M steps
+        envs=("pointmaze-large-navigate-v0", "cube-single-play-v0"), scripts=tuple(SCRIPTS[:-1]),
+        value_sizes=(100_000, 200_000, 500_000, 1_000_000), policy_sizes=(100_000, 200_000, 500_000, 1_000_000),
+        awr_alphas=(0.3, 1.0, 3.0, 10.0), ddpgbc_alphas=(0.003, 0.03, 0.3, 3.0), seeds=(0, 1, 2, 3),
+        steps=1_000_000, dataset_dir="data/matrix", generate_episodes=1_200),  # 1.2k episodes: 1.08M to train on
+    "coverage": dict(  # narrow (play) vs high-coverage (noisy) cube data of equal size, same methods
+        envs=("cube-single-play-v0", "cube-single-noisy-v0"), scripts=("iql_ddpgbc", "sarsa_ddpgbc", "bc"),
+        value_sizes=(900_000,), policy_sizes=(100_000, 900_000), ddpgbc_alphas=(0.03, 0.3, 3.0),
+        seeds=(0, 1, 2, 3), steps=1_000_000, dataset_dir="data/coverage", generate_episodes=1_000),
+}
+DEFAULTS = dict(envs=("pointmaze-medium-navigate-v0",), scripts=("iql_ddpgbc",), value_sizes=(None,),
+                policy_sizes=(None,), awr_alphas=(), ddpgbc_alphas=(), seeds=(0,), steps=1_000_000, pack=1,
+                dataset_dir=envs.DEFAULT_DATASET_DIR, generate_episodes=None, script_args=())
+
+
+@dataclasses.dataclass
+class Args:
+    """Launch a data-scaling sweep. Flags after a lone `--` are passed to every script (e.g. `-- --hidden-dims 256
+    256`). Flags left out come from --preset, else from the defaults shown."""
+
+    preset: Literal["quickstart", "matrix", "coverage"] | None = None
+    """A predefined sweep (see the README): quickstart (2x2 on pointmaze, minutes on a CPU), matrix (paper size),
+    coverage (narrow vs high-coverage data)."""
+    sweep_dir: str | None = None
+    """Folder of the sweep's run folders and sweep.json; default sweeps/<preset or 'custom'>."""
+    envs: tuple[str, ...] | None = None
+    """Environments / datasets (`python envs.py list`). Default: pointmaze-medium-navigate-v0."""
+    scripts: tuple[str, ...] | None = None
+    """Scripts from algos/ (e.g. iql_ddpgbc crl_awr bc). Default: iql_ddpgbc."""
+    value_sizes: tuple[int, ...] | None = None
+    """Value data sizes in transitions. Default: all training data."""
+    policy_sizes: tuple[int, ...] | None = None
+    """Policy data sizes in transitions. Default: all training data."""
+    awr_alphas: tuple[float, ...] | None = None
+    """AWR inverse temperatures to sweep (empty: the script's default)."""
+    ddpgbc_alphas: tuple[float, ...] | None = None
+    """DDPG+BC behaviour-cloning weights to sweep (empty: the script's default)."""
+    seeds: tuple[int, ...] | None = None
+    """Seeds of every cell. Default: 0."""
+    steps: int | None = None
+    """Gradient steps of every run. Default: 1000000."""
+    dataset_dir: str | None = None
+    """Folder of the datasets; missing ones are generated there when envs.py can. Default: ~/.ogbench/data."""
+    generate_episodes: int | None = None
+    """Episodes to generate for a missing dataset (default: the official recipe's count)."""
+    pack: int | None = None
+    """Runs of one env x script trained together in one vmapped process (one run folder each). Default: 1."""
+    workers: int | None = None
+    """Processes at a time (local backend). Default: the number of GPUs, else of CPU cores."""
+    retries: int = 1
+    """Times a failed process is started again."""
+    backend: Literal["local", "ray"] = "local"
+    """local: a pool of worker processes; ray: one Ray task per process (`pip install -e .[ray]`)."""
+    address: str | None = None
+    """Ray cluster address (e.g. 10.0.0.1:6379); default: start a local Ray instance."""
+    cpus_per_process: float = 1.0
+    """Ray: CPUs reserved per process."""
+    gpus_per_process: float = 0.0
+    """Ray: GPUs reserved per process (e.g. 1, or 0.25 to share a GPU between four processes)."""
+    dry_run: bool = False
+    """Print the plan (runs, processes, updates) and exit without running anything."""
+    progress: bool = True
+    """Show a progress bar over runs."""
+
+
+@dataclasses.dataclass
+class Run:
+    env: str
+    script: str
+    value_data_size: int | None  # None: all data (bc.py: no value function at all)
+    policy_data_size: int | None
+    alpha: float | None  # None: the script's default, or a script without alpha
+    seed: int
+    folder: Path
+
+    @property
+    def complete(self) -> bool:
+        return (self.folder / "result.json").exists()
+
+    def member(self) -> dict:
+        """This run as an entry of a script's --members-file."""
+        entry = {"seed": self.seed, "out_dir": str(self.folder), "policy_data_size": self.policy_data_size}
+        if self.script != "bc":
+            entry["value_data_size"] = self.value_data_size
+        if self.alpha is not None:
+            entry["alpha"] = self.alpha
+        return entry
+
+    def flags(self) -> list[str]:
+        """This run as command-line flags of its script."""
+        out = ["--seed", str(self.seed), "--out-dir", str(self.folder)]
+        if self.policy_data_size is not None:
+            out += ["--policy-data-size", str(self.policy_data_size)]
+        if self.value_data_size is not None:
+            out += ["--value-data-size", str(self.value_data_size)]
+        if self.alpha is not None:
+            out += ["--alpha", repr(self.alpha)]
+        return out
+
+
+def resolve(args: Args, script_args: list[str]) -> dict:
+    """The sweep's settings: given flags, else the preset's, else DEFAULTS; checked (UsageError on bad input)."""
+    preset = PRESETS[args.preset] if args.preset else {}
+    given = {k: v for k, v in dataclasses.asdict(args).items() if v is not None}
+    settings = {k: given.get(k, preset.get(k, default)) for k, default in DEFAULTS.items() if k != "script_args"}
+    settings["script_args"] = [*preset.get("script_args", ()), *script_args]
+    settings["sweep_dir"] = args.sweep_dir or f"sweeps/{args.preset or 'custom'}"
+    for name in settings["envs"]:
+        envs.parse_env(name)  # names the closest valid name on a typo
+    for name in settings["scripts"]:
+        if name not in SCRIPTS:
+            raise envs.UsageError(f"--scripts: {name} is not a script; choose from {' '.join(SCRIPTS)}")
+    for flag in ("value_sizes", "policy_sizes"):
+        sizes = [s for s in settings[flag] if s is not None]
+        if any(s < 1 for s in sizes) or len(set(settings[flag])) != len(settings[flag]) or not settings[flag]:
+            raise envs.UsageError(f"--{flag.replace('_', '-')} must be distinct positive transition counts, got "
+                                  f"{' '.join(map(str, settings[flag]))}")
+    for flag in ("awr_alphas", "ddpgbc_alphas"):
+        if any(not np.isfinite(a) or a < 0 for a in settings[flag]):
+            raise envs.UsageError(f"--{flag.replace('_', '-')} must be finite and >= 0")
+    if not settings["seeds"] or len(set(settings["seeds"])) != len(settings["seeds"]):
+        raise envs.UsageError("--seeds must be a non-empty list of distinct seeds")
+    if settings["steps"] < 1 or settings["pack"] < 1 or args.retries < 0:
+        raise envs.UsageError("--steps and --pack must be >= 1 and --retries >= 0")
+    if args.workers is not None and args.workers < 1:
+        raise envs.UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.generate_episodes is not None and args.generate_episodes < 1:
+        raise envs.UsageError(f"--generate-episodes must be >= 1, got {args.generate_episodes}")
+    return settings
+
+
+def plan(settings: dict) -> list[Run]:
+    """Every run of the grid, in a stable order (env, script, value size, policy size, alpha, seed)."""
+    runs = []
+    size_name = lambda s: "all" if s is None else str(s)  # noqa: E731
+    for env in settings["envs"]:
+        for script in settings["scripts"]:
+            extractor = script.split("_")[-1]
+            alphas = settings.get(f"{extractor}_alphas", ()) or (None,)
+            value_sizes = (None,) if script == "bc" else settings["value_sizes"]
+            for value in value_sizes:
+                for policy in settings["policy_sizes"]:
+                    for alpha in alphas:
+                        for seed in settings["seeds"]:
+                            name = "" if script == "bc" else f"v{size_name(value)}_"
+                            name += f"p{size_name(policy)}" + ("" if alpha is None else f"_a{alpha:g}") + f"_s{seed}"
+                            folder = Path(settings["sweep_dir"]) / env / script / name
+                            runs.append(Run(env, script, value, policy, alpha, seed, folder))
+    return runs
+
+
+def prepare_datasets(settings: dict, dry_run: bool) -> list[str]:
+    """Generate missing datasets (unless dry_run) and check every size fits; returns a line per dataset."""
+    lines = []
+    for name in settings["envs"]:
+        spec = envs.parse_env(name)
+        path = envs.dataset_path(spec, settings["dataset_dir"])
+        if not path.exists():
+            if not spec.can_generate:
+                envs.load_dataset(spec, settings["dataset_dir"])  # raises the message that says where to put it
+            if dry_run:
+                lines.append(f"{name}: {path} missing; would generate {settings['generate_episodes'] or 'official'} "
+                             "episodes")
+                continue
+            envs.generate(spec, settings["dataset_dir"], num_episodes=settings["generate_episodes"])
+        train, _ = envs.split_dataset(envs.load_dataset(spec, settings["dataset_dir"]), seed=0)
+        available = len(train["actions"])
+        for flag in ("value_sizes", "policy_sizes"):
+            too_big = [s for s in settings[flag] if s is not None and s > available]
+            if too_big:
+                raise envs.UsageError(f"--{flag.replace('_', '-')} {too_big[0]} exceeds the {available} training "
+                                      f"transitions of {name} ({path}); use smaller sizes or more "
+                                      "--generate-episodes in a fresh --dataset-dir")
+        lines.append(f"{name}: {path} ({available} training transitions)")
+    return lines
+
+
+@dataclasses.dataclass
+class Process:
+    """One script invocation training one or more runs (its members)."""
+
+    runs: list[Run]
+    command: list[str]
+    log: Path
+    attempts: int = 0
+
+
+def processes(pending: list[Run], settings: dict) -> list[Process]:
+    """Group pending runs into script invocations: up to --pack runs of one env x script per process."""
+    out, sweep = [], Path(settings["sweep_dir"])
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in pending:
+        groups.setdefault((run.env, run.script), []).append(run)
+    for (env, script), runs in groups.items():
+        for start in range(0, len(runs), settings["pack"]):
+            members = runs[start:start + settings["pack"]]
+            base = [sys.executable, str(ROOT / "algos" / f"{script}.py"), "--env", env, "--dataset-dir",
+                    settings["dataset_dir"], "--steps", str(settings["steps"]), "--no-progress"]
+            if len(members) == 1:
+                command = base + members[0].flags()
+                log = members[0].folder / "output.log"
+            else:
+                tag = f"{env}-{script}-{start // settings['pack']:04d}"
+                members_file = sweep / "packs" / f"{tag}.json"
+                command = base + ["--members-file", str(members_file)]
+                log = sweep / "packs" / f"{tag}.log"
+            out.append(Process(members, command + list(settings["script_args"]), log))
+    return out
+
+
+def write_members_files(procs: list[Process]) -> None:
+    for proc in procs:
+        if "--members-file" in proc.command:
+            path = Path(proc.command[proc.command.index("--members-file") + 1])
+            envs.write_json_atomic(path, [run.member() for run in proc.runs])
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, be killed when the launcher dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def start(proc: Process, env: dict | None = None) -> subprocess.Popen:
+    proc.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(proc.log, "w") as log:
+        log.write("$ " + shlex.join(proc.command) + "\n")
+        log.flush()
+        return subprocess.Popen(proc.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                preexec_fn=_die_with_parent)
+
+
+def run_command(command: list[str], log: str) -> int:
+    """A process as a Ray task: run the script on the worker's machine, its output in `log`; the exit status."""
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        out.write("$ " + shlex.join(command) + "\n")
+        out.flush()
+        return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+
+
+class Sweep:
+    """The plan, every run's status, and sweep.json (rewritten atomically after every change)."""
+
+    def __init__(self, settings: dict, runs: list[Run], command: list[str]):
+        self.settings, self.runs, self.path = settings, runs, Path(settings["sweep_dir"]) / "sweep.json"
+        self.status = {run.folder: ("skipped" if run.complete else "pending") for run in runs}
+        self.failures: dict[Path, dict] = {}
+        self.started = time.time()
+        self.header = {"command": command, "settings": settings, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def mark(self, runs: list[Run], status: str, **failure) -> None:
+        for run in runs:
+            self.status[run.folder] = status
+            if failure:
+                self.failures[run.folder] = failure
+            elif status == "done":
+                self.failures.pop(run.folder, None)
+        self.save()
+
+    def save(self, finished: bool = False) -> None:
+        entries = []
+        for run in self.runs:
+            entry = {k: v for k, v in dataclasses.asdict(run).items() if k != "folder"}
+            entry.update(folder=str(run.folder), status=self.status[run.folder], **self.failures.get(run.folder, {}))
+            entries.append(entry)
+        counts = {s: sum(v == s for v in self.status.values()) for s in ("done", "skipped", "failed", "pending")}
+        envs.write_json_atomic(self.path, {**self.header, "counts": counts, "finished": finished,
+                                           "wall_seconds": time.time() - self.started, "runs": entries})
+
+
+def finish_process(sweep: Sweep, proc: Process, returncode: int, queue: list[Process], retries: int) -> int:
+    """Record a finished process: runs with result.json are done; the rest are retried or marked failed."""
+    done = [run for run in proc.runs if run.complete]
+    sweep.mark(done, "done")
+    missing = [run for run in proc.runs if not run.complete]
+    if not missing:
+        return len(done)
+    if proc.attempts <= retries:
+        queue.append(dataclasses.replace(proc, runs=missing))
+        sweep.mark(missing, "pending", exit_status=returncode, log=str(proc.log), stderr_tail=log_tail(proc.log),
+                   attempts=proc.attempts)
+        return len(done)
+    sweep.mark(missing, "failed", exit_status=returncode, log=str(proc.log), stderr_tail=log_tail(proc.log),
+               attempts=proc.attempts)
+    return len(done) + len(missing)
+
+
+def default_workers() -> int:
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if gpus is None:
+        try:
+            listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+            gpus = ",".join(str(i) for i, line in enumerate(listed.splitlines()) if line.startswith("GPU"))
+        except (OSError, subprocess.SubprocessError):
+            gpus = ""
+    count = len([g for g in gpus.split(",") if g.strip()])
+    return count or os.cpu_count() or 1
+
+
+def run_local(sweep: Sweep, queue: list[Process], workers: int, retries: int, bar) -> None:
+    """A pool of `workers` processes, polled from this one thread (no threads: children die with the launcher)."""
+    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    running: dict[int, tuple[Process, subprocess.Popen]] = {}  # worker slot -> process
+    try:
+        while queue or running:
+            for slot in range(workers):
+                if slot not in running and queue:
+                    proc = queue.pop(0)
+                    proc.attempts += 1
+                    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]} if gpus else None
+                    running[slot] = (proc, start(proc, env))
+                    sweep.mark(proc.runs, "running")
+            time.sleep(0.2)
+            for slot, (proc, popen) in list(running.items()):
+                if popen.poll() is not None:
+                    del running[slot]
+                    bar.update(finish_process(sweep, proc, popen.returncode, queue, retries))
+    finally:  # SIGTERM / Ctrl-C: stop our runs; their folders stay incomplete and rerun next time
+        for _, popen in running.values():
+            popen.terminate()
+        for proc, popen in running.values():
+            popen.wait()
+            sweep.mark([r for r in proc.runs if not r.complete], "pending")
+
+
+def run_ray(sweep: Sweep, queue: list[Process], args: Args, retries: int, bar) -> None:
+    """One Ray task per process; results land in the same folders (on a cluster: put --sweep-dir on shared disk)."""
+    try:
+        import ray
+    except ImportError as error:
+        raise envs.UsageError("--backend ray needs Ray: pip install -e '.[ray]'") from error
+    local = {} if args.address else {"include_dashboard": False}  # only a new instance takes dashboard options
+    ray.init(address=args.address, log_to_driver=False, **local)
+    task = ray.remote(run_command).options(num_cpus=args.cpus_per_process, num_gpus=args.gpus_per_process,
+                                           max_retries=0)
+    pending: dict = {}
+    try:
+        while queue or pending:
+            while queue:
+                proc = queue.pop(0)
+                proc.attempts += 1
+                pending[task.remote(proc.command, str(proc.log))] = proc
+                sweep.mark(proc.runs, "running")
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            proc = pending.pop(ready[0])
+            try:
+                returncode = ray.get(ready[0])
+            except ray.exceptions.RayError as error:  # the node died, or the task was cancelled
+                returncode = -1
+                proc.log.parent.mkdir(parents=True, exist_ok=True)
+                with open(proc.log, "a") as log:
+                    log.write(f"Ray task failed: {error}\n")
+            bar.update(finish_process(sweep, proc, returncode, queue, retries))
+    finally:
+        for ref, proc in pending.items():
+            ray.cancel(ref, force=True)
+            sweep.mark([r for r in proc.runs if not r.complete], "pending")
+        ray.shutdown()
+
+
+def describe(settings: dict, runs: list[Run], procs: list[Process], dataset_lines: list[str]) -> str:
+    pending = [run for run in runs if not run.complete]
+    lines = [f"sweep {settings['sweep_dir']}: {len(runs)} runs, {len(runs) - len(pending)} complete, "
+             f"{len(pending)} to run in {len(procs)} process{'' if len(procs) == 1 else 'es'} "
+             f"(up to {settings['pack']} runs each), "
+             f"{len(pending) * settings['steps']:,} member-updates"]
+    lines += [f"  dataset {line}" for line in dataset_lines]
+    counts: dict[tuple[str, str], int] = {}
+    for run in pending:
+        counts[(run.env, run.script)] = counts.get((run.env, run.script), 0) + 1
+    lines += [f"  {env} {script}: {count} runs to go" for (env, script), count in counts.items()]
+    if procs:
+        lines.append("  first process: " + shlex.join(procs[0].command))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    args = tyro.cli(Args, args=argv, description=__doc__)
+    settings = resolve(args, script_args)
+    runs = plan(settings)
+    dataset_lines = prepare_datasets(settings, args.dry_run)
+    pending = [run for run in runs if not run.complete]
+    queue = processes(pending, settings)
+    print(describe(settings, runs, queue, dataset_lines))
+    if args.dry_run:
+        return 0
+    sweep = Sweep(settings, runs, [sys.executable, *sys.argv])
+    sweep.save()
+    write_members_files(queue)
+    workers = args.workers or default_workers()
+
+    def on_sigterm(signum, frame):  # turn SIGTERM into the same clean stop as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    bar = tqdm(total=len(pending), desc="runs", unit="run", disable=not args.progress)
+    try:
+        if args.backend == "ray":
+            run_ray(sweep, queue, args, args.retries, bar)
+        else:
+            run_local(sweep, queue, workers, args.retries, bar)
+    except KeyboardInterrupt:
+        sweep.save()
+        print(f"stopped; rerun the same command to finish the {sum(not r.complete for r in runs)} incomplete runs",
+              file=sys.stderr)
+        return 130
+    bar.close()
+    sweep.save(finished=True)
+    failed = [run for run in runs if sweep.status[run.folder] == "failed"]
+    done = sum(status == "done" for status in sweep.status.values())
+    skipped = sum(status == "skipped" for status in sweep.status.values())
+    print(f"done {done}, skipped (already complete) {skipped}, failed {len(failed)}, "
+          f"wall {time.time() - sweep.started:.0f} s -> {sweep.path}")
+    for run in failed:
+        failure = sweep.failures[run.folder]
+        last = failure["stderr_tail"].splitlines()[-1] if failure["stderr_tail"] else ""
+        print(f"  FAILED {run.folder} (exit {failure['exit_status']}, {failure['attempts']} attempts; log "
+              f"{failure['log']}): {last}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    envs.exit_on_usage_error(lambda: sys.exit(main()))

@@ -1,0 +1,187 @@
+"""scaling.py: a real 2x2 sweep, packing, resuming after SIGTERM and SIGKILL, failures, Ray, bad input."""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import POINTMAZE, ROOT, run_script
+
+import envs
+
+TINY = ["--", "--log-interval", "50", "--eval-interval", "100", "--hidden-dims", "16", "--batch-size", "32",
+        "--eval-episodes", "1", "--mse-samples", "64"]
+
+
+def sweep_args(data_dir, sweep_dir, *extra):
+    return ["--envs", POINTMAZE, "--scripts", "iql_ddpgbc", "--value-sizes", "2000", "4000", "--policy-sizes",
+            "2000", "4000", "--steps", "100", "--dataset-dir", str(data_dir), "--sweep-dir", str(sweep_dir),
+            "--no-progress", *extra, *TINY]
+
+
+def results(sweep_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(sweep_dir)): p.read_bytes() for p in sorted(sweep_dir.rglob("result.json"))}
+
+
+def test_2x2_sweep_completes_packs_and_skips_complete_runs(data_dir, tmp_path):
+    alone, packed = tmp_path / "alone", tmp_path / "packed"
+    proc = run_script("scaling.py", *sweep_args(data_dir, alone, "--workers", "2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = results(alone)
+    assert sorted(first) == [f"{POINTMAZE}/iql_ddpgbc/v{v}_p{p}_s0/result.json" for v in (2000, 4000)
+                             for p in (2000, 4000)]
+    state = json.loads((alone / "sweep.json").read_text())
+    assert state["counts"] == {"done": 4, "skipped": 0, "failed": 0, "pending": 0} and state["finished"]
+    for run in state["runs"]:
+        saved = json.loads((Path(run["folder"]) / "result.json").read_text())
+        assert (saved["value_data_size"], saved["policy_data_size"]) == (run["value_data_size"],
+                                                                         run["policy_data_size"])
+    # four runs in one vmapped process: one folder each, the same numbers as four processes (to float rounding)
+    proc = run_script("scaling.py", *sweep_args(data_dir, packed, "--pack", "4"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 to run in 1 process " in proc.stdout
+    assert sorted(results(packed)) == sorted(first)
+    for name in first:
+        a, b = json.loads(first[name]), json.loads((packed / name).read_bytes())
+        for key in envs.RESULT_METRICS:
+            assert b[key]["mean"] == pytest.approx(a[key]["mean"], rel=1e-3, abs=1e-4), (name, key)
+    # the same command again: nothing runs, nothing changes
+    proc = run_script("scaling.py", *sweep_args(data_dir, alone, "--workers", "2"))
+    assert proc.returncode == 0 and "skipped (already complete) 4" in proc.stdout, proc.stdout
+    assert results(alone) == first
+
+
+def _children_of(sweep_dir: Path) -> list[int]:
+    """Live processes whose command line mentions the sweep folder (the launcher's runs)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if str(sweep_dir) in cmdline and "algos/" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_sweep_resumes_only_what_is_missing(data_dir, tmp_path, sig):
+    sweep_dir = tmp_path / "sweep"
+    args = sweep_args(data_dir, sweep_dir, "--workers", "1")
+    launcher = subprocess.Popen([sys.executable, str(ROOT / "scaling.py"), *args], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not results(sweep_dir) and time.time() < deadline:  # kill it after the first run completed
+        time.sleep(0.2)
+    launcher.send_signal(sig)
+    launcher.wait(timeout=60)
+    assert launcher.returncode == (130 if sig == signal.SIGTERM else -signal.SIGKILL)
+    time.sleep(1)
+    assert _children_of(sweep_dir) == [], "a run outlived its launcher"
+    before = results(sweep_dir)
+    assert 1 <= len(before) < 4
+    proc = run_script("scaling.py", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipped (already complete) {len(before)}" in proc.stdout and f"done {4 - len(before)}" in proc.stdout
+    after = results(sweep_dir)
+    assert len(after) == 4 and all(after[name] == content for name, content in before.items())
+    for folder in (sweep_dir / POINTMAZE / "iql_ddpgbc").iterdir():
+        if folder.is_dir():  # a rerun folder holds one run's records, not the killed attempt's too
+            steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()
+                     if json.loads(line)["event"] == "train"]
+            assert steps == [50, 100], (folder, steps)
+
+
+def test_failing_runs_are_recorded_retried_and_listed(data_dir, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # CRL on a reward-based task exits 2; IQL on it completes
+    proc = run_script("scaling.py", "--envs", "pointmaze-medium-navigate-singletask-v0", "--scripts", "iql_ddpgbc",
+                      "crl_ddpgbc", "--steps", "100", "--dataset-dir", str(data_dir), "--sweep-dir", str(sweep_dir),
+                      "--retries", "1", "--no-progress", *TINY)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "done 1, skipped (already complete) 0, failed 1" in proc.stdout
+    assert "FAILED" in proc.stdout and "needs a goal-conditioned environment" in proc.stdout
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    failed = [r for r in state["runs"] if r["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["script"] == "crl_ddpgbc"
+    assert failed[0]["exit_status"] == 2 and failed[0]["attempts"] == 2
+    assert "needs a goal-conditioned environment" in failed[0]["stderr_tail"]
+    assert not (Path(failed[0]["folder"]) / "result.json").exists()
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(data_dir, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_script("scaling.py", "--preset", "quickstart", "--dataset-dir", str(tmp_path / "no-data"),
+                      "--sweep-dir", str(sweep_dir), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "4 runs, 0 complete, 4 to run in 1 process (up to 4 runs each), 40,000 member-updates" in proc.stdout
+    assert "would generate 100 episodes" in proc.stdout and "--members-file" in proc.stdout
+    assert not sweep_dir.exists() and not (tmp_path / "no-data").exists()
+    # the paper-size preset: 9 pairs x 2 envs x 16 cells x 4 seeds x 4 alphas (AWR, DDPG+BC) or 1 (SfBC)
+    proc = run_script("scaling.py", "--preset", "matrix", "--dataset-dir", str(tmp_path / "no-data"),
+                      "--sweep-dir", str(sweep_dir), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{2 * 16 * 4 * 3 * (4 + 4 + 1)} runs" in proc.stdout
+
+
+def test_bad_inputs_exit_2(data_dir, tmp_path):
+    base = ["--dataset-dir", str(data_dir), "--sweep-dir", str(tmp_path / "sweep"), "--dry-run"]
+    cases = [
+        (["--scripts", "iql_dpgbc"], "--scripts: iql_dpgbc is not a script"),
+        (["--envs", "pointmaze-medium-navigat-v0"], "did you mean pointmaze-medium-navigate-v0"),
+        (["--value-sizes", "2000", "2000"], "--value-sizes must be distinct positive"),
+        (["--policy-sizes", "0"], "--policy-sizes must be distinct positive"),
+        (["--policy-sizes", "99999999"], "--policy-sizes 99999999 exceeds the"),
+        (["--ddpgbc-alphas", "-1"], "--ddpgbc-alphas must be finite and >= 0"),
+        (["--pack", "0"], "--pack must be >= 1"),
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--envs", "antmaze-large-navigate-v0"], "antmaze-large-navigate-v0"),
+    ]
+    for extra, message in cases:
+        proc = run_script("scaling.py", *base, *extra)
+        assert proc.returncode == 2 and message in proc.stderr, (extra, proc.stderr[-2000:])
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not (tmp_path / "sweep").exists()
+
+
+def test_ray_backend_without_ray_says_how_to_install(data_dir, tmp_path):
+    code = ("import sys; sys.modules['ray'] = None; sys.argv = ['scaling.py'] + sys.argv[1:]; import envs, scaling; "
+            "envs.exit_on_usage_error(lambda: sys.exit(scaling.main()))")
+    proc = subprocess.run([sys.executable, "-c", code, *sweep_args(data_dir, tmp_path / "sweep", "--backend", "ray")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "pip install -e '.[ray]'" in proc.stderr, proc.stderr[-2000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is the optional [ray] extra")
+def test_ray_backend_against_a_local_ray_instance(data_dir, tmp_path):
+    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    start = subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--num-cpus", "2",
+                            "--include-dashboard", "false", "--disable-usage-stats"],
+                           capture_output=True, text=True, env=env, timeout=180)
+    assert start.returncode == 0, start.stderr[-3000:]
+    try:
+        sweep_dir = tmp_path / "sweep"
+        proc = run_script("scaling.py", *sweep_args(data_dir, sweep_dir, "--backend", "ray", "--address",
+                                                    f"127.0.0.1:{port}", "--pack", "2"))
+        assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+        assert len(results(sweep_dir)) == 4 and "done 4" in proc.stdout
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=env, timeout=120)
