@@ -26,7 +26,9 @@ import dataclasses
 import difflib
 import glob
 import json
+import math
 import sys
+import shutil
 import tempfile
 import time
 from collections import deque
@@ -43,13 +45,20 @@ class UsageError(Exception):
     """Bad input from the user: the message is one line naming the problem and the fix (exit status 2)."""
 
 
+class Diverged(Exception):
+    """A loss or a parameter became NaN / inf; failure.json says where (exit status 3)."""
+
+
 def exit_on_usage_error(main: Callable[[], None]) -> None:
-    """Run `main`; turn a UsageError into a one-line message on stderr and exit status 2."""
+    """Run `main`; turn a UsageError into a one-line message on stderr and exit status 2, Diverged into exit 3."""
     try:
         main()
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as error:
+        print(f"diverged: {error}", file=sys.stderr)
+        sys.exit(3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,9 +201,10 @@ def load_dataset(spec: EnvSpec, dataset_dir: str = DEFAULT_DATASET_DIR) -> dict[
 def _load_ogbench(spec: EnvSpec, path: Path) -> dict[str, np.ndarray]:
     import ogbench
 
+    check_dataset_file(path, ("qpos",) if not spec.goal_conditioned else ())
     try:
         raw = ogbench.load_dataset(str(path), add_info=not spec.goal_conditioned)
-    except Exception as error:  # a truncated or foreign file: name it instead of a traceback
+    except Exception as error:  # a foreign file the checks above let through: name it instead of a traceback
         raise UsageError(f"cannot read dataset {path}: {type(error).__name__}: {error}; regenerate or re-download "
                          "it") from error
     data = {k: raw[k] for k in ("observations", "actions", "next_observations")}
@@ -208,6 +218,31 @@ def _load_ogbench(spec: EnvSpec, path: Path) -> dict[str, np.ndarray]:
         relabel_dataset(spec.env_id, make_env(spec), raw)  # sets the task, then rewards/masks from qpos
         data["rewards"], data["masks"] = raw["rewards"], raw["masks"]
     return data
+
+
+def check_dataset_file(path: Path, extra_keys: tuple[str, ...] = ()) -> None:
+    """An OGBench-format .npz must be readable and hold float observations [N, d], float actions [N, a] and
+    terminals [N] (plus `extra_keys` [N, ...]); otherwise a UsageError names the key and the expected shape."""
+    try:
+        with np.load(path) as arrays:
+            shapes = {k: (arrays[k].shape, arrays[k].dtype) for k in arrays.files}
+    except Exception as error:  # truncated, not a zip, pickled objects ...
+        raise UsageError(f"cannot read dataset {path} ({type(error).__name__}: {error}); the file is damaged: "
+                         "regenerate or re-download it") from error
+    expected = {"observations": "float [N, obs_dim]", "actions": "float [N, action_dim]", "terminals": "[N]",
+                **{k: "float [N, ...]" for k in extra_keys}}
+    for key, shape in expected.items():
+        if key not in shapes:
+            raise UsageError(f"dataset {path} has no key '{key}' (expected {shape}); it has {sorted(shapes)}")
+    n = shapes["observations"][0][0] if shapes["observations"][0] else None
+    for key, shape in expected.items():
+        dims, dtype = shapes[key]
+        numeric = np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)
+        floats = np.issubdtype(dtype, np.floating)
+        wrong_rank = len(dims) != (1 if key == "terminals" else 2) and key in ("observations", "actions", "terminals")
+        if wrong_rank or not dims or dims[0] != n or not numeric or (shape.startswith("float") and not floats):
+            raise UsageError(f"dataset {path}: key '{key}' has shape {dims} and dtype {dtype}, expected {shape} with "
+                             f"N = {n}; regenerate or re-download it")
 
 
 def _dmc_env(spec: EnvSpec, seed: int = 0):
@@ -252,17 +287,30 @@ def _load_exorl(spec: EnvSpec, path: Path) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in chunks.items()}
 
 
-def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def write_atomic(path: Path, write: Callable, binary: bool = False) -> None:
+    """`write(file)` into a temporary file in the same folder, then rename it to `path`: a reader sees the old file
+    or the whole new one, never half of one. A failed write (a full disk) removes the temporary file and raises a
+    UsageError naming the file."""
+    path = Path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror}; free space or choose a writable folder") from error
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise UsageError(f"cannot write {path}: {error.strerror or error}; free space or choose a writable "
+                             "folder, then rerun (scripts: with --resume)") from error
         raise
+
+
+def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], compress: bool = True) -> None:
+    write_atomic(path, lambda f: (np.savez_compressed if compress else np.savez)(f, **arrays), binary=True)
 
 
 # Official recipes (OGBench data_gen_scripts/commands.sh): episodes, steps per episode, noise.
@@ -893,18 +941,38 @@ def package_versions() -> dict[str, str]:
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON through a temporary file and a rename: the file is either absent or complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(Path(path), lambda f: json.dump(obj, f, indent=1))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a line cut short by a kill mid-write (always the last one) is skipped."""
+    records = []
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+RESUME_DIR = "resume"  # inside a run folder: state_<step>.npz, the whole training state; removed on completion
+
+
+def resume_steps(path: Path) -> list[int]:
+    """Steps of the complete resume states in a run folder (temporary files are never named state_*.npz)."""
+    return sorted(int(p.stem.split("_")[1]) for p in (Path(path) / RESUME_DIR).glob("state_*.npz"))
 
 
 class RunFolder:
     """config.json (every flag and package versions), metrics.jsonl (one object per member per log event),
-    result.json (written last, atomically: a folder with it is complete), checkpoints/ if asked."""
+    result.json (written last, atomically: a folder with it is complete), checkpoints/ if asked, resume/ states
+    while the run is in progress, failure.json if it diverged.
 
-    def __init__(self, path: str, config: dict):
+    `resume_step`: continue an interrupted run from that resume state (metrics after it are dropped); None: start
+    afresh, forgetting anything an earlier attempt left in the folder."""
+
+    def __init__(self, path: str, config: dict, resume_step: int | None = None):
         self.path = Path(path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -916,13 +984,30 @@ class RunFolder:
                              "folder") from error
         if (self.path / "result.json").exists():
             raise UsageError(f"{self.path} already holds a complete run (result.json); choose another --out-dir")
+        config = json.loads(json.dumps(config))  # as config.json will hold it (tuples become lists)
+        metrics = self.path / "metrics.jsonl"
+        if resume_step is not None:
+            saved = json.loads((self.path / "config.json").read_text())["config"]
+            free = {"resume", "progress", "members_file", "out_dir", "debug_poison_step"}  # may change on resume
+            changed = sorted(k for k in set(config) | set(saved) if k not in free and config.get(k) != saved.get(k))
+            if changed:
+                raise UsageError(f"--resume: {self.path} was started with other values of {', '.join(changed)}; "
+                                 "resume with the same flags or choose another --out-dir")
+            kept = [r for r in read_metrics(metrics) if r["step"] <= resume_step]
+            write_atomic(metrics, lambda f: f.writelines(json.dumps(r) + "\n" for r in kept))
+        else:
+            shutil.rmtree(self.path / RESUME_DIR, ignore_errors=True)
+        (self.path / "failure.json").unlink(missing_ok=True)  # an earlier attempt's, if any
         write_json_atomic(self.path / "config.json", dict(config=config, versions=package_versions()))
-        self._metrics = open(self.path / "metrics.jsonl", "w")  # an incomplete run is rerun from scratch
+        self._metrics = open(metrics, "a" if resume_step is not None else "w")
 
     def log(self, records: list[dict]) -> None:
-        for record in records:
-            self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
+        try:
+            self._metrics.write("".join(json.dumps(record) + "\n" for record in records))
+            self._metrics.flush()
+        except OSError as error:  # a full disk: the folder stays incomplete (no result.json) and resumable
+            raise UsageError(f"cannot write {self.path / 'metrics.jsonl'}: {error.strerror}; free space, then "
+                             "rerun with --resume") from error
 
     def checkpoint(self, step: int, params) -> None:
         """Save a parameter pytree as flat .npz arrays keyed by their tree path."""
@@ -932,9 +1017,20 @@ class RunFolder:
         flat = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
         _write_npz_atomic(self.path / "checkpoints" / f"step_{step:08d}.npz", flat)
 
+    def save_resume(self, step: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write resume/state_<step>.npz atomically, then drop all but the two newest states."""
+        _write_npz_atomic(self.path / RESUME_DIR / f"state_{step:08d}.npz", arrays, compress=False)
+        for old in resume_steps(self.path)[:-2]:
+            (self.path / RESUME_DIR / f"state_{old:08d}.npz").unlink(missing_ok=True)
+
+    def fail(self, failure: dict) -> None:
+        self._metrics.close()
+        write_json_atomic(self.path / "failure.json", failure)
+
     def finish(self, result: dict) -> None:
         self._metrics.close()
         write_json_atomic(self.path / "result.json", result)
+        shutil.rmtree(self.path / RESUME_DIR, ignore_errors=True)  # complete: nothing left to resume
 
 
 MEMBER_FIELDS = ("value_data_size", "policy_data_size", "alpha")  # what a member may vary besides its seed
@@ -954,6 +1050,7 @@ class Members:
 
     def __init__(self, config, script: str, train: dict[str, np.ndarray]):
         flags = dataclasses.asdict(config)
+        check_run_flags(config)
         fields = [f for f in MEMBER_FIELDS if f in flags]
         if flags.get("members_file"):
             entries = read_members_file(flags["members_file"], script, fields)
@@ -973,13 +1070,20 @@ class Members:
         groups: dict[str, list[int]] = {}
         for m, entry in enumerate(entries):
             groups.setdefault(entry["out_dir"], []).append(m)
-        self.folders = []
+        standalone = {}
         for out_dir, ms in groups.items():
             if any(self.settings[m] != self.settings[ms[0]] for m in ms):
                 raise UsageError(f"members sharing out_dir {out_dir} have different settings; give each its own")
-            standalone = {**flags, **self.settings[ms[0]], "seed": self.seeds[ms[0]], "num_seeds": len(ms),
-                          "out_dir": out_dir, "script": script}
-            self.folders.append((RunFolder(out_dir, standalone), ms))
+            standalone[out_dir] = {**flags, **self.settings[ms[0]], "seed": self.seeds[ms[0]], "num_seeds": len(ms),
+                                   "out_dir": out_dir, "script": script}
+        # --resume: the latest resume state every folder has (a packed process may have died between folders)
+        self.resume_step = None
+        if flags.get("resume"):
+            common = set.intersection(*(set(resume_steps(Path(d))) for d in groups))
+            self.resume_step = max(common) if common else None
+        self.folders = [(RunFolder(out_dir, standalone[out_dir], self.resume_step), ms)
+                        for out_dir, ms in groups.items()]
+        self._last_finite: list[dict] = []
 
     def log(self, records: list[dict]) -> None:
         """Each record goes to its member's folder, renumbered to the member's index inside that folder."""
@@ -992,6 +1096,57 @@ class Members:
         for folder, ms in self.folders:
             rows = np.asarray(ms)
             folder.checkpoint(step, jax.tree_util.tree_map(lambda x, rows=rows: x[rows], params))
+
+    def save_resume(self, states, progress: Progress) -> None:
+        """Every folder's resume state: its members' rows of the training state, and the loop's `progress`."""
+        import jax
+
+        leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(states))
+        for folder, ms in self.folders:
+            rows = np.asarray(ms)
+            arrays = {jax.tree_util.keystr(path): np.asarray(leaf)[rows] for path, leaf in leaves}
+            arrays["__progress__"] = np.asarray(json.dumps(progress.for_members(ms)))
+            folder.save_resume(progress.step, arrays)
+
+    def restore(self, states, progress: Progress):
+        """(states, progress) as saved at `resume_step` by every folder, or the arguments unchanged without one."""
+        if self.resume_step is None:
+            return states, progress
+        import jax
+
+        saved = []
+        for folder, ms in self.folders:
+            with np.load(folder.path / RESUME_DIR / f"state_{self.resume_step:08d}.npz") as arrays:
+                saved.append(({k: arrays[k] for k in arrays.files}, ms))
+
+        def leaf(path, template):
+            out = np.array(template)
+            for arrays, ms in saved:
+                out[np.asarray(ms)] = arrays[jax.tree_util.keystr(path)]
+            return out
+
+        states = jax.device_put(jax.tree_util.tree_map_with_path(leaf, jax.device_get(states)))
+        parts = [(Progress(**json.loads(str(arrays["__progress__"]))), ms) for arrays, ms in saved]
+        return states, Progress.merge(parts, len(self.seeds))
+
+    def check_finite(self, step: int, records: list[dict], params) -> None:
+        """Stop the run (Diverged: exit status 3) when a logged loss or a parameter is NaN / inf: every folder gets
+        failure.json with the step, what was non-finite and the last finite metrics; resume states stay intact."""
+        import jax
+        import jax.numpy as jnp
+
+        bad = sorted({k for r in records for k, v in r.items() if isinstance(v, float) and not np.isfinite(v)})
+        if not all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree_util.tree_leaves(params)):
+            bad.append("parameters")
+        if not bad:
+            self._last_finite = records
+            return
+        for folder, ms in self.folders:
+            folder.fail({"step": step, "non_finite": bad, "last_finite_metrics": [
+                {**r, "member": ms.index(r["member"])} for r in self._last_finite if r["member"] in ms]})
+        where = ", ".join(str(folder.path) for folder, _ in self.folders)
+        raise Diverged(f"non-finite {', '.join(bad)} in the chunk ending at step {step}; failure.json in {where}; "
+                       "the last good resume state is kept")
 
     def finish(self, header: dict, last_eval: list[dict], best_success: np.ndarray) -> list[dict]:
         """Write every folder's result.json (`header` plus its seeds and setting) and print its line; returns them."""
@@ -1007,6 +1162,50 @@ class Members:
             print(result_line(result, str(folder.path)))
             results.append(result)
         return results
+
+
+@dataclasses.dataclass
+class Progress:
+    """What a training loop carries on the host between chunks; saved with the resume state."""
+
+    step: int = 0  # updates done
+    seconds: float = 0.0  # training wall time so far
+    best_success: list[float] = dataclasses.field(default_factory=list)  # per member
+    last_eval: list[dict] = dataclasses.field(default_factory=list)  # per member: the last evaluation's records
+    action_calls: int = 0  # SfBC: sampling keys drawn so far (its candidates depend on it)
+
+    @classmethod
+    def start(cls, num_members: int) -> Progress:
+        return cls(best_success=[-math.inf] * num_members)
+
+    def for_members(self, ms: list[int]) -> dict:
+        return {**dataclasses.asdict(self), "best_success": [self.best_success[m] for m in ms],
+                "last_eval": [self.last_eval[m] for m in ms] if self.last_eval else []}
+
+    @classmethod
+    def merge(cls, parts: list[tuple[Progress, list[int]]], num_members: int) -> Progress:
+        merged = dataclasses.replace(parts[0][0], best_success=[0.0] * num_members,
+                                     last_eval=[{}] * num_members if parts[0][0].last_eval else [])
+        for part, ms in parts:
+            for i, m in enumerate(ms):
+                merged.best_success[m] = part.best_success[i]
+                if merged.last_eval:
+                    merged.last_eval[m] = {**part.last_eval[i], "member": m}
+        return merged
+
+
+def check_run_flags(config) -> None:
+    """The flags every script shares for resuming and the NaN-guard test hook."""
+    interval = config.resume_interval
+    if interval is not None and (interval < 0 or interval % config.log_interval):
+        raise UsageError(f"--resume-interval must be 0 or a multiple of --log-interval {config.log_interval}")
+    if config.debug_poison_step < 0 or config.debug_poison_step % config.log_interval:
+        raise UsageError(f"--debug-poison-step must be 0 or a multiple of --log-interval {config.log_interval}")
+
+
+def poison(device_data: dict) -> dict:
+    """The NaN-guard test hook: the same data with NaN observations (every loss that reads them turns NaN)."""
+    return {**device_data, "observations": device_data["observations"] * float("nan")}
 
 
 def read_members_file(path: str, script: str, fields: list[str]) -> list[dict]:

@@ -11,11 +11,13 @@ What it does, in order:
      <sweep-dir>/<env>/<script>/v<value size>_p<policy size>[_a<alpha>]_s<seed>/  (bc.py: p<size>_s<seed>);
      alphas come from --awr-alphas / --ddpgbc-alphas by the script's extractor (SfBC and BC have none);
   2. datasets: a missing one is generated offline (`envs.py generate`, --generate-episodes), sizes are checked;
-  3. runs: a folder with result.json is complete and skipped, never touched again; the others (re)start from
-     scratch. `--pack K` trains up to K runs of one env x script (different seeds, sizes, alphas) in one vmapped
-     process via the script's --members-file, still one run folder each. Processes run on a local pool
+  3. runs: a folder with result.json is complete and skipped, never touched again; the others continue from their
+     latest resume state (the scripts' --resume), or start afresh without one. `--pack K` trains up to K runs of
+     one env x script (different seeds, sizes, alphas) in one vmapped process via the script's --members-file,
+     still one run folder each. Processes run on a local pool
      (--workers) or as Ray tasks (--backend ray). A failed process is retried up to --retries times; its exit
-     status and the last lines of its log are kept in sweep.json and listed at the end.
+     status and the last lines of its log are kept in sweep.json and listed at the end; a run that diverged (NaN,
+     exit status 3) is recorded as diverged, with the step, and not retried.
   4. <sweep-dir>/sweep.json: the command, the plan, and every run's status, rewritten atomically as runs finish.
 
 Rerunning the same command finishes only what is missing; killing the launcher (SIGTERM, SIGINT or SIGKILL) stops
@@ -26,6 +28,7 @@ complete, 1 when some failed, 2 for bad input.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import signal
@@ -43,6 +46,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = [f"{v}_{e}" for v in ("iql", "sarsa", "crl") for e in ("awr", "ddpgbc", "sfbc")] + ["bc"]
 LOG_TAIL_LINES = 20
+DIVERGED_EXIT = 3  # a script's exit status when a loss or parameter became NaN / inf (failure.json says where)
 
 # Each preset fills the flags the user did not give. Sizes are transitions; "None" in a size list means all data.
 PRESETS: dict[str, dict] = {
@@ -248,7 +252,7 @@ def processes(pending: list[Run], settings: dict) -> list[Process]:
         for start in range(0, len(runs), settings["pack"]):
             members = runs[start:start + settings["pack"]]
             base = [sys.executable, str(ROOT / "algos" / f"{script}.py"), "--env", env, "--dataset-dir",
-                    settings["dataset_dir"], "--steps", str(settings["steps"]), "--no-progress"]
+                    settings["dataset_dir"], "--steps", str(settings["steps"]), "--no-progress", "--resume"]
             if len(members) == 1:
                 command = base + members[0].flags()
                 log = members[0].folder / "output.log"
@@ -328,7 +332,8 @@ class Sweep:
             entry = {k: v for k, v in dataclasses.asdict(run).items() if k != "folder"}
             entry.update(folder=str(run.folder), status=self.status[run.folder], **self.failures.get(run.folder, {}))
             entries.append(entry)
-        counts = {s: sum(v == s for v in self.status.values()) for s in ("done", "skipped", "failed", "pending")}
+        counts = {s: sum(v == s for v in self.status.values())
+                  for s in ("done", "skipped", "failed", "diverged", "pending")}
         envs.write_json_atomic(self.path, {**self.header, "counts": counts, "finished": finished,
                                            "wall_seconds": time.time() - self.started, "runs": entries})
 
@@ -340,6 +345,14 @@ def finish_process(sweep: Sweep, proc: Process, returncode: int, queue: list[Pro
     missing = [run for run in proc.runs if not run.complete]
     if not missing:
         return len(done)
+    if returncode == DIVERGED_EXIT:  # deterministic: a retry would diverge at the same step
+        for run in missing:
+            failure = json.loads((run.folder / "failure.json").read_text()) if (run.folder / "failure.json"
+                                                                                ).exists() else {}
+            sweep.mark([run], "diverged", exit_status=returncode, log=str(proc.log), stderr_tail=log_tail(proc.log),
+                       attempts=proc.attempts, diverged_at_step=failure.get("step"),
+                       non_finite=failure.get("non_finite"))
+        return len(done) + len(missing)
     if proc.attempts <= retries:
         queue.append(dataclasses.replace(proc, runs=missing))
         sweep.mark(missing, "pending", exit_status=returncode, log=str(proc.log), stderr_tail=log_tail(proc.log),
@@ -474,15 +487,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     bar.close()
     sweep.save(finished=True)
-    failed = [run for run in runs if sweep.status[run.folder] == "failed"]
+    failed = [run for run in runs if sweep.status[run.folder] in ("failed", "diverged")]
     done = sum(status == "done" for status in sweep.status.values())
     skipped = sum(status == "skipped" for status in sweep.status.values())
-    print(f"done {done}, skipped (already complete) {skipped}, failed {len(failed)}, "
+    diverged = sum(status == "diverged" for status in sweep.status.values())
+    print(f"done {done}, skipped (already complete) {skipped}, failed {len(failed) - diverged}, diverged {diverged}, "
           f"wall {time.time() - sweep.started:.0f} s -> {sweep.path}")
     for run in failed:
         failure = sweep.failures[run.folder]
         last = failure["stderr_tail"].splitlines()[-1] if failure["stderr_tail"] else ""
-        print(f"  FAILED {run.folder} (exit {failure['exit_status']}, {failure['attempts']} attempts; log "
+        print(f"  {sweep.status[run.folder].upper()} {run.folder} (exit {failure['exit_status']}, "
+              f"{failure['attempts']} attempts; log "
               f"{failure['log']}): {last}")
     return 1 if failed else 0
 

@@ -24,7 +24,6 @@ Run `python algos/iql_sfbc.py --help` for every flag.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import sys
 import time
@@ -92,6 +91,12 @@ class Config:
     """Run folder; default runs/<env>/iql_sfbc/<time>_s<seed>."""
     members_file: str | None = None
     """JSON list of members to train together, one run folder each (scaling.py --pack writes it)."""
+    resume: bool = False
+    """Continue from the run folder's latest resume state if it has one (scaling.py always asks)."""
+    resume_interval: int | None = None
+    """Steps between resume states (the whole training state, deleted at the end); default --eval-interval."""
+    debug_poison_step: int = 0
+    """Test hook: NaN observations from the chunk ending at this step on (0: off), to exercise the NaN guard."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -317,10 +322,11 @@ def main(config: Config) -> list[dict]:
         jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds)))
     device_data = envs.to_device(train)
     train_chunk, act = make_train_chunk(config, gc), make_act(gc, config.num_samples)
-    action_calls = itertools.count()  # a fresh key, hence fresh candidates, on every call; the same run after run
 
     def policy(obs, goals):  # [M, N, d] -> [M, N, a], one jitted call for every member and environment
-        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), next(action_calls))
+        # A fresh key, hence fresh candidates, on every call; counted in `progress`, so a resumed run draws the same.
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), progress.action_calls)
+        progress.action_calls += 1
         return act(states["params"], obs, goals, key) if gc else act(states["params"], obs, key)
 
     policy_sizes = members["policy_data_size"].tolist()
@@ -333,30 +339,40 @@ def main(config: Config) -> list[dict]:
                    **probe.train_val(policy), **probe.eval(rollout)}
         return envs.member_records("eval", step, seeds, metrics)
 
-    runs.log(envs.member_records("init", 0, seeds, probe.train_val(policy)))
-    bar = tqdm(total=config.steps, desc=f"{SCRIPT} {config.env}", disable=not config.progress, unit="step")
-    last_eval, best_success, start = [], np.full(M, -np.inf), time.time()
-    for step in range(config.log_interval, config.steps + 1, config.log_interval):
+    # --resume continues bit for bit: the device state, the loop's progress and metrics.jsonl up to the saved step.
+    states, progress = runs.restore(states, envs.Progress.start(M))
+    if progress.step == 0:
+        runs.log(envs.member_records("init", 0, seeds, probe.train_val(policy)))
+    resume_interval = config.eval_interval if config.resume_interval is None else config.resume_interval
+    bar = tqdm(total=config.steps, initial=progress.step, desc=f"{SCRIPT} {config.env}", disable=not config.progress,
+               unit="step")
+    start = time.time() - progress.seconds
+    for step in range(progress.step + config.log_interval, config.steps + 1, config.log_interval):
+        if step == config.debug_poison_step:
+            device_data = envs.poison(device_data)
         chunk_start = time.time()
         states, infos = train_chunk(states, device_data, members)
         infos = jax.device_get(infos)  # the only host transfer of a chunk
         records = envs.member_records("train", step, seeds, infos, seconds=time.time() - start,
                                       updates_per_second=config.log_interval / (time.time() - chunk_start))
-        if not all(math.isfinite(v) for r in records for v in r.values() if isinstance(v, float)):
-            raise FloatingPointError(f"non-finite loss at step {step}: {records[0]}")
+        runs.check_finite(step, records, states["params"])  # NaN / inf: failure.json, exit status 3
         if step % config.eval_interval == 0 or step == config.steps:
-            last_eval = evaluate(step)
-            best_success = np.maximum(best_success, [r["success"] for r in last_eval])
-            records += last_eval
-            bar.set_postfix(success=f"{np.mean([r['success'] for r in last_eval]):.2f}")
+            progress.last_eval = evaluate(step)
+            progress.best_success = np.maximum(progress.best_success, [r["success"] for r in progress.last_eval]
+                                               ).tolist()
+            records += progress.last_eval
+            bar.set_postfix(success=f"{np.mean([r['success'] for r in progress.last_eval]):.2f}")
         runs.log(records)
         if config.checkpoint_interval and step % config.checkpoint_interval == 0:
             runs.checkpoint(step, states["params"])
+        progress.step, progress.seconds = step, time.time() - start
+        if resume_interval and step % resume_interval == 0 and step < config.steps:
+            runs.save_resume(states, progress)
         bar.update(config.log_interval)
     bar.close()
 
     return runs.finish({"env": config.env, "script": SCRIPT, "steps": config.steps,
-                        "wall_seconds": time.time() - start}, last_eval, best_success)
+                        "wall_seconds": time.time() - start}, progress.last_eval, progress.best_success)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def test_2x2_sweep_completes_packs_and_skips_complete_runs(data_dir, tmp_path):
     assert sorted(first) == [f"{POINTMAZE}/iql_ddpgbc/v{v}_p{p}_s0/result.json" for v in (2000, 4000)
                              for p in (2000, 4000)]
     state = json.loads((alone / "sweep.json").read_text())
-    assert state["counts"] == {"done": 4, "skipped": 0, "failed": 0, "pending": 0} and state["finished"]
+    assert state["counts"] == {"done": 4, "skipped": 0, "failed": 0, "diverged": 0, "pending": 0}
+    assert state["finished"]
     for run in state["runs"]:
         saved = json.loads((Path(run["folder"]) / "result.json").read_text())
         assert (saved["value_data_size"], saved["policy_data_size"]) == (run["value_data_size"],

@@ -1,0 +1,184 @@
+"""Runs that survive: SIGKILL + --resume ends bit for bit where an uninterrupted run ends, the NaN guard (exit 3,
+failure.json), corrupted datasets, a full disk, and a table of bad inputs across every entry point (exit 2)."""
+
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import POINTMAZE, ROOT, run_script
+
+import envs
+
+SMALL = ["--env", POINTMAZE, "--log-interval", "50", "--hidden-dims", "32", "--batch-size", "32",
+         "--eval-episodes", "1", "--mse-samples", "64", "--no-progress"]
+TIMING = {"seconds", "updates_per_second"}  # the only numbers allowed to differ between two runs
+
+
+def comparable(folder: Path):
+    result = json.loads((folder / "result.json").read_text())
+    result.pop("wall_seconds")
+    records = [{k: v for k, v in r.items() if k not in TIMING} for r in envs.read_metrics(folder / "metrics.jsonl")]
+    return result, records
+
+
+def train_steps(folder: Path) -> list[int]:
+    return [r["step"] for r in envs.read_metrics(folder / "metrics.jsonl") if r["event"] == "train"]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_steps_then_resume_gives_the_uninterrupted_numbers(data_dir, tmp_path):
+    # SfBC: its evaluation samples candidates with a key counter, the host state a resume most easily forgets
+    args = [*SMALL, "--dataset-dir", str(data_dir), "--steps", "600", "--eval-interval", "200",
+            "--resume-interval", "50", "--num-seeds", "2"]
+    proc = run_script("algos/iql_sfbc.py", *args, "--out-dir", str(tmp_path / "straight"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(12):
+        command = [sys.executable, str(ROOT / "algos/iql_sfbc.py"), *args, "--out-dir", str(killed), "--resume"]
+        child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if kills < 3:  # kill it somewhere after its next log line, at a random moment of the following chunk
+            start = max(train_steps(killed), default=0)
+            deadline = time.time() + 120
+            while max(train_steps(killed), default=0) <= start and child.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.4))
+            if child.poll() is None:
+                child.kill()
+                kills += 1
+        child.wait(timeout=300)
+        if (killed / "result.json").exists():
+            break
+    assert kills == 3 and (killed / "result.json").exists()
+    assert not (killed / envs.RESUME_DIR).exists()  # a complete run keeps no resume state
+    assert comparable(killed) == comparable(tmp_path / "straight")
+    assert train_steps(killed) == [s for s in range(50, 601, 50) for _ in range(2)]
+
+
+def test_nan_guard_exits_3_names_the_step_and_keeps_the_last_good_state(data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("algos/iql_ddpgbc.py", *SMALL, "--dataset-dir", str(data_dir), "--steps", "200",
+                      "--eval-interval", "200", "--resume-interval", "50", "--debug-poison-step", "150",
+                      "--out-dir", str(out))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "non-finite" in proc.stderr and "step 150" in proc.stderr
+    failure = json.loads((out / "failure.json").read_text())
+    assert failure["step"] == 150 and "critic_loss" in failure["non_finite"] and "parameters" in failure["non_finite"]
+    assert [r["step"] for r in failure["last_finite_metrics"]] == [100]
+    assert not (out / "result.json").exists()
+    assert envs.resume_steps(out) == [50, 100]  # the states before the poison, intact and loadable
+    with np.load(out / envs.RESUME_DIR / "state_00000100.npz") as state:
+        assert all(np.isfinite(state[k]).all() for k in state.files if state[k].dtype.kind == "f")
+    # a sweep reports it as diverged (no retry: it would diverge again), distinct from a crash
+    sweep = tmp_path / "sweep"
+    proc = run_script("scaling.py", "--envs", POINTMAZE, "--scripts", "iql_ddpgbc", "--steps", "100",
+                      "--dataset-dir", str(data_dir), "--sweep-dir", str(sweep), "--no-progress", "--",
+                      *SMALL[2:-1], "--eval-interval", "100", "--debug-poison-step", "100")
+    assert proc.returncode == 1 and "diverged 1" in proc.stdout and "DIVERGED" in proc.stdout, proc.stdout
+    [run] = json.loads((sweep / "sweep.json").read_text())["runs"]
+    assert run["status"] == "diverged" and run["diverged_at_step"] == 100 and run["attempts"] == 1
+
+
+def test_resume_refuses_other_flags_and_starts_afresh_without_a_state(data_dir, tmp_path):
+    out = tmp_path / "run"
+    base = [*SMALL, "--dataset-dir", str(data_dir), "--steps", "200", "--eval-interval", "100",
+            "--resume-interval", "50", "--out-dir", str(out)]
+    proc = run_script("algos/bc.py", *base, "--debug-poison-step", "200")
+    assert proc.returncode == 3 and envs.resume_steps(out) == [100, 150]
+    proc = run_script("algos/bc.py", *base, "--resume", "--batch-size", "64")
+    assert proc.returncode == 2 and "other values of batch_size" in proc.stderr, proc.stderr[-2000:]
+    proc = run_script("algos/bc.py", *base, "--resume")  # the same flags (the hook off): from step 150 on
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert train_steps(out) == [50, 100, 150, 200] and not (out / "failure.json").exists()
+    fresh = tmp_path / "fresh"  # --resume without a resume state starts at step 0
+    proc = run_script("algos/bc.py", *base[:-1], str(fresh), "--resume")
+    assert proc.returncode == 0 and train_steps(fresh) == [50, 100, 150, 200], proc.stderr[-2000:]
+
+
+def test_metrics_reader_skips_a_line_cut_by_a_kill(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "train", "step": 50}\n{"event": "train", "step": 100}\n{"event": "tr')
+    assert [r["step"] for r in envs.read_metrics(path)] == [50, 100]
+
+
+def test_a_full_disk_never_leaves_a_file_looking_complete(tmp_path, monkeypatch):
+    def full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full)
+    with pytest.raises(envs.UsageError, match="No space left on device; free space"):
+        envs.write_json_atomic(tmp_path / "result.json", {"success": 1.0})
+    assert list(tmp_path.iterdir()) == []  # neither result.json nor a temporary file
+
+
+def corrupted_datasets(data_dir: Path, root: Path) -> list[tuple[str, str]]:
+    """(dataset folder, expected message) for a truncated file, a missing key and a wrong dtype."""
+    source = data_dir / f"{POINTMAZE}.npz"
+    with np.load(source) as arrays:
+        good = {k: arrays[k] for k in arrays.files}
+    cases = []
+    for name, message in [("truncated", "the file is damaged"), ("missing", "has no key 'actions'"),
+                          ("dtype", "key 'observations' has shape")]:
+        folder = root / name
+        folder.mkdir()
+        target = folder / f"{POINTMAZE}.npz"
+        if name == "truncated":
+            target.write_bytes(source.read_bytes()[:5000])
+        elif name == "missing":
+            np.savez(target, **{k: v for k, v in good.items() if k != "actions"})
+        else:
+            np.savez(target, **{**good, "observations": good["observations"].astype(str)})
+        cases.append((str(folder), message))
+    return cases
+
+
+def test_bad_inputs_across_every_entry_point_exit_2_with_one_line(data_dir, tmp_path):
+    out = tmp_path / "out"
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    script = lambda name, *extra: (f"algos/{name}.py", [*SMALL, "--dataset-dir", str(data_dir), "--steps", "100",  # noqa: E731
+                                                       "--eval-interval", "100", "--out-dir", str(out), *extra])
+    sweep = lambda *extra: ("scaling.py", ["--dataset-dir", str(data_dir), "--sweep-dir", str(out), *extra])  # noqa: E731
+    cases = [
+        (("envs.py", ["generate", "pointmaze-medium-navigat-v0", "--dataset-dir", str(out)]), "did you mean"),
+        (("envs.py", ["generate", "antmaze-large-navigate-v0", "--dataset-dir", str(out)]), "antmaze"),
+        (("envs.py", ["generate", POINTMAZE, "--num-episodes", "0", "--dataset-dir", str(out)]), "--num-episodes"),
+        (script("iql_ddpgbc", "--env", "pointmaze-medium-navigat-v0"), "did you mean pointmaze-medium-navigate-v0"),
+        (script("iql_ddpgbc", "--env", "cube-double-play-v0"), "python envs.py generate cube-double-play-v0"),
+        (script("iql_ddpgbc", "--dataset-dir", str(tmp_path / "nowhere")), "python envs.py generate"),
+        (script("iql_ddpgbc", "--value-data-size", "10000000"), "--value-data-size 10000000 is out of range"),
+        (script("sarsa_awr", "--policy-data-size", "0"), "--policy-data-size 0 is out of range"),
+        (script("iql_awr", "--alpha", "-1"), "--alpha must be >= 0"),
+        (script("crl_awr", "--env", "pointmaze-medium-navigate-singletask-v0"), "needs a goal-conditioned"),
+        (script("iql_sfbc", "--num-samples", "0"), "--num-samples"),
+        (script("bc", "--steps", "120"), "multiple of --log-interval"),
+        (script("iql_ddpgbc", "--resume-interval", "70"), "--resume-interval must be 0 or a multiple"),
+        (script("iql_ddpgbc", "--debug-poison-step", "-50"), "--debug-poison-step must be 0 or a multiple"),
+        (script("iql_ddpgbc", "--out-dir", str(not_a_folder / "run")), "cannot write to --out-dir"),
+        (script("iql_ddpgbc", "--members-file", str(tmp_path / "absent.json")), "cannot read --members-file"),
+        (sweep("--scripts", "iql_dpgbc"), "--scripts: iql_dpgbc is not a script"),
+        (sweep("--envs", "pointmaze-medium-navigat-v0"), "did you mean pointmaze-medium-navigate-v0"),
+        (sweep("--value-sizes", "2000", "2000"), "--value-sizes must be distinct positive"),
+        (sweep("--policy-sizes", "99999999"), "--policy-sizes 99999999 exceeds the"),
+        (sweep("--awr-alphas", "nan"), "--awr-alphas must be finite"),
+        (sweep("--retries", "-1"), "--retries >= 0"),
+    ]
+    for folder, message in corrupted_datasets(data_dir, tmp_path):
+        cases.append((script("iql_ddpgbc", "--dataset-dir", folder), message))
+    if (ROOT / "analyze.py").exists():
+        cases += [(("analyze.py", [str(tmp_path / "no-sweep")]), "no-sweep"),
+                  (("analyze.py", [str(tmp_path)]), "no run folders")]
+    assert len(cases) >= 20
+    for (entry, args), message in cases:
+        proc = run_script(entry, *args)
+        assert proc.returncode == 2, (entry, args[-4:], proc.stderr[-2000:])
+        assert message in proc.stderr, (entry, message, proc.stderr[-2000:])
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+        assert not list(out.rglob("result.json")), (entry, args)  # nothing looks complete
