@@ -264,12 +264,26 @@ def _load_exorl(spec: EnvSpec, path: Path) -> dict[str, np.ndarray]:
                          f"<dataset-dir>/{spec.dataset_name}/buffer/*.npz")
     env = _dmc_env(spec)
     chunks = {k: [] for k in TRANSITION_KEYS}
+    state_size = len(env.physics.get_state())
     for file in files:
-        with np.load(file) as episode:
-            missing = [k for k in ("observation", "action", "physics") if k not in episode]
-            if missing:
-                raise UsageError(f"ExORL episode {file} lacks key(s) {missing}; expected observation, action, physics")
-            obs, act, physics = episode["observation"], episode["action"], episode["physics"]
+        try:
+            with np.load(file) as episode:
+                missing = [k for k in ("observation", "action", "physics") if k not in episode]
+                if missing:
+                    raise UsageError(f"ExORL episode {file} lacks key(s) {missing}; expected observation [T+1, d], "
+                                     f"action [T+1, a], physics [T+1, {state_size}]")
+                obs, act, physics = episode["observation"], episode["action"], episode["physics"]
+        except UsageError:
+            raise
+        except Exception as error:  # truncated or not an .npz at all (zipfile.BadZipFile, OSError, ...)
+            raise UsageError(f"cannot read ExORL episode {file} ({type(error).__name__}); the file is damaged: "
+                             "re-download it") from error
+        expected = {"observation": (len(obs), None), "action": (len(obs), None), "physics": (len(obs), state_size)}
+        for key, array in (("observation", obs), ("action", act), ("physics", physics)):
+            length, width = expected[key]
+            if array.ndim != 2 or len(array) != length or len(array) < 2 or (width and array.shape[1] != width):
+                raise UsageError(f"ExORL episode {file}: key '{key}' has shape {array.shape}, expected "
+                                 f"[T+1, {width or 'd'}] with T+1 = {length} >= 2 rows like 'observation'")
         # ExORL episodes start with a dummy step: observation[0] is the reset state, action[0] is a placeholder.
         # Transition t (1..T) is (observation[t-1], action[t], reward(physics[t]), observation[t]).
         rewards = np.empty(len(physics) - 1, np.float32)

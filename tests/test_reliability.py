@@ -139,6 +139,26 @@ def corrupted_datasets(data_dir: Path, root: Path) -> list[tuple[str, str]]:
     return cases
 
 
+def corrupted_exorl(data_dir: Path, root: Path) -> list[tuple[str, str]]:
+    """(dataset folder, expected message) for ExORL episode files lacking a key, with a wrong shape, or truncated."""
+    source = sorted((data_dir / "walker" / "random" / "buffer").glob("*.npz"))[0]
+    with np.load(source) as arrays:
+        good = {k: arrays[k] for k in arrays.files}
+    cases = []
+    for name, message in [("no-physics", "lacks key(s) ['physics']"), ("shape", "key 'physics' has shape"),
+                          ("cut", "cannot read ExORL episode")]:
+        buffer = root / name / "walker" / "random" / "buffer"
+        buffer.mkdir(parents=True)
+        if name == "no-physics":
+            np.savez(buffer / "episode.npz", **{k: v for k, v in good.items() if k != "physics"})
+        elif name == "shape":
+            np.savez(buffer / "episode.npz", **{**good, "physics": good["physics"][:, :3]})
+        else:
+            (buffer / "episode.npz").write_bytes(source.read_bytes()[:3000])
+        cases.append((str(root / name), message))
+    return cases
+
+
 def test_bad_inputs_across_every_entry_point_exit_2_with_one_line(data_dir, tmp_path):
     out = tmp_path / "out"
     not_a_folder = tmp_path / "a-file"
@@ -172,6 +192,8 @@ def test_bad_inputs_across_every_entry_point_exit_2_with_one_line(data_dir, tmp_
     ]
     for folder, message in corrupted_datasets(data_dir, tmp_path):
         cases.append((script("iql_ddpgbc", "--dataset-dir", folder), message))
+    for folder, message in corrupted_exorl(data_dir, tmp_path):
+        cases.append((script("iql_ddpgbc", "--env", "walker-run-random", "--dataset-dir", folder), message))
     if (ROOT / "analyze.py").exists():
         cases += [(("analyze.py", [str(tmp_path / "no-sweep")]), "no-sweep"),
                   (("analyze.py", [str(tmp_path)]), "no run folders")]
