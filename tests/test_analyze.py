@@ -1,0 +1,314 @@
+"""analyze.py on synthetic run folders with known numbers: verdicts, best alpha, table numbers, artefacts, excluded
+runs, missing cells, bad input. No training anywhere: result.json files are written by `write_cell` below."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import POINTMAZE, run_script
+
+import analyze
+import envs
+
+SIZES = (10_000, 30_000, 90_000)
+
+
+def write_cell(root: Path, per_seed: dict[int, float], *, env: str = POINTMAZE, script: str = "iql_ddpgbc",
+               v: int | None = 10_000, p: int = 10_000, alpha: float | None = 0.3, split: bool = True,
+               best_offset: float = 0.1, mse: tuple | None = (0.1, 0.2, 0.5), returns: dict | None = None,
+               test_time: str = "none", testtime: dict | None = None, tag: str = "") -> list[Path]:
+    """result.json (and config.json) for one cell, in the layout and format the scripts write: one folder per seed
+    like scaling.py (`split`), or one folder holding every seed as members. Returns the folders."""
+    name = ("" if v is None else f"v{v}_") + f"p{p}" + ("" if alpha is None else f"_a{alpha:g}") + tag
+    groups = [[s] for s in per_seed] if split else [list(per_seed)]
+    folders = []
+    for seeds in groups:
+        folder = root / env / script / (f"{name}_s{seeds[0]}" if split else name)
+        per_member = {"success": [per_seed[s] for s in seeds],
+                      "return": [(returns or {}).get(s, -100.0 + per_seed[s]) for s in seeds],
+                      "best_success": [per_seed[s] + best_offset for s in seeds]}
+        for k, key in enumerate(("train_mse", "val_mse", "eval_mse")):
+            per_member[key] = [mse[k] + 0.01 * s for s in seeds] if mse else ["n/a"] * len(seeds)
+        header = {"env": env, "script": script, "steps": 1000, "seeds": seeds, "value_data_size": v,
+                  "policy_data_size": p, "alpha": alpha, "wall_seconds": 1.0}
+        if test_time != "none":
+            header["test_time"] = test_time
+            per_member["testtime_success"] = [testtime[s] for s in seeds]
+            per_member["testtime_return"] = [testtime[s] - 100.0 for s in seeds]
+            per_member["testtime_eval_mse"] = [0.3] * len(seeds)
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"config": {"steps": 1000, "seed": seeds[0]}}))
+        (folder / "result.json").write_text(json.dumps({**header, **envs.summarize(per_member)}))
+        folders.append(folder)
+    return folders
+
+
+def matrices_of(root: Path, metric: str = "success") -> dict[str, analyze.Matrix]:
+    runs = analyze.load_sweep(root).runs
+    envs_ = {r.env for r in runs}
+    return {m.script: m for m in analyze.build_matrices(runs, {e: metric for e in envs_})}
+
+
+def test_verdicts_policy_value_both_flat_and_noise(tmp_path):
+    rng = np.random.default_rng(0)
+    patterns = {
+        "iql_ddpgbc": (lambda i, j: 0.2 + 0.15 * j, 0.01),  # only the policy axis
+        "sarsa_ddpgbc": (lambda i, j: 0.2 + 0.15 * i, 0.01),  # only the value axis
+        "iql_awr": (lambda i, j: 0.2 + 0.1 * (i + j), 0.01),  # both, equally
+        "sarsa_awr": (lambda i, j: 0.4, 0.01),  # neither: seed noise only
+        "crl_ddpgbc": (lambda i, j: 0.3 + 0.05 * j, 0.15),  # a policy trend buried in seed noise
+    }
+    written = {}
+    for script, (f, sd) in patterns.items():
+        for i, v in enumerate(SIZES):
+            for j, p in enumerate(SIZES):
+                values = {s: f(i, j) + sd * float(rng.standard_normal()) for s in range(4)}
+                written[(script, i, j)] = values
+                write_cell(tmp_path, values, script=script, v=v, p=p)
+    matrices = matrices_of(tmp_path)
+    got = {script: analyze.verdict(matrices[script]) for script in patterns}
+    assert {s: v["verdict"] for s, v in got.items()} == {
+        "iql_ddpgbc": "policy-bounded", "sarsa_ddpgbc": "value-bounded", "iql_awr": "both", "sarsa_awr": "flat",
+        "crl_ddpgbc": "flat"}
+    # the numbers behind them, by hand from what was written
+    for script in patterns:
+        mean = np.array([[np.mean(list(written[(script, i, j)].values())) for j in range(3)] for i in range(3)])
+        assert got[script]["policy_change"] == pytest.approx(np.mean(mean[:, 2] - mean[:, 0]))
+        assert got[script]["value_change"] == pytest.approx(np.mean(mean[2, :] - mean[0, :]))
+        variance = np.mean([np.var(list(written[(script, i, j)].values()), ddof=1) for i in range(3) for j in range(3)])
+        assert got[script]["noise"] == pytest.approx(math.sqrt(2 * variance / 4))
+    assert got["iql_ddpgbc"]["policy_change"] == pytest.approx(0.3, abs=0.03)
+    # the noisy one is flat because of the noise rule, not the absolute floor
+    noisy = got["crl_ddpgbc"]
+    assert abs(noisy["policy_change"]) > noisy["floor"] and abs(noisy["policy_change"]) < 2 * noisy["noise"]
+    # a looser threshold lets that trend through; with --dominance 1, "both" goes to the axis that changed more
+    assert analyze.verdict(matrices["crl_ddpgbc"], threshold=0.1)["policy_matters"] is True
+    both = got["iql_awr"]
+    larger = "policy-bounded" if abs(both["policy_change"]) > abs(both["value_change"]) else "value-bounded"
+    assert analyze.verdict(matrices["iql_awr"], dominance=1.0)["verdict"] == larger
+
+
+def test_verdict_with_one_size_on_an_axis_says_n_a(tmp_path):
+    for p, level in ((10_000, 0.1), (90_000, 0.5)):  # coverage-like: one value size, two policy sizes
+        write_cell(tmp_path, {0: level, 1: level + 0.01, 2: level - 0.01}, v=90_000, p=p)
+    result = analyze.verdict(matrices_of(tmp_path)["iql_ddpgbc"])
+    assert math.isnan(result["value_change"]) and result["value_matters"] is None
+    assert result["policy_matters"] is True and result["verdict"] == "policy matters (value n/a)"
+
+
+def test_best_alpha_is_chosen_by_the_mean_over_seeds(tmp_path):
+    write_cell(tmp_path, {0: 0.9, 1: 0.1, 2: 0.1, 3: 0.1}, alpha=0.1)  # best single seed, mean 0.3
+    write_cell(tmp_path, {0: 0.5, 1: 0.5, 2: 0.5, 3: 0.5}, alpha=1.0)  # mean 0.5
+    write_cell(tmp_path, {0: 0.4, 1: 0.4}, alpha=0.1, p=90_000)  # a tie: the smaller alpha
+    write_cell(tmp_path, {0: 0.2, 1: 0.6}, alpha=1.0, p=90_000)
+    m = matrices_of(tmp_path)["iql_ddpgbc"]
+    assert m.alpha[0] == [1.0, 0.1]
+    assert m.mean[0, 0] == pytest.approx(0.5) and m.std[0, 0] == pytest.approx(0.0) and m.n[0, 0] == 4
+    assert m.seeds[0][0] == {0: 0.5, 1: 0.5, 2: 0.5, 3: 0.5}
+
+
+def test_missing_cells_are_nan_and_a_single_run_folder_works(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    write_cell(sweep, {0: 0.0, 1: 0.0}, v=10_000, p=10_000)  # a real zero stays zero
+    write_cell(sweep, {0: 0.2, 1: 0.4}, v=10_000, p=90_000)
+    write_cell(sweep, {0: 0.3, 1: 0.5}, v=90_000, p=10_000)  # (90k, 90k) is missing
+    m = matrices_of(sweep)["iql_ddpgbc"]
+    assert m.mean[0, 0] == 0.0 and math.isnan(m.mean[1, 1]) and m.n[1, 1] == 0
+    assert m.mean[0, 1] == pytest.approx(0.3) and m.mean[1, 0] == pytest.approx(0.4)
+    analyze.main(analyze.Args(str(sweep), only=("table", "verdicts")))
+    summary = json.loads((sweep / "analysis" / "summary.json").read_text())
+    assert summary["matrices"][0]["mean"] == [[0.0, pytest.approx(0.3)], [pytest.approx(0.4), None]]
+    # one run folder holding two members (seeds) as SWEEP_DIR
+    [single] = write_cell(tmp_path / "one", {3: 0.25, 4: 0.75}, split=False)
+    out = tmp_path / "single-out"
+    written = analyze.main(analyze.Args(str(single), out=str(out), only=("table", "verdicts")))
+    assert {p.name for p in written} == {"table.md", "table.csv", "table.tex", "verdicts.md", "verdicts.csv",
+                                         "summary.json"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"complete": 1, "incomplete": 0, "failed": 0, "diverged": 0}
+    [cell] = summary["cells"]
+    assert cell["seeds"] == [3, 4] and cell["success"] == {"mean": 0.5, "std": 0.25, "n_seeds": 2}
+    assert "1 complete run folders (2 seeds)" in capsys.readouterr().out
+
+
+def test_incomplete_failed_and_diverged_runs_are_reported_and_left_out(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_cell(sweep, {0: 0.2, 1: 0.2})
+    # incomplete: config.json and metrics.jsonl whose last line a kill cut short
+    incomplete = sweep / POINTMAZE / "iql_ddpgbc" / "v10000_p90000_a0.3_s0"
+    incomplete.mkdir(parents=True)
+    (incomplete / "config.json").write_text(json.dumps({"config": {"steps": 1000}}))
+    (incomplete / "metrics.jsonl").write_text('{"event": "train", "step": 100}\n{"event": "train", "step": 200}\n'
+                                              '{"event": "train", "st')
+    # marked failed / diverged in sweep.json although a result.json with outlandish numbers is there
+    [failed] = write_cell(sweep, {2: 1.0})
+    [diverged] = write_cell(sweep, {3: 1.0})
+    # diverged outside any sweep.json: failure.json and no result.json
+    loose = sweep / POINTMAZE / "iql_ddpgbc" / "v30000_p30000_a0.3_s0"
+    loose.mkdir(parents=True)
+    (loose / "config.json").write_text("{}")
+    (loose / "failure.json").write_text(json.dumps({"step": 500, "non_finite": ["critic_loss"]}))
+    typed = "sweeps/moved-since"  # the --sweep-dir as typed when the sweep ran; the folder has moved since
+    rel = lambda folder: f"{typed}/{folder.relative_to(sweep)}"  # noqa: E731
+    runs = [{"folder": rel(sweep / POINTMAZE / "iql_ddpgbc" / f"v10000_p10000_a0.3_s{s}"), "status": "done"}
+            for s in (0, 1)]
+    runs += [{"folder": rel(failed), "status": "failed", "exit_status": 1, "attempts": 2,
+              "stderr_tail": "Traceback\nValueError: boom"},
+             {"folder": rel(diverged), "status": "diverged", "exit_status": 3, "diverged_at_step": 700,
+              "non_finite": ["actor_loss"]},
+             {"folder": f"{typed}/{POINTMAZE}/crl_ddpgbc/v10000_p10000_s0", "status": "failed", "exit_status": 2,
+              "stderr_tail": "error: crl_ddpgbc needs a goal-conditioned environment"}]
+    (sweep / "sweep.json").write_text(json.dumps({"settings": {"sweep_dir": typed}, "runs": runs}))
+    proc = run_script("analyze.py", str(sweep), "--only", "table", "verdicts", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 complete run folders (2 seeds), 1 incomplete, 2 failed, 2 diverged" in proc.stdout, proc.stdout
+    assert "step 200 of 1000" in proc.stdout and "ValueError: boom" in proc.stdout
+    assert "non-finite actor_loss at step 700" in proc.stdout and "non-finite critic_loss at step 500" in proc.stdout
+    assert "needs a goal-conditioned environment" in proc.stdout
+    summary = json.loads((sweep / "analysis" / "summary.json").read_text())
+    assert summary["counts"] == {"complete": 2, "incomplete": 1, "failed": 2, "diverged": 2}
+    assert summary["incomplete"] == [{"folder": str(incomplete), "last_step": 200, "steps": 1000}]
+    assert {Path(f["folder"]).name for f in summary["failed"]} == {failed.name, "v10000_p10000_s0"}
+    [cell] = summary["cells"]
+    assert cell["seeds"] == [0, 1] and cell["success"]["mean"] == pytest.approx(0.2)
+    rows = list(csv.DictReader((sweep / "analysis" / "table.csv").open()))
+    assert float(rows[0]["ddpgbc_mean"]) == pytest.approx(0.2) and rows[0]["ddpgbc_seeds"] == "2"
+
+
+def by_hand(cells: dict, offset: float = 0.0) -> tuple[float, float]:
+    """Matrix average and its seed spread from {(v, p): {alpha: {seed: value}}}: per cell the alpha with the best
+    mean, the mean of those cell means, the std of the per-seed averages."""
+    chosen = []
+    for alphas in cells.values():
+        best = max(sorted(alphas), key=lambda a: sum(alphas[a].values()) / len(alphas[a]))
+        chosen.append(alphas[best])
+    mean = sum(sum(c.values()) / len(c) for c in chosen) / len(chosen) + offset
+    per_seed = [sum(c[s] for c in chosen) / len(chosen) for s in chosen[0]]
+    return mean, float(np.std(per_seed))
+
+
+def test_every_artefact_is_written_and_the_table_holds_the_hand_computed_means(tmp_path):
+    sweep = tmp_path / "sweep"
+    seeds = (0, 1, 2)
+    grid = {}  # script -> {(v, p): {alpha: {seed: value}}}
+    alphas = {"iql_ddpgbc": (0.03, 0.3), "iql_awr": (1.0, 3.0), "sarsa_ddpgbc": (0.3,), "iql_sfbc": (None,)}
+    base = {"iql_ddpgbc": 0.5, "iql_awr": 0.3, "sarsa_ddpgbc": 0.4, "iql_sfbc": 0.2}
+    for script, script_alphas in alphas.items():
+        for i, v in enumerate((10_000, 90_000)):
+            for j, p in enumerate((10_000, 90_000)):
+                for k, alpha in enumerate(script_alphas):
+                    # alpha k's advantage flips between cells, so the best alpha differs per cell
+                    values = {s: round(base[script] + 0.1 * j + 0.02 * i + 0.05 * k * (-1) ** (i + j) + 0.01 * s, 4)
+                              for s in seeds}
+                    grid.setdefault(script, {}).setdefault((v, p), {})[alpha] = values
+                    write_cell(sweep, values, script=script, v=v, p=p, alpha=alpha)
+    bc = {10_000: {s: 0.35 + 0.01 * s for s in seeds}, 90_000: {s: 0.45 for s in seeds}}
+    for p, values in bc.items():
+        write_cell(sweep, values, script="bc", v=None, p=p, alpha=None)
+    # test-time runs of the all-data cell at alpha 0.3: the same plain numbers, then OPEX / TTT
+    plain = grid["iql_ddpgbc"][(90_000, 90_000)][0.3]
+    for method, gain in (("opex", 0.1), ("ttt", 0.2)):
+        write_cell(sweep, plain, v=90_000, p=90_000, alpha=0.3, test_time=method,
+                   testtime={s: plain[s] + gain for s in seeds}, tag=f"_{method}")
+    out = tmp_path / "out"
+    proc = run_script("analyze.py", str(sweep), "--out", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = {"table.md", "table.csv", "table.tex", "verdicts.md", "verdicts.csv", "summary.json"}
+    names |= {f"{kind}_{POINTMAZE}.{fmt}" for kind in ("matrices", "generalization", "testtime")
+              for fmt in ("png", "pdf")}
+    assert {p.name for p in out.iterdir()} == names
+    assert all((out / name).stat().st_size > 0 for name in names)
+    # four scripts over two value learners: a 2 x 3 grid of panels, exactly figsize x dpi pixels
+    assert analyze.panel_layout(list(alphas))[:2] == (2, 3)
+    width, height = analyze.matrix_figsize(2, 3)
+    from matplotlib.image import imread
+
+    assert imread(out / f"matrices_{POINTMAZE}.png").shape[:2] == (round(height * analyze.DPI),
+                                                                     round(width * analyze.DPI))
+    rows = {(r["kind"], r["value_learner"]): r for r in csv.DictReader((out / "table.csv").open())}
+    assert set(rows) == {("final", "iql"), ("final", "sarsa"), ("best", "iql"), ("best", "sarsa")}
+    for kind, offset in (("final", 0.0), ("best", 0.1)):
+        for script in alphas:
+            learner, extractor = script.split("_")
+            mean, std = by_hand(grid[script], offset)
+            assert float(rows[(kind, learner)][f"{extractor}_mean"]) == pytest.approx(mean, rel=1e-5), (kind, script)
+            assert float(rows[(kind, learner)][f"{extractor}_std"]) == pytest.approx(std, rel=1e-4, abs=1e-6)
+        bc_mean = np.mean([np.mean(list(c.values())) for c in bc.values()]) + offset
+        assert float(rows[(kind, "iql")]["bc_mean"]) == pytest.approx(bc_mean, rel=1e-5)
+        assert rows[(kind, "iql")]["best_extractor"] == "ddpgbc" and rows[(kind, "sarsa")]["best_extractor"] == "ddpgbc"
+    md = (out / "table.md").read_text()
+    assert f"**{by_hand(grid['iql_ddpgbc'])[0]:.3f} ±" in md and "\\textbf{" in (out / "table.tex").read_text()
+    verdicts = list(csv.DictReader((out / "verdicts.csv").open()))
+    assert sorted(v["script"] for v in verdicts) == sorted(alphas)  # bc is not a matrix
+    assert "bottleneck verdicts" in proc.stdout and "policy-bounded" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    [tt] = summary["testtime"][POINTMAZE]
+    assert tt["script"] == "iql_ddpgbc"
+    plain_mean = np.mean(list(plain.values()))
+    assert tt["plain"]["mean"] == pytest.approx(plain_mean) and tt["plain"]["n_seeds"] == 3
+    assert tt["opex"]["mean"] == pytest.approx(plain_mean + 0.1)
+    assert tt["ttt"]["mean"] == pytest.approx(plain_mean + 0.2)
+    generalization = {r["script"]: r for r in summary["generalization"][POINTMAZE]}["iql_ddpgbc"]
+    assert (generalization["value_size"], generalization["policy_size"], generalization["alpha"]) == (90_000, 90_000,
+                                                                                                     0.3)
+    assert generalization["eval_mse"]["mean"] == pytest.approx(0.5 + 0.01)  # 0.5 + 0.01 x seed, seeds 0, 1, 2
+    cell = next(c for c in summary["cells"] if c["script"] == "iql_awr" and c["alpha"] == 3.0
+                and c["value_data_size"] == 10_000 and c["policy_data_size"] == 10_000)
+    expected = list(grid["iql_awr"][(10_000, 10_000)][3.0].values())
+    assert cell["success"] == {"mean": pytest.approx(np.mean(expected)), "std": pytest.approx(np.std(expected)),
+                               "n_seeds": 3}
+
+
+def test_dm_control_uses_return_and_skips_mse_plots(tmp_path, capsys):
+    for p, level in ((10_000, 100.0), (90_000, 300.0)):
+        write_cell(tmp_path, {0: 0.0, 1: 0.0}, env="walker-run", v=90_000, p=p, mse=None,
+                   returns={0: level, 1: level + 10.0})
+    analyze.main(analyze.Args(str(tmp_path), only=("generalization", "verdicts")))
+    printed = capsys.readouterr().out
+    assert "generalization: skipped" in printed and "testtime: skipped" not in printed
+    summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
+    assert summary["metric"] == {"walker-run": "return"}
+    [m] = summary["matrices"]
+    assert m["mean"] == [[pytest.approx(105.0), pytest.approx(305.0)]]
+    [v] = summary["verdicts"]
+    assert v["floor"] == pytest.approx(0.02 * 305.0) and v["policy_change"] == pytest.approx(200.0)
+    assert summary["table"][0]["kind"] == "final" and all(r["kind"] != "best" for r in summary["table"])
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    unfinished = tmp_path / "unfinished" / "run"
+    unfinished.mkdir(parents=True)
+    (unfinished / "config.json").write_text("{}")
+    broken = tmp_path / "broken"
+    [damaged] = write_cell(broken, {0: 0.5})
+    (damaged / "result.json").write_text('{"env": "pointmaze')
+    keyless = tmp_path / "keyless"
+    [folder] = write_cell(keyless, {0: 0.5})
+    result = json.loads((folder / "result.json").read_text())
+    del result["success"]
+    (folder / "result.json").write_text(json.dumps(result))
+    good = tmp_path / "good"
+    write_cell(good, {0: 0.5})
+    cases = [
+        ([str(tmp_path / "nowhere")], "does not exist"),
+        ([str(empty)], "holds no run folders"),
+        ([str(tmp_path / "unfinished")], "holds no complete run (1 incomplete"),
+        ([str(broken)], f"{damaged / 'result.json'} is not valid JSON"),
+        ([str(keyless)], f"{folder / 'result.json'} lacks key 'success'"),
+        ([str(good), "--threshold", "-1"], "--threshold must be"),
+    ]
+    for args, message in cases:
+        proc = run_script("analyze.py", *args, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-2000:])
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith("error: ")
+    # tyro rejects an unknown artefact or format itself, also with exit status 2
+    for flag, bad in (("--only", "tables"), ("--format", "svg")):
+        proc = run_script("analyze.py", str(good), flag, bad, timeout=120)
+        assert proc.returncode == 2 and bad in proc.stderr, proc.stderr[-2000:]
+    assert not (good / "analysis").exists()
