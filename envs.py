@@ -8,6 +8,7 @@ Sections, top to bottom:
   5. oracles    the noiseless scripted expert's action for any (state, goal): pointmaze, cube-single
   6. rollouts   lockstep evaluation of a batched policy on the environment's evaluation tasks, and the
                 train / validation / evaluation MSE against the oracle (OracleProbe)
+  6b. test time OPEX and TTT: test-time policy improvement for any script with a Q function (TestTime)
   7. run folders config.json / metrics.jsonl / result.json / checkpoints, written atomically; result summary
   8. CLI        `python envs.py generate ...`, `python envs.py list`
 
@@ -25,6 +26,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import dataclasses
 import difflib
 import glob
+import itertools
 import json
 import math
 import sys
@@ -936,6 +938,165 @@ class OracleProbe:
         return {"eval_mse": np.bincount(member_of_row, errors, M) / np.bincount(member_of_row, minlength=M)}
 
 
+def rollout_metrics(rollout: dict, probe: OracleProbe, prefix: str = "") -> dict[str, np.ndarray]:
+    """Per-member success, return and evaluation MSE of an `Evaluator.evaluate` rollout, names prefixed."""
+    metrics = {"success": rollout["success"].mean(1), "return": rollout["returns"].mean(1), **probe.eval(rollout)}
+    return {prefix + k: v for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6b. Test-time policy improvement: OPEX and TTT (the paper's remedies for poor test-time generalization)
+# ----------------------------------------------------------------------------------------------------------------
+# A script with a Q function hands TestTime three single-member functions: its action rule `act(params, obs, goals,
+# key)`, the Q its extractor maximises `q_value(params, obs, goals, actions) -> [N]`, and its policy's mean
+# `mean_action(actor_params, obs, goals)`. Evaluation then runs the same episodes twice, plainly and with the
+# test-time method, and logs both side by side (`testtime_success`, `testtime_return`, `testtime_eval_mse`).
+
+TEST_TIME_PREFIX = "testtime_"
+
+
+def check_test_time_flags(config) -> None:
+    """The test-time flags every script with a Q function shares (`--test-time` itself is a tyro Literal)."""
+    checks = [
+        (config.opex_steps >= 1, f"--opex-steps must be >= 1, got {config.opex_steps}"),
+        (config.opex_beta >= 0, f"--opex-beta must be >= 0, got {config.opex_beta}"),
+        (config.ttt_steps_per_env_step >= 1,
+         f"--ttt-steps-per-env-step must be >= 1, got {config.ttt_steps_per_env_step}"),
+        (config.ttt_lr >= 0, f"--ttt-lr must be >= 0, got {config.ttt_lr}"),
+        (config.ttt_batch_size >= 1, f"--ttt-batch-size must be >= 1, got {config.ttt_batch_size}"),
+        (config.ttt_alpha >= 0, f"--ttt-alpha must be >= 0, got {config.ttt_alpha}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def opex_actions(q_of_actions: Callable, actions, beta: float, steps: int, normalize: bool):
+    """OPEX: `steps` moves up the frozen Q, a <- clip(a + beta * g, -1, 1) with g = dQ(s, a)/da, divided by its norm
+    per state when `normalize` (then beta is the step length in action units). No parameter changes."""
+    import jax
+    import jax.numpy as jnp
+
+    def move(a, _):
+        g = jax.grad(lambda a: q_of_actions(a).sum())(a)  # states are independent: the sum's gradient is per state
+        if normalize:
+            g = g / (jnp.linalg.norm(g, axis=-1, keepdims=True) + 1e-8)
+        return jnp.clip(a + beta * g, -1.0, 1.0), None
+
+    return jax.lax.scan(move, actions, None, length=steps)[0]
+
+
+def ttt_loss(actor_params, anchor_actions, params, obs, goals, q_value: Callable, mean_action: Callable,
+             alpha: float):
+    """TTT's DDPG+BC objective on visited states: raise the (normalised, frozen) Q of the policy's action and stay
+    near the pre-trained policy's action there: -Q(s, mu(s)) / stopgrad(E|Q|) + alpha/2 ||mu(s) - mu_0(s)||^2."""
+    import jax
+    import jax.numpy as jnp
+
+    mu = mean_action(actor_params, obs, goals)
+    q = q_value(params, obs, goals, mu)
+    q_loss = -q.mean() / jax.lax.stop_gradient(jnp.abs(q).mean() + 1e-8)
+    return q_loss + alpha * 0.5 * ((mu - anchor_actions) ** 2).sum(-1).mean()
+
+
+class TestTime:
+    """`--test-time opex|ttt` for one script: `policy(params, seeds, step)` returns the batched callable the
+    Evaluator steps the environments with (obs [M, E, d], goals [M, E, g] | None -> actions [M, E, a]).
+
+    opex  act with the script's rule, then `opex_actions` on the frozen Q (SfBC: from the chosen candidate).
+    ttt   a copy of the actor per episode (`--ttt-reset episode`) or one per member shared by its episodes, which
+          run in lockstep (`never`: kept for the whole evaluation). At every environment step the visited state
+          is written to the copy's fixed-size device buffer, the copy takes `--ttt-steps-per-env-step` Adam steps
+          of `ttt_loss` on `--ttt-batch-size` states drawn from its buffer, and then acts. The trained parameters
+          are never modified: each evaluation starts from fresh copies.
+    Keys derive from (member seed, training step) only, so a member's test-time episodes do not depend on packing.
+    """
+
+    def __init__(self, config, evaluator: Evaluator, act: Callable, q_value: Callable, mean_action: Callable):
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        self.mode, self.config = config.test_time, config
+        episodes = len(evaluator.tasks)
+        self.copies = episodes if config.ttt_reset == "episode" else 1
+        self.per_copy = episodes // self.copies  # environments each copy acts in
+        self.slots = evaluator.max_steps * self.per_copy  # buffer rows per copy: every state it can visit
+        optimizer = optax.adam(config.ttt_lr)
+
+        def opex_act(params, obs, goals, key):
+            actions = act(params, obs, goals, key)
+            return opex_actions(lambda a: q_value(params, obs, goals, a), actions, config.opex_beta,
+                                config.opex_steps, config.opex_normalize)
+
+        def ttt_step(carry, params, obs, goals, key):
+            """One environment step of one member: store the visited states, train every copy, act."""
+            # Acting uses `key` itself as OPEX does, so with one copy SfBC draws the candidates the plain rule draws.
+            k_train = jax.random.fold_in(key, 1)
+            k_act = key[None] if self.copies == 1 else jax.random.split(key, self.copies)
+            split = lambda x: None if x is None else x.reshape(self.copies, self.per_copy, -1)  # noqa: E731
+            obs_c, goals_c = split(obs), split(goals)
+            store = lambda buffer, new: jax.lax.dynamic_update_slice(buffer, new, (0, carry["filled"], 0))  # noqa
+            buffers = {"obs": store(carry["obs"], obs_c), "goals": None if goals is None else store(carry["goals"],
+                                                                                                  goals_c)}
+            filled = carry["filled"] + self.per_copy
+
+            def train_copy(actor, opt_state, buffer_obs, buffer_goals, key):
+                def gradient_step(inner, key):
+                    actor, opt_state = inner
+                    rows = jax.random.randint(key, (config.ttt_batch_size,), 0, filled)
+                    s, g = buffer_obs[rows], None if buffer_goals is None else buffer_goals[rows]
+                    anchor = mean_action(params["actor"], s, g)  # the pre-trained policy's actions on those states
+                    grads = jax.grad(ttt_loss)(actor, anchor, params, s, g, q_value, mean_action, config.ttt_alpha)
+                    updates, opt_state = optimizer.update(grads, opt_state, actor)
+                    return (optax.apply_updates(actor, updates), opt_state), None
+
+                keys = jax.random.split(key, config.ttt_steps_per_env_step)
+                return jax.lax.scan(gradient_step, (actor, opt_state), keys)[0]
+
+            actors, opt_states = jax.vmap(train_copy)(carry["actor"], carry["opt_state"], buffers["obs"],
+                                                      buffers["goals"], jax.random.split(k_train, self.copies))
+            actions = jax.vmap(lambda actor, o, g, k: act({**params, "actor": actor}, o, g, k))(
+                actors, obs_c, goals_c, k_act)
+            carry = {"actor": actors, "opt_state": opt_states, **buffers, "filled": filled}
+            return carry, actions.reshape(obs.shape[0], -1)
+
+        def ttt_init(params, obs_dim, goal_dim):
+            actors = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (self.copies, *x.shape)), params["actor"])
+            actors = jax.tree_util.tree_map(jnp.copy, actors)
+            return {"actor": actors, "opt_state": jax.vmap(optimizer.init)(actors),
+                    "obs": jnp.zeros((self.copies, self.slots, obs_dim)),
+                    "goals": None if goal_dim is None else jnp.zeros((self.copies, self.slots, goal_dim)),
+                    "filled": jnp.zeros((), jnp.int32)}
+
+        self._opex = jax.jit(jax.vmap(opex_act))
+        self._ttt_step = jax.jit(jax.vmap(ttt_step), donate_argnums=(0,))
+        self._ttt_init = jax.jit(jax.vmap(ttt_init, in_axes=(0, None, None)), static_argnums=(1, 2))
+
+    def policy(self, params, seeds: list[int], step: int) -> Callable:
+        """A fresh test-time policy for one evaluation of the members' current `params` ([M]-stacked pytree)."""
+        import jax
+        import jax.numpy as jnp
+
+        keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), step))(jnp.asarray(seeds))
+        calls = itertools.count()
+        carry = None
+
+        def step_keys():
+            return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, next(calls))
+
+        def policy(obs, goals):
+            nonlocal carry
+            if self.mode == "opex":
+                return self._opex(params, obs, goals, step_keys())
+            if carry is None:
+                carry = self._ttt_init(params, obs.shape[-1], None if goals is None else goals.shape[-1])
+            carry, actions = self._ttt_step(carry, params, obs, goals, step_keys())
+            return actions
+
+        return policy
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 7. Run folders
 # ----------------------------------------------------------------------------------------------------------------
@@ -1072,6 +1233,7 @@ class Members:
             out_dir = config.out_dir or f"runs/{config.env}/{script}/{time.strftime('%Y%m%d-%H%M%S')}_s{config.seed}"
             entries = [{"seed": config.seed + i, "out_dir": out_dir} for i in range(config.num_seeds)]
         self.seeds = [entry["seed"] for entry in entries]
+        self.test_time = flags.get("test_time", "none")  # result.json says which test-time method ran, if any
         self.settings = []
         for entry in entries:
             setting = {f: entry.get(f, flags[f]) for f in fields}
@@ -1167,7 +1329,7 @@ class Members:
         results = []
         for folder, ms in self.folders:
             setting = {f: self.settings[ms[0]].get(f) for f in MEMBER_FIELDS}
-            head = {k: header[k] for k in ("env", "script", "steps")}
+            head = {**{k: header[k] for k in ("env", "script", "steps")}, "test_time": self.test_time}
             result = final_result({**head, "seeds": [self.seeds[m] for m in ms], **setting,
                                    **{k: v for k, v in header.items() if k not in head}},
                                   [{**last_eval[m], "member": i} for i, m in enumerate(ms)],
@@ -1215,6 +1377,8 @@ def check_run_flags(config) -> None:
         raise UsageError(f"--resume-interval must be 0 or a multiple of --log-interval {config.log_interval}")
     if config.debug_poison_step < 0 or config.debug_poison_step % config.log_interval:
         raise UsageError(f"--debug-poison-step must be 0 or a multiple of --log-interval {config.log_interval}")
+    if hasattr(config, "test_time"):
+        check_test_time_flags(config)
 
 
 def poison(device_data: dict) -> dict:
@@ -1254,17 +1418,24 @@ RESULT_METRICS = ("success", "return", "train_mse", "val_mse", "eval_mse")
 def final_result(header: dict, last_eval: list[dict], best_success: np.ndarray) -> dict:
     """result.json's content: `header` (env, script, sizes, ...) plus, per metric of the last evaluation, the numbers
     per member with their mean and std ("n/a" where the environment has no oracle), and the best success seen."""
-    per_member = {k: [r.get(k, "n/a") for r in last_eval] for k in RESULT_METRICS}
+    # With --test-time, the same episodes' numbers under OPEX / TTT sit beside the plain ones.
+    testtime = [TEST_TIME_PREFIX + k for k in RESULT_METRICS if last_eval and TEST_TIME_PREFIX + k in last_eval[0]]
+    per_member = {k: [r.get(k, "n/a") for r in last_eval] for k in (*RESULT_METRICS, *testtime)}
     per_member["best_success"] = np.asarray(best_success).tolist()
     return {**header, **summarize(per_member)}
 
 
 def result_line(result: dict, out_dir: str) -> str:
     """The one line a script prints at the end."""
-    fmt = lambda k: "n/a" if result[k]["mean"] == "n/a" else f"{result[k]['mean']:.4f}"  # noqa: E731
+    mean = lambda k: result.get(k, {}).get("mean", "n/a")  # noqa: E731  (no eval MSE without an oracle)
+    fmt = lambda k: "n/a" if mean(k) == "n/a" else f"{mean(k):.4f}"  # noqa: E731
+    testtime = ""
+    if result.get("test_time", "none") != "none":
+        testtime = (f" | with {result['test_time']}: success {fmt(TEST_TIME_PREFIX + 'success')} (return "
+                    f"{fmt(TEST_TIME_PREFIX + 'return')}), eval MSE {fmt(TEST_TIME_PREFIX + 'eval_mse')}")
     return (f"final success {fmt('success')} (return {fmt('return')}) | train MSE {fmt('train_mse')} | "
-            f"val MSE {fmt('val_mse')} | eval MSE {fmt('eval_mse')} | over {len(result['seeds'])} seed(s) -> "
-            f"{out_dir}/result.json")
+            f"val MSE {fmt('val_mse')} | eval MSE {fmt('eval_mse')}{testtime} | over {len(result['seeds'])} "
+            f"seed(s) -> {out_dir}/result.json")
 
 
 def summarize(per_member: dict[str, list[float]]) -> dict:

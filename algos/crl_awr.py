@@ -32,6 +32,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # envs.py lives at the repository root
 
@@ -87,6 +88,24 @@ class Config:
     """Evaluation episodes per evaluation task (OGBench goal-conditioned envs have 5 tasks)."""
     mse_samples: int = 2048
     """States sampled once from the policy subset and from the validation split for the train / val MSE."""
+    test_time: Literal["none", "opex", "ttt"] = "none"
+    """Test-time policy improvement at each evaluation, run beside the plain policy on the same episodes."""
+    opex_beta: float = 0.1
+    """OPEX step size: a <- clip(a + beta * dQ/da); with --opex-normalize, the step length in action units."""
+    opex_steps: int = 1
+    """OPEX gradient steps per action (>= 1)."""
+    opex_normalize: bool = True
+    """Divide OPEX's action gradient by its norm per state (OURS: makes beta independent of the scale of Q)."""
+    ttt_steps_per_env_step: int = 1
+    """TTT: Adam steps on the policy copy after every environment step."""
+    ttt_lr: float = 1e-4
+    """TTT: learning rate of the policy copy (0 gives plain evaluation)."""
+    ttt_batch_size: int = 64
+    """TTT: visited states per gradient step, drawn from the copy's buffer."""
+    ttt_alpha: float = 1.0
+    """TTT: weight of staying near the pre-trained policy's actions (DDPG+BC's alpha; larger changes less)."""
+    ttt_reset: Literal["episode", "never"] = "episode"
+    """TTT: a fresh policy copy per evaluation episode, or one per member shared by its lockstep episodes."""
     checkpoint_interval: int = 0
     """Steps between parameter checkpoints in <out-dir>/checkpoints (0: none)."""
     out_dir: str | None = None
@@ -309,6 +328,22 @@ def make_act():
     return jax.jit(jax.vmap(lambda params, obs, goals: actor_fn(params, obs, goals)[0]))
 
 
+def make_test_time(config: Config, evaluator):
+    """--test-time opex / ttt (envs.TestTime) given this script's action rule (the AWR policy's mean), the Q its
+    extractor climbs (log Q, the critic's logit) and the policy's mean action (what TTT trains)."""
+
+    def act(params, obs, goals, key):
+        return actor_fn(params["actor"], obs, goals)[0]
+
+    def q_value(params, obs, goals, actions):
+        return critic_fn(params["critic"], obs, goals, actions).min(0)
+
+    def mean_action(actor, obs, goals):
+        return actor_fn(actor, obs, goals)[0]
+
+    return envs.TestTime(config, evaluator, act, q_value, mean_action)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Training loop
 # ------------------------------------------------------------------------------------------------------------------
@@ -336,11 +371,13 @@ def main(config: Config) -> list[dict]:
     policy_sizes = members["policy_data_size"].tolist()
     probe = envs.OracleProbe(spec, train, val, policy_sizes, config.mse_samples, config.split_seed)
     evaluator = envs.Evaluator(spec, M, config.eval_episodes)
+    test_time = make_test_time(config, evaluator) if config.test_time != "none" else None
 
     def evaluate(step: int) -> list[dict]:
-        rollout = evaluator.evaluate(policy, seeds)
-        metrics = {"success": rollout["success"].mean(1), "return": rollout["returns"].mean(1),
-                   **probe.train_val(policy), **probe.eval(rollout)}
+        metrics = {**envs.rollout_metrics(evaluator.evaluate(policy, seeds), probe), **probe.train_val(policy)}
+        if test_time:  # the same episodes (same seeds) again, acting with OPEX / TTT
+            rollout = evaluator.evaluate(test_time.policy(states["params"], seeds, step), seeds)
+            metrics.update(envs.rollout_metrics(rollout, probe, envs.TEST_TIME_PREFIX))
         return envs.member_records("eval", step, seeds, metrics)
 
     # --resume continues bit for bit: the device state, the loop's progress and metrics.jsonl up to the saved step.

@@ -1,0 +1,129 @@
+"""Test-time policy improvement (--test-time opex / ttt) in every script with a Q function: OPEX climbs the frozen Q,
+TTT adapts only a copy of the policy, lr 0 is plain evaluation, bad values exit 2."""
+
+import json
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import POINTMAZE, run_script
+from test_algos import Q_SCRIPTS, load
+
+import envs
+
+OBS_DIM, ACTION_DIM, MEMBERS, EPISODES = 4, 2, 2, 3
+
+
+def setup(script, goal_conditioned=True, **flags):
+    """A script's Config, its stacked parameters for MEMBERS members, and a TestTime over EPISODES lockstep
+    episodes of at most 6 steps (all TestTime reads of an Evaluator)."""
+    module = load(script)
+    config = module.Config(hidden_dims=(16,), **flags)
+    goal_dim = OBS_DIM if goal_conditioned else 0
+    states = jax.vmap(lambda k: module.init_state(k, OBS_DIM, goal_dim, ACTION_DIM, config))(
+        jax.vmap(jax.random.PRNGKey)(jnp.arange(MEMBERS)))
+    evaluator = types.SimpleNamespace(tasks=np.arange(EPISODES), max_steps=6)
+    return module, config, states["params"], module.make_test_time(config, evaluator)
+
+
+def random_states(seed, goal_conditioned=True):
+    rng = np.random.default_rng(seed)
+    obs = rng.normal(size=(MEMBERS, EPISODES, OBS_DIM)).astype(np.float32)
+    goals = rng.normal(size=(MEMBERS, EPISODES, OBS_DIM)).astype(np.float32) if goal_conditioned else None
+    return obs, goals
+
+
+def q_of(module, params, obs, goals, actions):
+    """The Q the script's extractor maximises (min over its critics), per member and state."""
+    return jax.vmap(lambda p, o, g, a: module.critic_fn(p["critic"], o, g, a).min(0))(params, obs, goals, actions)
+
+
+@pytest.mark.parametrize("script", Q_SCRIPTS)
+def test_opex_raises_q_at_the_chosen_action_and_beta_0_changes_nothing(script):
+    module, _, params, plain = setup(script, test_time="opex", opex_beta=0.0)
+    *_, opex = setup(script, test_time="opex", opex_beta=0.05, opex_steps=2)
+    obs, goals = random_states(0)
+    # The same keys for both: SfBC's candidates (and so OPEX's starting action) are the same.
+    before = np.asarray(plain.policy(params, [0, 1], step=7)(obs, goals))
+    after = np.asarray(opex.policy(params, [0, 1], step=7)(obs, goals))
+    if not script.endswith("sfbc"):  # beta 0 is the policy's own action (the mean for AWR)
+        mean = jax.vmap(lambda p, o, g: load(script).actor_fn(p["actor"], o, g))(params, obs, goals)
+        np.testing.assert_allclose(before, np.asarray(mean[0] if isinstance(mean, tuple) else mean), rtol=1e-6)
+    q_before, q_after = q_of(module, params, obs, goals, before), q_of(module, params, obs, goals, after)
+    assert float(q_after.mean()) > float(q_before.mean())
+    assert float((q_after > q_before).mean()) >= 0.8, (q_before, q_after)
+    assert np.abs(after).max() <= 1.0 and not np.array_equal(after, before)
+
+
+# Every script once, the two reset modes alternating (so SfBC, AWR and DDPG+BC each meet both).
+@pytest.mark.parametrize("script,reset", [(s, "never" if i % 2 else "episode") for i, s in enumerate(Q_SCRIPTS)])
+def test_ttt_adapts_only_its_copy_and_lr_0_acts_as_the_trained_policy(script, reset):
+    goal_conditioned = script.startswith("crl") or reset == "never"  # IQL / SARSA also run without goals
+    module, _, params, frozen = setup(script, goal_conditioned, test_time="ttt", ttt_lr=0.0, ttt_reset=reset)
+    *_, ttt = setup(script, goal_conditioned, test_time="ttt", ttt_lr=1e-2, ttt_steps_per_env_step=3,
+                    ttt_batch_size=8, ttt_reset=reset)
+    saved = jax.tree_util.tree_map(np.array, params)
+    policies = {"frozen": frozen.policy(params, [0, 1], step=5), "ttt": ttt.policy(params, [0, 1], step=5),
+                "opex0": setup(script, goal_conditioned, test_time="opex", opex_beta=0.0)[3].policy(params, [0, 1], 5)}
+    actions = {name: [] for name in policies}
+    for t in range(4):
+        obs, goals = random_states(t, goal_conditioned)
+        for name, policy in policies.items():
+            actions[name].append(np.asarray(policy(obs, goals)))
+    # lr 0: the copy stays the trained policy, so it acts as the plain rule does (SfBC: the same candidates are drawn
+    # with one copy; one copy per episode samples each episode's candidates apart)
+    if not (script.endswith("sfbc") and reset == "episode"):
+        np.testing.assert_allclose(actions["frozen"], actions["opex0"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(actions["ttt"][-1], actions["frozen"][-1], atol=1e-4)  # training moved the copy
+    jax.tree_util.tree_map(np.testing.assert_array_equal, saved, jax.tree_util.tree_map(np.array, params))
+
+
+@pytest.mark.slow
+def test_ttt_never_touches_the_trained_parameters_and_lr_0_equals_plain_evaluation(data_dir, tmp_path):
+    """Whole runs of iql_ddpgbc: the checkpoints of a run with TTT equal those of a run without it (TTT trains a
+    copy); with --ttt-lr 0 the test-time numbers equal the plain ones, bit for bit with one copy per member."""
+    common = ["--env", POINTMAZE, "--dataset-dir", str(data_dir), "--steps", "100", "--log-interval", "50",
+              "--eval-interval", "100", "--hidden-dims", "16", "--batch-size", "32", "--eval-episodes", "1",
+              "--mse-samples", "64", "--num-seeds", "2", "--checkpoint-interval", "100", "--no-progress"]
+    runs = {"plain": [], "lr0-never": ["--test-time", "ttt", "--ttt-lr", "0", "--ttt-reset", "never"],
+            "lr0-episode": ["--test-time", "ttt", "--ttt-lr", "0"],
+            "ttt": ["--test-time", "ttt", "--ttt-lr", "0.01", "--ttt-steps-per-env-step", "2"]}
+    results = {}
+    for name, extra in runs.items():
+        proc = run_script("algos/iql_ddpgbc.py", *common, "--out-dir", str(tmp_path / name), *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads((tmp_path / name / "result.json").read_text())
+    checkpoint = lambda name: np.load(tmp_path / name / "checkpoints" / "step_00000100.npz")  # noqa: E731
+    for name in ("lr0-never", "ttt"):
+        with checkpoint("plain") as a, checkpoint(name) as b:
+            assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+        for key in envs.RESULT_METRICS:  # the plain evaluation beside it is untouched too
+            assert results[name][key] == results["plain"][key], key
+    assert results["plain"]["test_time"] == "none" and results["ttt"]["test_time"] == "ttt"
+    assert "testtime_success" not in results["plain"]
+    for key in ("success", "return", "eval_mse"):
+        assert results["lr0-never"]["testtime_" + key] == results["plain"][key], key
+        # one copy per episode acts on one state at a time: the same actions up to matmul rounding
+        np.testing.assert_allclose(results["lr0-episode"]["testtime_" + key]["per_member"],
+                                   results["plain"][key]["per_member"], rtol=1e-4, atol=1e-5)
+    assert results["ttt"]["testtime_eval_mse"]["per_member"] != results["plain"]["eval_mse"]["per_member"]
+    records = [r for r in envs.read_metrics(tmp_path / "ttt" / "metrics.jsonl") if r["event"] == "eval"]
+    assert all({"testtime_success", "testtime_return", "testtime_eval_mse"} <= set(r) for r in records)
+
+
+def test_bad_test_time_flags_exit_2(data_dir, tmp_path):
+    common = ["--env", POINTMAZE, "--dataset-dir", str(data_dir), "--out-dir", str(tmp_path / "bad"), "--no-progress"]
+    cases = [("iql_ddpgbc", ["--opex-steps", "0"], "--opex-steps must be >= 1"),
+             ("sarsa_awr", ["--opex-beta", "-0.1"], "--opex-beta must be >= 0"),
+             ("crl_sfbc", ["--ttt-steps-per-env-step", "0"], "--ttt-steps-per-env-step must be >= 1"),
+             ("iql_sfbc", ["--ttt-lr", "-1"], "--ttt-lr must be >= 0"),
+             ("crl_ddpgbc", ["--ttt-batch-size", "0"], "--ttt-batch-size must be >= 1"),
+             ("iql_awr", ["--ttt-alpha", "-1"], "--ttt-alpha must be >= 0"),
+             ("iql_ddpgbc", ["--test-time", "magic"], "invalid choice 'magic'"),
+             ("sarsa_sfbc", ["--ttt-reset", "sometimes"], "invalid choice 'sometimes'")]
+    for script, extra, message in cases:
+        proc = run_script(f"algos/{script}.py", *common, *extra)
+        assert proc.returncode == 2 and message in proc.stderr, (script, proc.stderr[-1500:])
+        assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").rglob("result.json"))
