@@ -32,8 +32,14 @@ Numbers, from the per-member (per-seed) values in result.json:
   - generalization: per script, the cell with the largest value and policy sizes (the all-data cell when the sweep
     has it; if that cell is missing, the one with the largest policy size, then value size) at the alpha chosen for
     performance; train / validation / evaluation MSE to the oracle, mean over seeds with std error bars.
-  - test time: per script with --test-time runs, plain vs OPEX vs TTT performance of those runs (the same
-    episodes), at the alpha chosen by plain performance per cell, averaged over their cells, seeds paired by id.
+  - test time: result.json's "test_time" lists the test-time methods a run evaluated ([], ["opex"], ["ttt"],
+    ["opex", "ttt"]; absent = []) and, per method m, m_success, m_return and, where an oracle exists, m_eval_mse,
+    measured on the same episodes as the run's plain success / return / eval_mse. Per env x script with such runs:
+    plain performance (success, or return on dm_control; best_success has no test-time counterpart, so --metric
+    best_success uses success) and evaluation MSE of exactly those runs next to each method's (m_success /
+    m_return, m_eval_mse), at the alpha chosen by plain performance per (value size, policy size), averaged over
+    those cells as in the table, seeds paired by id. A script whose runs evaluated one method shows plain and that
+    one. The matrices, table and verdicts use the plain numbers of every run.
   Offline-to-online MSE curves will come with the scripts' --online-steps; they are not drawn yet.
 
 Artefacts in --out (default SWEEP_DIR/analysis), each written through a temporary file and a rename:
@@ -41,9 +47,11 @@ Artefacts in --out (default SWEEP_DIR/analysis), each written through a temporar
   table.md, table.csv, table.tex matrix-averaged performance per env x value learner x extractor, bc as baseline
   verdicts.md, verdicts.csv      the verdict per matrix and the numbers behind it (also printed)
   generalization_<env>.png/.pdf  train / validation / evaluation MSE per script
-  testtime_<env>.png/.pdf        plain vs OPEX vs TTT per script
+  testtime_<env>.png/.pdf        per script, plain vs OPEX vs TTT performance (top) and evaluation MSE (bottom,
+                                 where the runs measured it), the same runs and episodes
   summary.json                   counts (complete, incomplete, failed, diverged), the lists, every cell's aggregates
-                                 (env, script, sizes, alpha, mean, std, seeds), the matrices, table and verdicts
+                                 (env, script, sizes, alpha, mean, std, seeds), the matrices, table, verdicts, and
+                                 the test-time numbers under result.json's keys (success, opex_success, ...)
 
 Exit status 0; 2 with one line naming the problem and the fix for bad input (a missing or empty SWEEP_DIR, no
 complete run, a damaged result.json or sweep.json, bad flags).
@@ -67,14 +75,16 @@ import envs
 VALUE_LEARNERS = ("iql", "sarsa", "crl")
 EXTRACTORS = ("awr", "ddpgbc", "sfbc")
 TABLE_COLUMNS = (*EXTRACTORS, "bc")
-TEST_TIME_METHODS = ("opex", "ttt")
 METRICS = ("success", "return", "train_mse", "val_mse", "eval_mse", "best_success")  # per member in result.json
-TEST_TIME_METRICS = ("testtime_success", "testtime_return")  # required when test_time is opex / ttt
-TEST_TIME_OPTIONAL = ("testtime_eval_mse", "testtime_train_mse", "testtime_val_mse")
+TEST_TIME_METHODS = ("opex", "ttt")  # result.json "test_time": the ones a run evaluated
+TEST_TIME_REQUIRED = ("success", "return")  # result.json has <method>_<key> for each method in "test_time"
+TEST_TIME_OPTIONAL = ("eval_mse",)  # ... and this one where the env has an oracle
+TEST_TIME_KEYS = tuple(f"{m}_{k}" for m in TEST_TIME_METHODS for k in (*TEST_TIME_REQUIRED, *TEST_TIME_OPTIONAL))
 HEADER_KEYS = ("env", "script", "seeds", "value_data_size", "policy_data_size", "alpha")
 ARTEFACTS = ("matrices", "table", "verdicts", "generalization", "testtime")
 METRIC_LABELS = {"success": "success rate", "return": "return", "best_success": "best success rate during training"}
-NAMES = {"iql": "IQL", "sarsa": "SARSA", "crl": "CRL", "awr": "AWR", "ddpgbc": "DDPG+BC", "sfbc": "SfBC", "bc": "BC"}
+NAMES = {"iql": "IQL", "sarsa": "SARSA", "crl": "CRL", "awr": "AWR", "ddpgbc": "DDPG+BC", "sfbc": "SfBC", "bc": "BC",
+         "opex": "OPEX", "ttt": "TTT"}
 DPI = 100  # every figure: its PNG is exactly figsize x DPI pixels (no tight bounding box)
 PANEL_SIZE = (3.4, 3.0)  # inches per matrix panel
 LIST_LIMIT = 10  # incomplete / failed runs printed; summary.json lists all
@@ -83,7 +93,8 @@ LIST_LIMIT = 10  # incomplete / failed runs printed; summary.json lists all
 @dataclasses.dataclass
 class Args:
     """Read a sweep's run folders and write data-scaling matrices, the aggregated table, bottleneck verdicts,
-    generalization (MSE) and test-time bar plots, and summary.json (see the module docstring for every rule)."""
+    generalization (MSE) and test-time (plain vs OPEX vs TTT performance and evaluation MSE) bar plots, and
+    summary.json (see the module docstring for every rule)."""
 
     sweep_dir: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="SWEEP_DIR")]]
     """A scaling.py --sweep-dir, any folder of run folders, or a single run folder."""
@@ -119,7 +130,7 @@ class Run:
     alpha: float | None  # None: SfBC, BC
     seeds: list[int]
     values: dict[str, list[float]]
-    test_time: str = "none"
+    test_time: tuple[str, ...] = ()  # the test-time methods the run evaluated, in TEST_TIME_METHODS order
     steps: int | None = None
 
 
@@ -143,6 +154,16 @@ def _number(value) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
+def parse_test_time(value, path: Path, fix: str) -> tuple[str, ...]:
+    """result.json's "test_time" as the methods the run evaluated, in TEST_TIME_METHODS order: a list of them;
+    absent, null or "none" = none; a single method name = that one."""
+    methods = [] if value is None or value == "none" else [value] if isinstance(value, str) else value
+    if not isinstance(methods, list) or not all(isinstance(m, str) and m in TEST_TIME_METHODS for m in methods):
+        raise envs.UsageError(f"{path}: key 'test_time' is {value!r}, expected a list of test-time methods "
+                              f"({', '.join(TEST_TIME_METHODS)}), e.g. [] or [\"opex\", \"ttt\"]; {fix}")
+    return tuple(m for m in TEST_TIME_METHODS if m in methods)
+
+
 def read_result(path: Path) -> Run:
     """Parse and check one result.json (UsageError naming the file and the key on a damaged or foreign file)."""
     fix = "rerun that run (delete its folder; scaling.py reruns folders without result.json)"
@@ -152,10 +173,8 @@ def read_result(path: Path) -> Run:
         raise envs.UsageError(f"{path} is not valid JSON ({error}); {fix}") from error
     if not isinstance(result, dict):
         raise envs.UsageError(f"{path} does not hold a JSON object; {fix}")
-    test_time = result.get("test_time", "none")
-    if test_time not in ("none", *TEST_TIME_METHODS):
-        raise envs.UsageError(f"{path}: key 'test_time' is {test_time!r}, expected none, opex or ttt; {fix}")
-    metrics = METRICS + (TEST_TIME_METRICS if test_time != "none" else ())
+    test_time = parse_test_time(result.get("test_time"), path, fix)
+    metrics = METRICS + tuple(f"{m}_{k}" for m in test_time for k in TEST_TIME_REQUIRED)
     for key in HEADER_KEYS + metrics:
         if key not in result:
             raise envs.UsageError(f"{path} lacks key '{key}'; {fix}")
@@ -166,7 +185,7 @@ def read_result(path: Path) -> Run:
         if result[key] is not None and _number(result[key]) != _number(result[key]):  # NaN: not a number
             raise envs.UsageError(f"{path}: key '{key}' must be a number or null, got {result[key]!r}; {fix}")
     values = {}
-    optional = [k for k in TEST_TIME_OPTIONAL if k in result] if test_time != "none" else []
+    optional = [key for m in test_time for key in (f"{m}_{k}" for k in TEST_TIME_OPTIONAL) if key in result]
     for key in (*metrics, *optional):
         entry = result[key]
         if not isinstance(entry, dict) or not isinstance(entry.get("per_member"), list) \
@@ -298,12 +317,11 @@ def script_order(script: str) -> tuple:
     return (script == "bc", rank(value, VALUE_LEARNERS), rank(extractor, EXTRACTORS), script)
 
 
-def cell_values(runs: list[Run], metric: str, test_time: str | None = None) -> dict[CellKey, dict[int, float]]:
-    """Per cell, the metric's value per seed, pooled over folders (a seed seen twice averaged; NaN left out).
-    `test_time`: only runs with that --test-time (None: all runs)."""
+def cell_values(runs: list[Run], metric: str) -> dict[CellKey, dict[int, float]]:
+    """Per cell, the metric's value per seed, pooled over folders (a seed seen twice averaged; NaN left out)."""
     seen: dict[CellKey, dict[int, list[float]]] = {}
     for run in runs:
-        if (test_time is not None and run.test_time != test_time) or metric not in run.values:
+        if metric not in run.values:
             continue
         key = (run.env, run.script, run.value_size, run.policy_size, run.alpha)
         for seed, value in zip(run.seeds, run.values[metric]):
@@ -529,20 +547,26 @@ def generalization_rows(runs: list[Run], matrices: list[Matrix]) -> dict[str, li
 
 
 def testtime_rows(runs: list[Run], metric_by_env: dict[str, str]) -> dict[str, list[dict]]:
-    """Per env, per script with --test-time runs: plain, opex and ttt performance of those runs (see the module
-    docstring); a method without runs has n_seeds 0."""
+    """Per env, per script whose runs evaluated test-time methods, from those runs only (rule in the module
+    docstring): "metric" (success or return), "methods" (those evaluated), "cells" (alpha-chosen cells), and under
+    result.json's own keys the pooled numbers (mean, std, n_seeds, cells): plain performance ("success" /
+    "return") and each method's ("opex_success", ...); "eval_mse" and "<method>_eval_mse" where measured."""
     out: dict[str, list[dict]] = {}
     for env, metric in sorted(metric_by_env.items()):
-        plain_metric = "return" if metric == "return" else "success"
-        tt_runs = [run for run in runs if run.env == env and run.test_time != "none"]
+        base = "return" if metric == "return" else "success"  # best_success has no test-time counterpart
+        tt_runs = [run for run in runs if run.env == env and run.test_time]
         for script in sorted({run.script for run in tt_runs}, key=script_order):
             mine = [run for run in tt_runs if run.script == script]
-            chosen = choose_alpha(cell_values(mine, plain_metric))
+            methods = [m for m in TEST_TIME_METHODS if any(m in run.test_time for run in mine)]
+            chosen = choose_alpha(cell_values(mine, base))
             keys = [(*group, alpha) for group, (alpha, _) in chosen.items()]
-            row = {"script": script, "plain": pooled([per_seed for _, per_seed in chosen.values()])}
-            for method in TEST_TIME_METHODS:
-                values = cell_values(mine, "testtime_" + plain_metric, test_time=method)
-                row[method] = pooled([values.get(key, {}) for key in keys])
+            row = {"script": script, "metric": base, "methods": methods, "cells": len(keys)}
+            for prefix in ("", *(m + "_" for m in methods)):
+                for key, always in ((base, True), ("eval_mse", False)):
+                    values = cell_values(mine, prefix + key)
+                    numbers = pooled([values.get(k, {}) for k in keys])
+                    if always or numbers["cells"]:
+                        row[prefix + key] = numbers
             out.setdefault(env, []).append(row)
     return out
 
@@ -571,6 +595,10 @@ def _fmt(x: float | None, metric: str) -> str:
     if x is None or not math.isfinite(x):
         return "n/a"
     return f"{x:.1f}" if metric == "return" else f"{x:.3f}"
+
+
+def _fmt_mse(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.4g}"
 
 
 def _write_text(path: Path, text: str) -> Path:
@@ -771,9 +799,15 @@ def plot_matrices(matrices: list[Matrix], out: Path, formats: tuple[str, ...]) -
 
 
 def _bars(groups: list[str], series: dict[str, list[dict]], ylabel: str, title: str):
-    """Grouped bars: one group per label in `groups`, one bar per series (mean, std error bars; NaN: no bar)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=bars_figsize(len(groups)), layout="constrained")
+    """A figure of grouped bars (see `_draw_bars`)."""
+    fig, ax = _pyplot().subplots(figsize=bars_figsize(len(groups)), layout="constrained")
+    _draw_bars(ax, groups, series, ylabel, title)
+    return fig
+
+
+def _draw_bars(ax, groups: list[str], series: dict[str, list[dict]], ylabel: str, title: str) -> None:
+    """Grouped bars on `ax`: one group per label in `groups`, one bar per series (mean, std error bars; NaN: no
+    bar)."""
     width = 0.8 / len(series)
     x = np.arange(len(groups))
     for k, (name, values) in enumerate(series.items()):
@@ -786,11 +820,10 @@ def _bars(groups: list[str], series: dict[str, list[dict]], ylabel: str, title: 
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    return fig
 
 
-def bars_figsize(groups: int) -> tuple[float, float]:
-    return max(5.0, 1.3 * groups + 1.5), 3.8
+def bars_figsize(groups: int, rows: int = 1) -> tuple[float, float]:
+    return max(5.0, 1.3 * groups + 1.5), 3.8 * rows
 
 
 def plot_generalization(rows: dict[str, list[dict]], out: Path, formats: tuple[str, ...]) -> list[Path]:
@@ -808,16 +841,58 @@ def plot_generalization(rows: dict[str, list[dict]], out: Path, formats: tuple[s
     return paths
 
 
-def plot_testtime(rows: dict[str, list[dict]], metric_by_env: dict[str, str], out: Path,
-                  formats: tuple[str, ...]) -> list[Path]:
+def _cells(n: int) -> str:
+    return f"{n} cell" + "s" * (n != 1)
+
+
+def testtime_panels(mine: list[dict]) -> list[str]:
+    """The keys drawn for one env's test-time rows: performance, and eval_mse when some method measured it."""
+    methods = {m for r in mine for m in r["methods"]}
+    return [mine[0]["metric"]] + (["eval_mse"] if any(f"{m}_eval_mse" in r for r in mine for m in methods) else [])
+
+
+def plot_testtime(rows: dict[str, list[dict]], out: Path, formats: tuple[str, ...]) -> list[Path]:
+    """Per env: plain vs each evaluated test-time method, performance on top and evaluation MSE below (where
+    measured); a script without a method's numbers has no bar there."""
+    plt = _pyplot()
     paths = []
+    missing = {"mean": math.nan, "std": math.nan}
     for env, mine in sorted(rows.items()):
-        series = {name: [r[key] for r in mine] for name, key in (("plain", "plain"), ("OPEX", "opex"), ("TTT", "ttt"))}
-        label = "return" if metric_by_env[env] == "return" else "success rate"
-        fig = _bars([r["script"] for r in mine], series, label,
-                    f"{env}\ntest-time policy improvement\n(same episodes; mean ± std over seeds)")
+        methods = [m for m in TEST_TIME_METHODS if any(m in r["methods"] for r in mine)]
+        panels = testtime_panels(mine)
+        fig, axes = plt.subplots(len(panels), 1, figsize=bars_figsize(len(mine), len(panels)), squeeze=False,
+                                 layout="constrained")
+        groups = [f"{r['script']}\n({_cells(r['cells'])})" for r in mine]
+        for ax, key in zip(axes[:, 0], panels):
+            series = {name: [r.get(prefix + key, missing) for r in mine]
+                      for name, prefix in (("plain", ""), *((NAMES[m], m + "_") for m in methods))}
+            series = {name: v for name, v in series.items() if any(math.isfinite(x["mean"]) for x in v)} or series
+            if key == "eval_mse":
+                ylabel, title = "MSE to the oracle's action", "policy error on evaluation states"
+            else:
+                ylabel = METRIC_LABELS[key]
+                title = (f"{env}\ntest-time policy improvement: {ylabel}\n(the same runs and episodes; mean ± std "
+                         "over seeds)")
+            _draw_bars(ax, groups, series, ylabel, title)
         paths += save_figure(fig, out, f"testtime_{env}", formats)
     return paths
+
+
+def testtime_text(rows: dict[str, list[dict]]) -> str:
+    """The test-time numbers as printed: one line per env x script, under result.json's keys."""
+    lines = []
+    for env, mine in sorted(rows.items()):
+        for r in mine:
+            parts = []
+            for key in (r["metric"], "eval_mse"):
+                for prefix in ("", *(m + "_" for m in r["methods"])):
+                    if prefix + key in r:
+                        a = r[prefix + key]
+                        mean, std = ((_fmt_mse(a["mean"]), _fmt_mse(a["std"])) if key == "eval_mse" else
+                                     (_fmt(a["mean"], key), _fmt(a["std"], key)))
+                        parts.append(f"{prefix + key} {mean}" + (f" ± {std}" if math.isfinite(a["std"]) else ""))
+            lines.append(f"  {env} {r['script']} ({_cells(r['cells'])}): " + " | ".join(parts))
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -900,11 +975,13 @@ def main(args: Args) -> list[Path]:
             print("generalization: skipped, no run has train / val / eval MSE (no oracle for these environments)")
     if "testtime" in args.only:
         if testtime:
-            written += plot_testtime(testtime, metric_by_env, out, args.format)
+            print("\ntest time (plain vs test-time methods, the same runs and episodes; mean ± std over seeds):\n"
+                  + testtime_text(testtime))
+            written += plot_testtime(testtime, out, args.format)
         else:
-            print("testtime: skipped, no run used --test-time opex or ttt")
+            print("testtime: skipped, no run evaluated a test-time method (result.json 'test_time' empty)")
     cells = []
-    all_metrics = (*METRICS, *TEST_TIME_METRICS, *TEST_TIME_OPTIONAL)
+    all_metrics = (*METRICS, *TEST_TIME_KEYS)
     values = {k: cell_values(runs, k) for k in all_metrics}
     for key in sorted({key for per_metric in values.values() for key in per_metric}, key=_cell_order):
         env, script, value, policy, alpha = key

@@ -1,5 +1,6 @@
-"""analyze.py on synthetic run folders with known numbers: verdicts, best alpha, table numbers, artefacts, excluded
-runs, missing cells, bad input. No training anywhere: result.json files are written by `write_cell` below."""
+"""analyze.py on synthetic run folders with known numbers: verdicts, best alpha, table numbers, artefacts, test-time
+numbers, excluded runs, missing cells, bad input. No training anywhere: result.json files are written by `write_cell`
+below."""
 
 import csv
 import json
@@ -19,9 +20,12 @@ SIZES = (10_000, 30_000, 90_000)
 def write_cell(root: Path, per_seed: dict[int, float], *, env: str = POINTMAZE, script: str = "iql_ddpgbc",
                v: int | None = 10_000, p: int = 10_000, alpha: float | None = 0.3, split: bool = True,
                best_offset: float = 0.1, mse: tuple | None = (0.1, 0.2, 0.5), returns: dict | None = None,
-               test_time: str = "none", testtime: dict | None = None, tag: str = "") -> list[Path]:
+               testtime: dict | None = None, mse_factor: dict | None = None, tag: str = "") -> list[Path]:
     """result.json (and config.json) for one cell, in the layout and format the scripts write: one folder per seed
-    like scaling.py (`split`), or one folder holding every seed as members. Returns the folders."""
+    like scaling.py (`split`), or one folder holding every seed as members. Returns the folders.
+    `testtime` {method: {seed: success}}: "test_time" lists those methods, and each gets <method>_success,
+    <method>_return (the plain return + the success gain) and, with `mse`, <method>_eval_mse = the plain eval MSE x
+    `mse_factor`[method] (default OPEX 0.8, TTT 0.6)."""
     name = ("" if v is None else f"v{v}_") + f"p{p}" + ("" if alpha is None else f"_a{alpha:g}") + tag
     groups = [[s] for s in per_seed] if split else [list(per_seed)]
     folders = []
@@ -34,11 +38,13 @@ def write_cell(root: Path, per_seed: dict[int, float], *, env: str = POINTMAZE, 
             per_member[key] = [mse[k] + 0.01 * s for s in seeds] if mse else ["n/a"] * len(seeds)
         header = {"env": env, "script": script, "steps": 1000, "seeds": seeds, "value_data_size": v,
                   "policy_data_size": p, "alpha": alpha, "wall_seconds": 1.0}
-        if test_time != "none":
-            header["test_time"] = test_time
-            per_member["testtime_success"] = [testtime[s] for s in seeds]
-            per_member["testtime_return"] = [testtime[s] - 100.0 for s in seeds]
-            per_member["testtime_eval_mse"] = [0.3] * len(seeds)
+        header["test_time"] = list(testtime or {})
+        for method, values in (testtime or {}).items():
+            per_member[f"{method}_success"] = [values[s] for s in seeds]
+            per_member[f"{method}_return"] = [r + values[s] - per_seed[s] for s, r in zip(seeds, per_member["return"])]
+            if mse:
+                factor = {"opex": 0.8, "ttt": 0.6, **(mse_factor or {})}[method]
+                per_member[f"{method}_eval_mse"] = [factor * e for e in per_member["eval_mse"]]
         folder.mkdir(parents=True)
         (folder / "config.json").write_text(json.dumps({"config": {"steps": 1000, "seed": seeds[0]}}))
         (folder / "result.json").write_text(json.dumps({**header, **envs.summarize(per_member)}))
@@ -208,11 +214,11 @@ def test_every_artefact_is_written_and_the_table_holds_the_hand_computed_means(t
     bc = {10_000: {s: 0.35 + 0.01 * s for s in seeds}, 90_000: {s: 0.45 for s in seeds}}
     for p, values in bc.items():
         write_cell(sweep, values, script="bc", v=None, p=p, alpha=None)
-    # test-time runs of the all-data cell at alpha 0.3: the same plain numbers, then OPEX / TTT
+    # one run of the all-data cell at alpha 0.3 that evaluated OPEX and TTT besides the plain policy (the plain
+    # numbers as the grid's, so the table stays as computed by hand)
     plain = grid["iql_ddpgbc"][(90_000, 90_000)][0.3]
-    for method, gain in (("opex", 0.1), ("ttt", 0.2)):
-        write_cell(sweep, plain, v=90_000, p=90_000, alpha=0.3, test_time=method,
-                   testtime={s: plain[s] + gain for s in seeds}, tag=f"_{method}")
+    opex, ttt = {s: plain[s] + 0.1 + 0.02 * s for s in seeds}, {s: plain[s] + 0.2 - 0.03 * s for s in seeds}
+    write_cell(sweep, plain, v=90_000, p=90_000, alpha=0.3, testtime={"opex": opex, "ttt": ttt}, tag="_tt")
     out = tmp_path / "out"
     proc = run_script("analyze.py", str(sweep), "--out", str(out), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -246,11 +252,24 @@ def test_every_artefact_is_written_and_the_table_holds_the_hand_computed_means(t
     assert "bottleneck verdicts" in proc.stdout and "policy-bounded" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     [tt] = summary["testtime"][POINTMAZE]
-    assert tt["script"] == "iql_ddpgbc"
-    plain_mean = np.mean(list(plain.values()))
-    assert tt["plain"]["mean"] == pytest.approx(plain_mean) and tt["plain"]["n_seeds"] == 3
-    assert tt["opex"]["mean"] == pytest.approx(plain_mean + 0.1)
-    assert tt["ttt"]["mean"] == pytest.approx(plain_mean + 0.2)
+    assert (tt["script"], tt["metric"], tt["methods"], tt["cells"]) == ("iql_ddpgbc", "success", ["opex", "ttt"], 1)
+    eval_mse = {s: 0.5 + 0.01 * s for s in seeds}  # write_cell's plain eval MSE; OPEX x 0.8, TTT x 0.6
+    expected = {"success": plain, "opex_success": opex, "ttt_success": ttt, "eval_mse": eval_mse,
+                "opex_eval_mse": {s: 0.8 * e for s, e in eval_mse.items()},
+                "ttt_eval_mse": {s: 0.6 * e for s, e in eval_mse.items()}}
+    for key, per_seed in expected.items():
+        assert tt[key]["mean"] == pytest.approx(np.mean(list(per_seed.values()))), key
+        assert tt[key]["std"] == pytest.approx(np.std(list(per_seed.values())), abs=1e-9), key
+        assert tt[key]["n_seeds"] == 3, key
+    # the figure: performance on top, evaluation MSE below, exactly figsize x dpi pixels
+    width, height = analyze.bars_figsize(1, 2)
+    assert imread(out / f"testtime_{POINTMAZE}.png").shape[:2] == (round(height * analyze.DPI),
+                                                                     round(width * analyze.DPI))
+    assert f"opex_success {np.mean(list(opex.values())):.3f}" in proc.stdout, proc.stdout
+    assert f"ttt_eval_mse {np.mean(list(expected['ttt_eval_mse'].values())):.4g}" in proc.stdout, proc.stdout
+    # the cells carry the methods' numbers next to the plain ones
+    cell = next(c for c in summary["cells"] if "opex_success" in c)
+    assert cell["ttt_success"]["mean"] == pytest.approx(np.mean(list(ttt.values())))
     generalization = {r["script"]: r for r in summary["generalization"][POINTMAZE]}["iql_ddpgbc"]
     assert (generalization["value_size"], generalization["policy_size"], generalization["alpha"]) == (90_000, 90_000,
                                                                                                      0.3)
@@ -260,6 +279,82 @@ def test_every_artefact_is_written_and_the_table_holds_the_hand_computed_means(t
     expected = list(grid["iql_awr"][(10_000, 10_000)][3.0].values())
     assert cell["success"] == {"mean": pytest.approx(np.mean(expected)), "std": pytest.approx(np.std(expected)),
                                "n_seeds": 3}
+
+
+def test_testtime_numbers_come_from_the_runs_that_evaluated_methods(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    # iql_ddpgbc: runs that evaluated OPEX and TTT in two cells, alpha 0.3 and 3.0 in the all-data cell; 3.0 has the
+    # better OPEX but the worse plain numbers, and plain numbers choose the alpha
+    runs = {(10_000, 0.3): ({0: 0.1, 1: 0.3}, {0: 0.2, 1: 0.2}, {0: 0.35, 1: 0.15}),
+            (90_000, 0.3): ({0: 0.4, 1: 0.6}, {0: 0.5, 1: 0.9}, {0: 0.7, 1: 0.7}),
+            (90_000, 3.0): ({0: 0.2, 1: 0.2}, {0: 0.95, 1: 0.95}, {0: 0.9, 1: 0.9})}
+    for (v, alpha), (plain, opex, ttt) in runs.items():
+        write_cell(sweep, plain, v=v, p=90_000, alpha=alpha, testtime={"opex": opex, "ttt": ttt}, tag="_tt")
+    # a plain run of the all-data cell (key "test_time" absent, as in older files), far better: in the matrix, not
+    # in the test-time plain numbers; another with the plain string "none"
+    [old] = write_cell(sweep, {5: 0.9, 6: 0.9}, v=90_000, p=90_000, alpha=0.3, split=False)
+    result = json.loads((old / "result.json").read_text())
+    del result["test_time"]
+    (old / "result.json").write_text(json.dumps(result))
+    [none] = write_cell(sweep, {7: 0.9}, v=90_000, p=90_000, alpha=0.3)
+    (none / "result.json").write_text(json.dumps({**json.loads((none / "result.json").read_text()),
+                                                  "test_time": "none"}))
+    # iql_awr evaluated only OPEX; sarsa_ddpgbc says "ttt" as a plain string
+    awr = ({0: 0.3, 1: 0.5}, {0: 0.45, 1: 0.55})
+    write_cell(sweep, awr[0], script="iql_awr", v=90_000, p=90_000, alpha=1.0, testtime={"opex": awr[1]},
+               mse_factor={"opex": 0.5})
+    [sarsa] = write_cell(sweep, {0: 0.2}, script="sarsa_ddpgbc", v=90_000, p=90_000, testtime={"ttt": {0: 0.3}})
+    result = json.loads((sarsa / "result.json").read_text())
+    (sarsa / "result.json").write_text(json.dumps({**result, "test_time": "ttt"}))
+    out = tmp_path / "out"
+    written = analyze.main(analyze.Args(str(sweep), out=str(out), metric="best_success", only=("testtime",),
+                                        format=("png",)))
+    assert {p.name for p in written} == {f"testtime_{POINTMAZE}.png", "summary.json"}
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["script"]: r for r in summary["testtime"][POINTMAZE]}
+    assert list(rows) == ["iql_awr", "iql_ddpgbc", "sarsa_ddpgbc"]  # the paper's script order
+    # by hand: per cell the plain-chosen alpha, the mean of the cell means, the std of the per-seed averages
+    chosen = [runs[(10_000, 0.3)], runs[(90_000, 0.3)]]
+    ddpgbc = rows["iql_ddpgbc"]
+    assert (ddpgbc["metric"], ddpgbc["methods"], ddpgbc["cells"]) == ("success", ["opex", "ttt"], 2)
+    for k, key in enumerate(("success", "opex_success", "ttt_success")):
+        mean = np.mean([np.mean(list(cell[k].values())) for cell in chosen])
+        std = np.std([np.mean([cell[k][s] for cell in chosen]) for s in (0, 1)])
+        assert ddpgbc[key]["mean"] == pytest.approx(mean) and ddpgbc[key]["std"] == pytest.approx(std), key
+    assert ddpgbc["success"]["mean"] == pytest.approx(0.35) and ddpgbc["opex_success"]["mean"] == pytest.approx(0.45)
+    mse = np.mean([0.5 + 0.01 * s for s in (0, 1)])  # write_cell's plain eval MSE, the same in every cell
+    assert ddpgbc["eval_mse"]["mean"] == pytest.approx(mse)
+    assert ddpgbc["ttt_eval_mse"]["mean"] == pytest.approx(0.6 * mse)
+    # one method: plain and that one only
+    assert rows["iql_awr"]["methods"] == ["opex"] and not any(k.startswith("ttt") for k in rows["iql_awr"])
+    assert rows["iql_awr"]["success"]["mean"] == pytest.approx(0.4)
+    assert rows["iql_awr"]["opex_success"]["mean"] == pytest.approx(0.5)
+    assert rows["iql_awr"]["opex_eval_mse"]["mean"] == pytest.approx(0.5 * mse)
+    assert rows["sarsa_ddpgbc"]["methods"] == ["ttt"]
+    assert rows["sarsa_ddpgbc"]["ttt_success"] == {"mean": pytest.approx(0.3), "std": 0.0, "n_seeds": 1, "cells": 1}
+    # the matrices keep the plain numbers of every run (here best_success = success + 0.1)
+    matrix = next(m for m in summary["matrices"] if m["script"] == "iql_ddpgbc")
+    assert matrix["mean"][1][0] == pytest.approx(np.mean([0.4, 0.6, 0.9, 0.9, 0.9]) + 0.1)
+    printed = capsys.readouterr().out
+    assert "iql_awr (1 cell): success 0.400 ± 0.100 | opex_success 0.500 ± 0.050 | eval_mse" in printed, printed
+    assert "iql_ddpgbc (2 cells): success 0.350 ± 0.100 | opex_success 0.450 ± 0.100 | ttt_success 0.475" \
+        in printed and "testtime_success" not in printed
+
+
+def test_test_time_keys_are_checked(tmp_path):
+    cases = {"bad-method": (lambda r: {**r, "test_time": ["opex", "sgd"]}, "key 'test_time' is ['opex', 'sgd']"),
+             "not-a-list": (lambda r: {**r, "test_time": 1}, "key 'test_time' is 1"),
+             "missing": (lambda r: {k: v for k, v in r.items() if k != "ttt_return"}, "lacks key 'ttt_return'"),
+             "short": (lambda r: {**r, "opex_eval_mse": {"per_member": [0.1], "mean": 0.1, "std": 0.0}},
+                       "key 'opex_eval_mse' must be {per_member, mean, std} with one value per seed (2)")}
+    for name, (change, message) in cases.items():
+        [folder] = write_cell(tmp_path / name, {0: 0.5, 1: 0.6}, split=False,
+                              testtime={"opex": {0: 0.6, 1: 0.7}, "ttt": {0: 0.7, 1: 0.8}})
+        analyze.load_sweep(tmp_path / name)  # as written it is fine
+        (folder / "result.json").write_text(json.dumps(change(json.loads((folder / "result.json").read_text()))))
+        with pytest.raises(envs.UsageError) as error:
+            analyze.load_sweep(tmp_path / name)
+        assert message in str(error.value) and str(folder / "result.json") in str(error.value), name
 
 
 def test_dm_control_uses_return_and_skips_mse_plots(tmp_path, capsys):
@@ -276,6 +371,21 @@ def test_dm_control_uses_return_and_skips_mse_plots(tmp_path, capsys):
     [v] = summary["verdicts"]
     assert v["floor"] == pytest.approx(0.02 * 305.0) and v["policy_change"] == pytest.approx(200.0)
     assert summary["table"][0]["kind"] == "final" and all(r["kind"] != "best" for r in summary["table"])
+    analyze.main(analyze.Args(str(tmp_path), only=("testtime",)))
+    assert "testtime: skipped" in capsys.readouterr().out
+    assert not list((tmp_path / "analysis").glob("testtime_*"))
+    # a TTT run: returns, and no evaluation MSE (no oracle), so a single row of bars
+    write_cell(tmp_path, {0: 0.0, 1: 0.0}, env="walker-run", v=90_000, p=90_000, mse=None,
+               returns={0: 400.0, 1: 420.0}, testtime={"ttt": {0: 50.0, 1: 30.0}}, tag="_tt")
+    analyze.main(analyze.Args(str(tmp_path), only=("testtime",), format=("png",)))
+    [row] = json.loads((tmp_path / "analysis" / "summary.json").read_text())["testtime"]["walker-run"]
+    assert set(row) == {"script", "metric", "methods", "cells", "return", "ttt_return"}
+    assert row["return"]["mean"] == pytest.approx(410.0) and row["ttt_return"]["mean"] == pytest.approx(450.0)
+    from matplotlib.image import imread
+
+    width, height = analyze.bars_figsize(1, 1)
+    assert imread(tmp_path / "analysis" / "testtime_walker-run.png").shape[:2] == (round(height * analyze.DPI),
+                                                                                   round(width * analyze.DPI))
 
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path):
