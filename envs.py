@@ -949,15 +949,17 @@ def rollout_metrics(rollout: dict, probe: OracleProbe, prefix: str = "") -> dict
 # ----------------------------------------------------------------------------------------------------------------
 # A script with a Q function hands TestTime three single-member functions: its action rule `act(params, obs, goals,
 # key)`, the Q its extractor maximises `q_value(params, obs, goals, actions) -> [N]`, and its policy's mean
-# `mean_action(actor_params, obs, goals)`. Evaluation then runs the same episodes twice, plainly and with the
-# test-time method, and logs both side by side (`testtime_success`, `testtime_return`, `testtime_eval_mse`).
+# `mean_action(actor_params, obs, goals)`. Evaluation then runs the same episodes plainly and once per test-time
+# method asked for, and logs them side by side (`success`, `opex_success`, `ttt_success`; `_return`, `_eval_mse`).
 
-TEST_TIME_PREFIX = "testtime_"
+TEST_TIME_METHODS = ("opex", "ttt")
 
 
 def check_test_time_flags(config) -> None:
-    """The test-time flags every script with a Q function shares (`--test-time` itself is a tyro Literal)."""
+    """The test-time flags every script with a Q function shares (tyro checks the method names)."""
     checks = [
+        (len(set(config.test_time)) == len(config.test_time), f"--test-time lists a method twice: "
+                                                              f"{' '.join(config.test_time)}"),
         (config.opex_steps >= 1, f"--opex-steps must be >= 1, got {config.opex_steps}"),
         (config.opex_beta >= 0, f"--opex-beta must be >= 0, got {config.opex_beta}"),
         (config.ttt_steps_per_env_step >= 1,
@@ -1000,8 +1002,8 @@ def ttt_loss(actor_params, anchor_actions, params, obs, goals, q_value: Callable
 
 
 class TestTime:
-    """`--test-time opex|ttt` for one script: `policy(params, seeds, step)` returns the batched callable the
-    Evaluator steps the environments with (obs [M, E, d], goals [M, E, g] | None -> actions [M, E, a]).
+    """One test-time `method` ("opex" or "ttt") for one script: `policy(params, seeds, step)` returns the batched
+    callable the Evaluator steps the environments with (obs [M, E, d], goals [M, E, g] | None -> actions [M, E, a]).
 
     opex  act with the script's rule, then `opex_actions` on the frozen Q (SfBC: from the chosen candidate).
     ttt   a copy of the actor per episode (`--ttt-reset episode`) or one per member shared by its episodes, which
@@ -1012,12 +1014,13 @@ class TestTime:
     Keys derive from (member seed, training step) only, so a member's test-time episodes do not depend on packing.
     """
 
-    def __init__(self, config, evaluator: Evaluator, act: Callable, q_value: Callable, mean_action: Callable):
+    def __init__(self, config, evaluator: Evaluator, method: str, act: Callable, q_value: Callable,
+                 mean_action: Callable):
         import jax
         import jax.numpy as jnp
         import optax
 
-        self.mode, self.config = config.test_time, config
+        self.method = method
         episodes = len(evaluator.tasks)
         self.copies = episodes if config.ttt_reset == "episode" else 1
         self.per_copy = episodes // self.copies  # environments each copy acts in
@@ -1087,7 +1090,7 @@ class TestTime:
 
         def policy(obs, goals):
             nonlocal carry
-            if self.mode == "opex":
+            if self.method == "opex":
                 return self._opex(params, obs, goals, step_keys())
             if carry is None:
                 carry = self._ttt_init(params, obs.shape[-1], None if goals is None else goals.shape[-1])
@@ -1233,7 +1236,7 @@ class Members:
             out_dir = config.out_dir or f"runs/{config.env}/{script}/{time.strftime('%Y%m%d-%H%M%S')}_s{config.seed}"
             entries = [{"seed": config.seed + i, "out_dir": out_dir} for i in range(config.num_seeds)]
         self.seeds = [entry["seed"] for entry in entries]
-        self.test_time = flags.get("test_time", "none")  # result.json says which test-time method ran, if any
+        self.test_time = list(flags.get("test_time", ()))  # result.json lists the test-time methods evaluated
         self.settings = []
         for entry in entries:
             setting = {f: entry.get(f, flags[f]) for f in fields}
@@ -1418,8 +1421,9 @@ RESULT_METRICS = ("success", "return", "train_mse", "val_mse", "eval_mse")
 def final_result(header: dict, last_eval: list[dict], best_success: np.ndarray) -> dict:
     """result.json's content: `header` (env, script, sizes, ...) plus, per metric of the last evaluation, the numbers
     per member with their mean and std ("n/a" where the environment has no oracle), and the best success seen."""
-    # With --test-time, the same episodes' numbers under OPEX / TTT sit beside the plain ones.
-    testtime = [TEST_TIME_PREFIX + k for k in RESULT_METRICS if last_eval and TEST_TIME_PREFIX + k in last_eval[0]]
+    # With --test-time, the same episodes' numbers under OPEX / TTT sit beside the plain ones (opex_success, ...).
+    testtime = [f"{m}_{k}" for m in TEST_TIME_METHODS for k in RESULT_METRICS
+                if last_eval and f"{m}_{k}" in last_eval[0]]
     per_member = {k: [r.get(k, "n/a") for r in last_eval] for k in (*RESULT_METRICS, *testtime)}
     per_member["best_success"] = np.asarray(best_success).tolist()
     return {**header, **summarize(per_member)}
@@ -1429,10 +1433,8 @@ def result_line(result: dict, out_dir: str) -> str:
     """The one line a script prints at the end."""
     mean = lambda k: result.get(k, {}).get("mean", "n/a")  # noqa: E731  (no eval MSE without an oracle)
     fmt = lambda k: "n/a" if mean(k) == "n/a" else f"{mean(k):.4f}"  # noqa: E731
-    testtime = ""
-    if result.get("test_time", "none") != "none":
-        testtime = (f" | with {result['test_time']}: success {fmt(TEST_TIME_PREFIX + 'success')} (return "
-                    f"{fmt(TEST_TIME_PREFIX + 'return')}), eval MSE {fmt(TEST_TIME_PREFIX + 'eval_mse')}")
+    testtime = "".join(f" | {m}: success {fmt(m + '_success')} (return {fmt(m + '_return')}), eval MSE "
+                       f"{fmt(m + '_eval_mse')}" for m in result.get("test_time", ()))
     return (f"final success {fmt('success')} (return {fmt('return')}) | train MSE {fmt('train_mse')} | "
             f"val MSE {fmt('val_mse')} | eval MSE {fmt('eval_mse')}{testtime} | over {len(result['seeds'])} "
             f"seed(s) -> {out_dir}/result.json")

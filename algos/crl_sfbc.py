@@ -86,8 +86,8 @@ class Config:
     """Evaluation episodes per evaluation task (OGBench goal-conditioned envs have 5 tasks)."""
     mse_samples: int = 2048
     """States sampled once from the policy subset and from the validation split for the train / val MSE."""
-    test_time: Literal["none", "opex", "ttt"] = "none"
-    """Test-time policy improvement at each evaluation, run beside the plain policy on the same episodes."""
+    test_time: tuple[Literal["opex", "ttt"], ...] = ()
+    """Test-time methods evaluated beside the plain policy on the same episodes at each evaluation (e.g. opex ttt)."""
     opex_beta: float = 0.1
     """OPEX step size: a <- clip(a + beta * dQ/da); with --opex-normalize, the step length in action units."""
     opex_steps: int = 1
@@ -321,10 +321,10 @@ def make_act(num_samples: int):
     return jax.jit(jax.vmap(act, in_axes=(0, 0, 0, None)))
 
 
-def make_test_time(config: Config, evaluator):
-    """--test-time opex / ttt (envs.TestTime) given this script's action rule (sample-and-argmax;
-    OPEX starts from the chosen candidate), the Q its extractor climbs (log Q, the critic's logit)
-    and the policy's mean action (what TTT trains)."""
+def make_test_time(config: Config, evaluator, method: str):
+    """One --test-time method, opex or ttt (envs.TestTime), from this script's action rule (sample-and-argmax; OPEX
+    starts from the chosen candidate), the Q its extractor climbs (log Q, the critic's logit) and the policy's mean
+    action (what TTT trains)."""
 
     def act(params, obs, goals, key):
         return sfbc_action(params["actor"], params["critic"], obs, goals, key, config.num_samples)
@@ -335,7 +335,7 @@ def make_test_time(config: Config, evaluator):
     def mean_action(actor, obs, goals):
         return actor_fn(actor, obs, goals)[0]
 
-    return envs.TestTime(config, evaluator, act, q_value, mean_action)
+    return envs.TestTime(config, evaluator, method, act, q_value, mean_action)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -368,13 +368,13 @@ def main(config: Config) -> list[dict]:
     policy_sizes = members["policy_data_size"].tolist()
     probe = envs.OracleProbe(spec, train, val, policy_sizes, config.mse_samples, config.split_seed)
     evaluator = envs.Evaluator(spec, M, config.eval_episodes)
-    test_time = make_test_time(config, evaluator) if config.test_time != "none" else None
+    test_time = {method: make_test_time(config, evaluator, method) for method in config.test_time}
 
     def evaluate(step: int) -> list[dict]:
         metrics = {**envs.rollout_metrics(evaluator.evaluate(policy, seeds), probe), **probe.train_val(policy)}
-        if test_time:  # the same episodes (same seeds) again, acting with OPEX / TTT
-            rollout = evaluator.evaluate(test_time.policy(states["params"], seeds, step), seeds)
-            metrics.update(envs.rollout_metrics(rollout, probe, envs.TEST_TIME_PREFIX))
+        for method, improved in test_time.items():  # the same episodes (same seeds) again, acting with OPEX / TTT
+            rollout = evaluator.evaluate(improved.policy(states["params"], seeds, step), seeds)
+            metrics.update(envs.rollout_metrics(rollout, probe, f"{method}_"))
         return envs.member_records("eval", step, seeds, metrics)
 
     # --resume continues bit for bit: the device state, the loop's progress and metrics.jsonl up to the saved step.

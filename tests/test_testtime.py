@@ -16,7 +16,7 @@ import envs
 OBS_DIM, ACTION_DIM, MEMBERS, EPISODES = 4, 2, 2, 3
 
 
-def setup(script, goal_conditioned=True, **flags):
+def setup(script, method, goal_conditioned=True, **flags):
     """A script's Config, its stacked parameters for MEMBERS members, and a TestTime over EPISODES lockstep
     episodes of at most 6 steps (all TestTime reads of an Evaluator)."""
     module = load(script)
@@ -25,7 +25,7 @@ def setup(script, goal_conditioned=True, **flags):
     states = jax.vmap(lambda k: module.init_state(k, OBS_DIM, goal_dim, ACTION_DIM, config))(
         jax.vmap(jax.random.PRNGKey)(jnp.arange(MEMBERS)))
     evaluator = types.SimpleNamespace(tasks=np.arange(EPISODES), max_steps=6)
-    return module, config, states["params"], module.make_test_time(config, evaluator)
+    return module, config, states["params"], module.make_test_time(config, evaluator, method)
 
 
 def random_states(seed, goal_conditioned=True):
@@ -42,8 +42,8 @@ def q_of(module, params, obs, goals, actions):
 
 @pytest.mark.parametrize("script", Q_SCRIPTS)
 def test_opex_raises_q_at_the_chosen_action_and_beta_0_changes_nothing(script):
-    module, _, params, plain = setup(script, test_time="opex", opex_beta=0.0)
-    *_, opex = setup(script, test_time="opex", opex_beta=0.05, opex_steps=2)
+    module, _, params, plain = setup(script, "opex", opex_beta=0.0)
+    *_, opex = setup(script, "opex", opex_beta=0.05, opex_steps=2)
     obs, goals = random_states(0)
     # The same keys for both: SfBC's candidates (and so OPEX's starting action) are the same.
     before = np.asarray(plain.policy(params, [0, 1], step=7)(obs, goals))
@@ -61,12 +61,12 @@ def test_opex_raises_q_at_the_chosen_action_and_beta_0_changes_nothing(script):
 @pytest.mark.parametrize("script,reset", [(s, "never" if i % 2 else "episode") for i, s in enumerate(Q_SCRIPTS)])
 def test_ttt_adapts_only_its_copy_and_lr_0_acts_as_the_trained_policy(script, reset):
     goal_conditioned = script.startswith("crl") or reset == "never"  # IQL / SARSA also run without goals
-    module, _, params, frozen = setup(script, goal_conditioned, test_time="ttt", ttt_lr=0.0, ttt_reset=reset)
-    *_, ttt = setup(script, goal_conditioned, test_time="ttt", ttt_lr=1e-2, ttt_steps_per_env_step=3,
-                    ttt_batch_size=8, ttt_reset=reset)
+    module, _, params, frozen = setup(script, "ttt", goal_conditioned, ttt_lr=0.0, ttt_reset=reset)
+    *_, ttt = setup(script, "ttt", goal_conditioned, ttt_lr=1e-2, ttt_steps_per_env_step=3, ttt_batch_size=8,
+                    ttt_reset=reset)
     saved = jax.tree_util.tree_map(np.array, params)
     policies = {"frozen": frozen.policy(params, [0, 1], step=5), "ttt": ttt.policy(params, [0, 1], step=5),
-                "opex0": setup(script, goal_conditioned, test_time="opex", opex_beta=0.0)[3].policy(params, [0, 1], 5)}
+                "opex0": setup(script, "opex", goal_conditioned, opex_beta=0.0)[3].policy(params, [0, 1], 5)}
     actions = {name: [] for name in policies}
     for t in range(4):
         obs, goals = random_states(t, goal_conditioned)
@@ -82,35 +82,39 @@ def test_ttt_adapts_only_its_copy_and_lr_0_acts_as_the_trained_policy(script, re
 
 @pytest.mark.slow
 def test_ttt_never_touches_the_trained_parameters_and_lr_0_equals_plain_evaluation(data_dir, tmp_path):
-    """Whole runs of iql_ddpgbc: the checkpoints of a run with TTT equal those of a run without it (TTT trains a
-    copy); with --ttt-lr 0 the test-time numbers equal the plain ones, bit for bit with one copy per member."""
+    """Whole runs of iql_ddpgbc: the checkpoints of a run evaluated with OPEX and TTT equal those of a plain run (TTT
+    trains a copy), and so do its plain numbers; with --ttt-lr 0 TTT's numbers equal the plain ones, bit for bit
+    with one copy per member."""
     common = ["--env", POINTMAZE, "--dataset-dir", str(data_dir), "--steps", "100", "--log-interval", "50",
               "--eval-interval", "100", "--hidden-dims", "16", "--batch-size", "32", "--eval-episodes", "1",
               "--mse-samples", "64", "--num-seeds", "2", "--checkpoint-interval", "100", "--no-progress"]
     runs = {"plain": [], "lr0-never": ["--test-time", "ttt", "--ttt-lr", "0", "--ttt-reset", "never"],
             "lr0-episode": ["--test-time", "ttt", "--ttt-lr", "0"],
-            "ttt": ["--test-time", "ttt", "--ttt-lr", "0.01", "--ttt-steps-per-env-step", "2"]}
+            "both": ["--test-time", "opex", "ttt", "--ttt-lr", "0.01", "--ttt-steps-per-env-step", "2"]}
     results = {}
     for name, extra in runs.items():
         proc = run_script("algos/iql_ddpgbc.py", *common, "--out-dir", str(tmp_path / name), *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = json.loads((tmp_path / name / "result.json").read_text())
     checkpoint = lambda name: np.load(tmp_path / name / "checkpoints" / "step_00000100.npz")  # noqa: E731
-    for name in ("lr0-never", "ttt"):
+    for name in ("lr0-never", "both"):
         with checkpoint("plain") as a, checkpoint(name) as b:
             assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
         for key in envs.RESULT_METRICS:  # the plain evaluation beside it is untouched too
             assert results[name][key] == results["plain"][key], key
-    assert results["plain"]["test_time"] == "none" and results["ttt"]["test_time"] == "ttt"
-    assert "testtime_success" not in results["plain"]
+    assert results["plain"]["test_time"] == [] and results["both"]["test_time"] == ["opex", "ttt"]
+    assert not any(k.startswith(("opex_", "ttt_")) for k in results["plain"])
     for key in ("success", "return", "eval_mse"):
-        assert results["lr0-never"]["testtime_" + key] == results["plain"][key], key
+        assert results["lr0-never"]["ttt_" + key] == results["plain"][key], key
         # one copy per episode acts on one state at a time: the same actions up to matmul rounding
-        np.testing.assert_allclose(results["lr0-episode"]["testtime_" + key]["per_member"],
+        np.testing.assert_allclose(results["lr0-episode"]["ttt_" + key]["per_member"],
                                    results["plain"][key]["per_member"], rtol=1e-4, atol=1e-5)
-    assert results["ttt"]["testtime_eval_mse"]["per_member"] != results["plain"]["eval_mse"]["per_member"]
-    records = [r for r in envs.read_metrics(tmp_path / "ttt" / "metrics.jsonl") if r["event"] == "eval"]
-    assert all({"testtime_success", "testtime_return", "testtime_eval_mse"} <= set(r) for r in records)
+    for method in ("opex", "ttt"):  # both methods acted, each differently from the plain policy
+        assert results["both"][method + "_eval_mse"]["per_member"] != results["plain"]["eval_mse"]["per_member"]
+    assert results["both"]["opex_eval_mse"] != results["both"]["ttt_eval_mse"]
+    records = [r for r in envs.read_metrics(tmp_path / "both" / "metrics.jsonl") if r["event"] == "eval"]
+    assert all({f"{m}_{k}" for m in ("opex", "ttt") for k in ("success", "return", "eval_mse")} <= set(r)
+               for r in records)
 
 
 def test_bad_test_time_flags_exit_2(data_dir, tmp_path):
@@ -122,7 +126,8 @@ def test_bad_test_time_flags_exit_2(data_dir, tmp_path):
              ("crl_ddpgbc", ["--ttt-batch-size", "0"], "--ttt-batch-size must be >= 1"),
              ("iql_awr", ["--ttt-alpha", "-1"], "--ttt-alpha must be >= 0"),
              ("iql_ddpgbc", ["--test-time", "magic"], "invalid choice 'magic'"),
-             ("sarsa_sfbc", ["--ttt-reset", "sometimes"], "invalid choice 'sometimes'")]
+             ("sarsa_sfbc", ["--ttt-reset", "sometimes"], "invalid choice 'sometimes'"),
+             ("crl_awr", ["--test-time", "opex", "opex"], "--test-time lists a method twice")]
     for script, extra, message in cases:
         proc = run_script(f"algos/{script}.py", *common, *extra)
         assert proc.returncode == 2 and message in proc.stderr, (script, proc.stderr[-1500:])
