@@ -8,6 +8,9 @@ What it learns
 Knobs that matter
   --policy-data-size: the transitions it clones (a prefix of the seeded trajectory order); there is no value function,
     hence no --value-data-size and no alpha. BC is the reference a value-based method has to beat on the same data.
+  --obs-transform warp: the paper's representation experiment. The policy sees y = x + 0.9 / w * sin(w * x) of every
+    observation and goal coordinate (w = --obs-transform-frequency), a continuous invertible map (dy/dx >= 0.1), so
+    no information is lost, only the geometry the network generalizes over changes.
 
 Easy to get wrong
   On goal-conditioned data the goal must be a future state of the same trajectory (what the action was heading
@@ -24,6 +27,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # envs.py lives at the repository root
 
@@ -71,6 +75,10 @@ class Config:
     """Evaluation episodes per evaluation task (OGBench goal-conditioned envs have 5 tasks)."""
     mse_samples: int = 2048
     """States sampled once from the policy subset and from the validation split for the train / val MSE."""
+    obs_transform: Literal["none", "warp"] = "none"
+    """Representation of observations and goals the policy sees: none (raw) or warp (x + 0.9/w sin(w x), invertible)."""
+    obs_transform_frequency: float = 1.0
+    """w of --obs-transform warp, in inverse observation units (> 0); larger folds the state space more finely."""
     checkpoint_interval: int = 0
     """Steps between parameter checkpoints in <out-dir>/checkpoints (0: none)."""
     out_dir: str | None = None
@@ -101,6 +109,7 @@ def validate(config: Config) -> None:
         (config.checkpoint_interval >= 0 and config.checkpoint_interval % config.log_interval == 0,
          "--checkpoint-interval must be 0 or a multiple of --log-interval"),
         (config.mse_samples >= 1, "--mse-samples must be >= 1"),
+        (config.obs_transform_frequency > 0, "--obs-transform-frequency must be > 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -146,6 +155,14 @@ def gaussian_log_prob(mean, log_std, actions):
     return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
+def transform_observations(x, kind: str, frequency: float):
+    """--obs-transform: the representation the policy sees. warp: y = x + 0.9 / w * sin(w * x) per coordinate, strictly
+    increasing (dy/dx = 1 + 0.9 cos(w x) >= 0.1), hence continuous and invertible; none: y = x."""
+    if kind == "none" or x is None:
+        return x
+    return x + 0.9 / frequency * jnp.sin(frequency * x)
+
+
 def _inputs(obs, goals):
     return obs if goals is None else jnp.concatenate([obs, goals], -1)
 
@@ -187,6 +204,11 @@ def update(state, data, member, config: Config, goal_conditioned: bool):
     key, k_batch = jax.random.split(state["key"])
     batch = envs.sample_batch(k_batch, data, member["policy_data_size"], config.batch_size,
                               "actor" if goal_conditioned else "none")
+    # The policy learns on the transformed representation (the actions, and so the loss, are unchanged).
+    for key_name in ("observations", "goals"):
+        if key_name in batch:
+            batch[key_name] = transform_observations(batch[key_name], config.obs_transform,
+                                                     config.obs_transform_frequency)
     params = state["params"]
     (_, info), grad = jax.value_and_grad(bc_actor_loss, has_aux=True)(params["actor"], batch)
     updates, opt_state = make_optimizer(config).update({"actor": grad}, state["opt_state"], params)
@@ -208,11 +230,13 @@ def make_train_chunk(config: Config, goal_conditioned: bool):
     return jax.jit(jax.vmap(chunk, in_axes=(0, None, 0)), donate_argnums=(0,))
 
 
-def make_act(goal_conditioned: bool):
-    """act(actor params [M], obs [M, N, d], goals [M, N, g] or None) -> actions [M, N, a], jitted: the policy's mean."""
+def make_act(config: Config, goal_conditioned: bool):
+    """act(actor params [M], obs [M, N, d], goals [M, N, g] or None) -> actions [M, N, a], jitted: the policy's mean
+    on the --obs-transform representation of the raw observations and goals."""
 
     def act(params, obs, goals):
-        return actor_fn(params, obs, goals)[0]
+        transform = lambda x: transform_observations(x, config.obs_transform, config.obs_transform_frequency)  # noqa
+        return actor_fn(params, transform(obs), transform(goals))[0]
 
     if goal_conditioned:
         return jax.jit(jax.vmap(act))
@@ -236,7 +260,7 @@ def main(config: Config) -> list[dict]:
     states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim if gc else 0, action_dim, config))(
         jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds)))
     device_data = envs.to_device(train)
-    train_chunk, act = make_train_chunk(config, gc), make_act(gc)
+    train_chunk, act = make_train_chunk(config, gc), make_act(config, gc)
 
     def policy(obs, goals):  # [M, N, d] -> [M, N, a], one jitted call for every member and environment
         return act(states["params"]["actor"], obs, goals) if gc else act(states["params"]["actor"], obs)

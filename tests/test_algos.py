@@ -402,3 +402,21 @@ def test_every_flag_has_a_one_line_docstring_shown_by_help():
             assert following.startswith('"""') and following.endswith('"""') and len(following) > 12, (script, field)
     proc = run_script("algos/crl_sfbc.py", "--help")
     assert proc.returncode == 0 and "--num-samples" in proc.stdout and "Candidate actions sampled" in proc.stdout
+
+
+def test_bc_obs_transform_is_invertible_and_changes_what_the_policy_learns(data_dir, tmp_path):
+    bc = load("bc")
+    x = np.linspace(-30.0, 30.0, 6_001).astype(np.float32)  # steps of 0.01: far above float32 rounding at |x| = 30
+    for frequency in (0.5, 1.0, 4.0):
+        y = np.asarray(bc.transform_observations(jnp.asarray(x), "warp", frequency), np.float64)
+        slopes = np.diff(y) / np.diff(x.astype(np.float64))
+        assert slopes.min() > 0.09 and slopes.max() < 1.91, frequency  # strictly increasing: continuous, invertible
+        assert np.abs(y - x).max() <= 0.9 / frequency + 1e-4
+    assert bc.transform_observations(x, "none", 1.0) is x
+    results = {kind: bc.main(smoke_config("bc", POINTMAZE, data_dir, tmp_path / kind, obs_transform=kind))[0]
+               for kind in ("none", "warp")}
+    config = json.loads((tmp_path / "warp" / "config.json").read_text())["config"]
+    assert config["obs_transform"] == "warp" and config["obs_transform_frequency"] == 1.0
+    for key in ("train_mse", "val_mse", "eval_mse"):
+        assert math.isfinite(results["warp"][key]["mean"])
+        assert results["warp"][key]["mean"] != results["none"][key]["mean"], key

@@ -178,6 +178,8 @@ def test_bad_inputs_across_every_entry_point_exit_2_with_one_line(data_dir, tmp_
         (script("iql_awr", "--alpha", "-1"), "--alpha must be >= 0"),
         (script("crl_awr", "--env", "pointmaze-medium-navigate-singletask-v0"), "needs a goal-conditioned"),
         (script("iql_sfbc", "--num-samples", "0"), "--num-samples"),
+        (script("bc", "--obs-transform-frequency", "0"), "--obs-transform-frequency must be > 0"),
+        (script("sarsa_sfbc", "--test-time", "ttt", "--ttt-steps-per-env-step", "0"), "--ttt-steps-per-env-step"),
         (script("bc", "--steps", "120"), "multiple of --log-interval"),
         (script("iql_ddpgbc", "--resume-interval", "70"), "--resume-interval must be 0 or a multiple"),
         (script("iql_ddpgbc", "--debug-poison-step", "-50"), "--debug-poison-step must be 0 or a multiple"),
