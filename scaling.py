@@ -64,6 +64,10 @@ PRESETS: dict[str, dict] = {
         envs=("cube-single-play-v0", "cube-single-noisy-v0"), scripts=("iql_ddpgbc", "sarsa_ddpgbc", "bc"),
         value_sizes=(900_000,), policy_sizes=(100_000, 900_000), ddpgbc_alphas=(0.03, 0.3, 3.0),
         seeds=(0, 1, 2, 3), steps=1_000_000, dataset_dir="data/coverage", generate_episodes=1_000),
+    "testtime": dict(  # plain vs OPEX vs TTT: every run evaluates all three on the same episodes
+        envs=("pointmaze-large-navigate-v0", "cube-single-play-v0"), scripts=("iql_awr", "iql_ddpgbc", "iql_sfbc"),
+        seeds=(0, 1, 2, 3), steps=1_000_000, pack=4, dataset_dir="data/testtime", generate_episodes=1_000,
+        script_args=("--test-time", "opex", "ttt")),
 }
 DEFAULTS = dict(envs=("pointmaze-medium-navigate-v0",), scripts=("iql_ddpgbc",), value_sizes=(None,),
                 policy_sizes=(None,), awr_alphas=(), ddpgbc_alphas=(), seeds=(0,), steps=1_000_000, pack=1,
@@ -75,9 +79,9 @@ class Args:
     """Launch a data-scaling sweep. Flags after a lone `--` are passed to every script (e.g. `-- --hidden-dims 256
     256`). Flags left out come from --preset, else from the defaults shown."""
 
-    preset: Literal["quickstart", "matrix", "coverage"] | None = None
+    preset: Literal["quickstart", "matrix", "coverage", "testtime"] | None = None
     """A predefined sweep (see the README): quickstart (2x2 on pointmaze, minutes on a CPU), matrix (paper size),
-    coverage (narrow vs high-coverage data)."""
+    coverage (narrow vs high-coverage data), testtime (plain vs OPEX vs TTT)."""
     sweep_dir: str | None = None
     """Folder of the sweep's run folders and sweep.json; default sweeps/<preset or 'custom'>."""
     envs: tuple[str, ...] | None = None

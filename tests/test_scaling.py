@@ -132,6 +132,11 @@ def test_dry_run_prints_the_plan_and_touches_nothing(data_dir, tmp_path):
                       "--sweep-dir", str(sweep_dir), "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert f"{2 * 16 * 4 * 3 * (4 + 4 + 1)} runs" in proc.stdout
+    # plain vs OPEX vs TTT: 2 envs x 3 scripts x 4 seeds, each run evaluating all three, the seeds packed
+    proc = run_script("scaling.py", "--preset", "testtime", "--dataset-dir", str(tmp_path / "no-data"),
+                      "--sweep-dir", str(sweep_dir), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "24 runs, 0 complete, 24 to run in 6 processes" in proc.stdout and "--test-time opex ttt" in proc.stdout
 
 
 def test_bad_inputs_exit_2(data_dir, tmp_path):
