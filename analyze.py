@@ -475,7 +475,10 @@ def verdict(m: Matrix, threshold: float = 2.0, min_change: float = 0.02, dominan
     def matters(change: float) -> bool | None:
         if not math.isfinite(change):
             return None
-        return bool(abs(change) > floor and (not math.isfinite(noise) or abs(change) > threshold * noise))
+        # Rounded to 12 digits: success rates are multiples of 1 / episodes, and a change of exactly the floor
+        # (0.28 - 0.24 + 0.20 - 0.20) / 2 = 0.020000000000000018 must not count as above it.
+        change = round(abs(change), 12)
+        return bool(change > floor and (not math.isfinite(noise) or change > threshold * noise))
 
     policy_matters, value_matters = matters(policy), matters(value)
     if policy_matters is None and value_matters is None:
@@ -793,7 +796,8 @@ def plot_matrices(matrices: list[Matrix], out: Path, formats: tuple[str, ...]) -
                 if (r, c) not in used:
                     axes[r, c].axis("off")
         fig.colorbar(image, ax=axes, label=METRIC_LABELS.get(mine[0].metric, mine[0].metric), shrink=0.9)
-        fig.suptitle(f"{env}: best alpha per cell, mean over seeds")
+        # Two lines: a single panel is narrower than the one-line title would be.
+        fig.suptitle(f"{env}\nbest alpha per cell, mean over seeds", fontsize=10)
         paths += save_figure(fig, out, f"matrices_{env}", formats)
     return paths
 
@@ -911,8 +915,9 @@ def _listing(title: str, entries: list[dict], line) -> list[str]:
 def report(sweep: Sweep) -> str:
     """The counts line and the lists of runs left out."""
     counts = sweep.counts()
-    lines = [f"{sweep.root}: {counts['complete']} complete run folders ({sum(len(r.seeds) for r in sweep.runs)} "
-             f"seeds), {counts['incomplete']} incomplete, {counts['failed']} failed, {counts['diverged']} diverged "
+    members = sum(len(r.seeds) for r in sweep.runs)
+    lines = [f"{sweep.root}: {counts['complete']} complete run folders ({members} trained members), "
+             f"{counts['incomplete']} incomplete, {counts['failed']} failed, {counts['diverged']} diverged "
              "(only complete runs are analysed)"]
     steps = lambda e: f"step {e['last_step'] if e['last_step'] is not None else 0} of {e['steps'] or '?'}"  # noqa: E731
     lines += _listing("incomplete (no result.json)", sweep.incomplete, lambda e: f"{e['folder']} ({steps(e)})")

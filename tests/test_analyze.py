@@ -137,7 +137,7 @@ def test_missing_cells_are_nan_and_a_single_run_folder_works(tmp_path, capsys):
     assert summary["counts"] == {"complete": 1, "incomplete": 0, "failed": 0, "diverged": 0}
     [cell] = summary["cells"]
     assert cell["seeds"] == [3, 4] and cell["success"] == {"mean": 0.5, "std": 0.25, "n_seeds": 2}
-    assert "1 complete run folders (2 seeds)" in capsys.readouterr().out
+    assert "1 complete run folders (2 trained members)" in capsys.readouterr().out
 
 
 def test_incomplete_failed_and_diverged_runs_are_reported_and_left_out(tmp_path):
@@ -170,7 +170,7 @@ def test_incomplete_failed_and_diverged_runs_are_reported_and_left_out(tmp_path)
     (sweep / "sweep.json").write_text(json.dumps({"settings": {"sweep_dir": typed}, "runs": runs}))
     proc = run_script("analyze.py", str(sweep), "--only", "table", "verdicts", timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "2 complete run folders (2 seeds), 1 incomplete, 2 failed, 2 diverged" in proc.stdout, proc.stdout
+    assert "2 complete run folders (2 trained members), 1 incomplete, 2 failed, 2 diverged" in proc.stdout, proc.stdout
     assert "step 200 of 1000" in proc.stdout and "ValueError: boom" in proc.stdout
     assert "non-finite actor_loss at step 700" in proc.stdout and "non-finite critic_loss at step 500" in proc.stdout
     assert "needs a goal-conditioned environment" in proc.stdout
@@ -422,3 +422,16 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
         proc = run_script("analyze.py", str(good), flag, bad, timeout=120)
         assert proc.returncode == 2 and bad in proc.stderr, proc.stderr[-2000:]
     assert not (good / "analysis").exists()
+
+
+def test_a_change_equal_to_the_floor_does_not_matter():
+    """Success rates are multiples of 1/episodes: (0.28 - 0.24 + 0.20 - 0.20) / 2 is 0.020000000000000018 in floats,
+    and must read as the floor itself, not above it (the quickstart sweep's value axis)."""
+    mean = np.array([[0.24, 0.20], [0.28, 0.20]])
+    m = analyze.Matrix(env=POINTMAZE, script="iql_ddpgbc", metric="success", value_sizes=[10_000, 90_000],
+                       policy_sizes=[10_000, 90_000], mean=mean, std=np.zeros((2, 2)), n=np.ones((2, 2), int),
+                       alpha=[[0.3, 0.3], [0.3, 0.3]], seeds=[[{0: x} for x in row] for row in mean], has_alpha=True)
+    result = analyze.verdict(m)
+    assert result["value_change"] > 0.02 and result["value_matters"] is False
+    assert result["policy_matters"] is True and result["verdict"] == "policy-bounded"
+    assert analyze.verdict(m, min_change=0.019)["value_matters"] is True
