@@ -1,7 +1,9 @@
-"""analyze.py: a sweep's run folders -> data-scaling matrices, the aggregated table, bottleneck verdicts, MSE plots.
+"""analyze.py: a sweep's run folders -> data-scaling matrices, the aggregated table, bottleneck verdicts, MSE plots,
+offline-to-online curves.
 
     python analyze.py sweeps/quickstart                       # everything, into sweeps/quickstart/analysis/
     python analyze.py sweeps/matrix --only table verdicts     # just the numbers
+    python analyze.py sweeps/online --only online             # offline-to-online curves (runs with --online-steps)
     python analyze.py runs/pointmaze-medium-navigate-v0/iql_ddpgbc/20261124-101010_s0    # one run folder
 
 Input. Every run folder below SWEEP_DIR (a folder holding config.json or result.json, at any depth; SWEEP_DIR may be
@@ -40,7 +42,17 @@ Numbers, from the per-member (per-seed) values in result.json:
     m_return, m_eval_mse), at the alpha chosen by plain performance per (value size, policy size), averaged over
     those cells as in the table, seeds paired by id. A script whose runs evaluated one method shows plain and that
     one. The matrices, table and verdicts use the plain numbers of every run.
-  Offline-to-online MSE curves will come with the scripts' --online-steps; they are not drawn yet.
+  - offline-to-online (`online`): runs whose result.json has "online_steps" > 0 (the scripts' --online-steps: after
+    "steps" offline updates, that many more, each chunk collecting environment steps with the current policy and
+    training on offline + online data; 0 or absent = offline only, left out here). From metrics.jsonl's "eval"
+    records at step >= steps (a cut-off last line skipped; a later record of the same seed and step replaces an
+    earlier one): online step = step - steps (0 = the end of offline training; one update per environment step, so
+    it counts online environment steps) -> train / validation / evaluation MSE (where the env has an oracle) and
+    performance (success, or return on dm_control; --metric best_success uses success). Per cell, pooled seed by
+    seed as above; at each online step that every seed of the cell has, mean and std (ddof=0) over seeds. The
+    change from online step 0 to the last is the paper's check that online data mainly lowers evaluation MSE. The
+    matrices, table and verdicts use result.json's final numbers of every run (for an online run: after online
+    fine-tuning).
 
 Artefacts in --out (default SWEEP_DIR/analysis), each written through a temporary file and a rename:
   matrices_<env>.png/.pdf        one panel per value x extractor script (rows value learner, columns extractor)
@@ -49,9 +61,14 @@ Artefacts in --out (default SWEEP_DIR/analysis), each written through a temporar
   generalization_<env>.png/.pdf  train / validation / evaluation MSE per script
   testtime_<env>.png/.pdf        per script, plain vs OPEX vs TTT performance (top) and evaluation MSE (bottom,
                                  where the runs measured it), the same runs and episodes
+  online_<env>.png/.pdf          offline-to-online curves: train / validation / evaluation MSE (where measured) and
+                                 performance against online environment steps, a line per cell (mean ± std band)
+  online.md                      per env x cell each quantity at online step 0 -> the last online step, and the change
+                                 (also printed)
   summary.json                   counts (complete, incomplete, failed, diverged), the lists, every cell's aggregates
                                  (env, script, sizes, alpha, mean, std, seeds), the matrices, table, verdicts, and
-                                 the test-time numbers under result.json's keys (success, opex_success, ...)
+                                 the test-time numbers under result.json's keys (success, opex_success, ...), and
+                                 the offline-to-online curves ("online": per env, per cell, its points)
 
 Exit status 0; 2 with one line naming the problem and the fix for bad input (a missing or empty SWEEP_DIR, no
 complete run, a damaged result.json or sweep.json, bad flags).
@@ -81,20 +98,24 @@ TEST_TIME_REQUIRED = ("success", "return")  # result.json has <method>_<key> for
 TEST_TIME_OPTIONAL = ("eval_mse",)  # ... and this one where the env has an oracle
 TEST_TIME_KEYS = tuple(f"{m}_{k}" for m in TEST_TIME_METHODS for k in (*TEST_TIME_REQUIRED, *TEST_TIME_OPTIONAL))
 HEADER_KEYS = ("env", "script", "seeds", "value_data_size", "policy_data_size", "alpha")
-ARTEFACTS = ("matrices", "table", "verdicts", "generalization", "testtime")
+ARTEFACTS = ("matrices", "table", "verdicts", "generalization", "testtime", "online")
+ONLINE_MSES = ("train_mse", "val_mse", "eval_mse")  # drawn against online steps where the eval records have them
 METRIC_LABELS = {"success": "success rate", "return": "return", "best_success": "best success rate during training"}
+MSE_LABELS = {"train_mse": "train MSE", "val_mse": "validation MSE", "eval_mse": "evaluation MSE"}
 NAMES = {"iql": "IQL", "sarsa": "SARSA", "crl": "CRL", "awr": "AWR", "ddpgbc": "DDPG+BC", "sfbc": "SfBC", "bc": "BC",
          "opex": "OPEX", "ttt": "TTT"}
 DPI = 100  # every figure: its PNG is exactly figsize x DPI pixels (no tight bounding box)
 PANEL_SIZE = (3.4, 3.0)  # inches per matrix panel
+ONLINE_PANEL_SIZE = (3.8, 3.0)  # inches per offline-to-online panel
 LIST_LIMIT = 10  # incomplete / failed runs printed; summary.json lists all
 
 
 @dataclasses.dataclass
 class Args:
     """Read a sweep's run folders and write data-scaling matrices, the aggregated table, bottleneck verdicts,
-    generalization (MSE) and test-time (plain vs OPEX vs TTT performance and evaluation MSE) bar plots, and
-    summary.json (see the module docstring for every rule)."""
+    generalization (MSE) and test-time (plain vs OPEX vs TTT performance and evaluation MSE) bar plots,
+    offline-to-online curves (MSEs and performance against online environment steps), and summary.json (see the
+    module docstring for every rule)."""
 
     sweep_dir: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="SWEEP_DIR")]]
     """A scaling.py --sweep-dir, any folder of run folders, or a single run folder."""
@@ -102,7 +123,7 @@ class Args:
     """Folder for the artefacts (created); default SWEEP_DIR/analysis."""
     metric: Literal["auto", "success", "return", "best_success"] = "auto"
     """Performance: auto = success rate on OGBench, return on dm_control; best_success = best during training."""
-    only: tuple[Literal["matrices", "table", "verdicts", "generalization", "testtime"], ...] = ARTEFACTS
+    only: tuple[Literal["matrices", "table", "verdicts", "generalization", "testtime", "online"], ...] = ARTEFACTS
     """Artefacts to make (summary.json is always written), e.g. --only table verdicts."""
     format: tuple[Literal["png", "pdf"], ...] = ("png", "pdf")
     """Figure file formats."""
@@ -131,7 +152,8 @@ class Run:
     seeds: list[int]
     values: dict[str, list[float]]
     test_time: tuple[str, ...] = ()  # the test-time methods the run evaluated, in TEST_TIME_METHODS order
-    steps: int | None = None
+    steps: int | None = None  # offline steps
+    online_steps: int = 0  # online steps after them (0: offline only)
 
 
 @dataclasses.dataclass
@@ -193,11 +215,18 @@ def read_result(path: Path) -> Run:
             raise envs.UsageError(f"{path}: key '{key}' must be {{per_member, mean, std}} with one value per seed "
                                   f"({len(seeds)}); {fix}")
         values[key] = [_number(v) for v in entry["per_member"]]
+    online_steps = result.get("online_steps") or 0
+    if not isinstance(online_steps, int) or isinstance(online_steps, bool) or online_steps < 0:
+        raise envs.UsageError(f"{path}: key 'online_steps' must be an integer >= 0 or null, got "
+                              f"{result['online_steps']!r}; {fix}")
+    if online_steps and (not isinstance(result.get("steps"), int) or isinstance(result["steps"], bool)):
+        raise envs.UsageError(f"{path}: an online run (online_steps {online_steps}) needs key 'steps' (its offline "
+                              f"steps, an integer); {fix}")
     size = lambda v: None if v is None else int(v)  # noqa: E731
     return Run(folder=Path(path).parent, env=str(result["env"]), script=str(result["script"]),
                value_size=size(result["value_data_size"]), policy_size=size(result["policy_data_size"]),
                alpha=None if result["alpha"] is None else float(result["alpha"]), seeds=list(seeds), values=values,
-               test_time=test_time, steps=result.get("steps"))
+               test_time=test_time, steps=result.get("steps"), online_steps=online_steps)
 
 
 def find_run_folders(root: Path) -> list[Path]:
@@ -574,6 +603,79 @@ def testtime_rows(runs: list[Run], metric_by_env: dict[str, str]) -> dict[str, l
     return out
 
 
+def read_online_curve(run: Run, quantities: tuple[str, ...]) -> dict[str, dict[int, dict[int, float]]]:
+    """One online run's curves from its metrics.jsonl: per quantity, per seed, online step (eval step - offline steps,
+    steps before the offline end left out) -> value; a later record of the same seed and step replaces an earlier
+    one, and a missing or non-finite value is left out."""
+    curves: dict[str, dict[int, dict[int, float]]] = {q: {} for q in quantities}
+    for record in envs.read_metrics(run.folder / "metrics.jsonl"):
+        if not isinstance(record, dict) or record.get("event") != "eval":
+            continue
+        step, seed, member = record.get("step"), record.get("seed"), record.get("member")
+        if not isinstance(seed, int) and isinstance(member, int) and 0 <= member < len(run.seeds):
+            seed = run.seeds[member]  # a record without its seed: the member's
+        if not isinstance(step, int) or not isinstance(seed, int) \
+                or not run.steps <= step <= run.steps + run.online_steps:
+            continue
+        for quantity in quantities:
+            value = _number(record.get(quantity))
+            if math.isfinite(value):
+                curves[quantity].setdefault(seed, {})[step - run.steps] = value
+    return {q: per_seed for q, per_seed in curves.items() if per_seed}
+
+
+def online_points(curves: dict[str, dict[int, dict[int, float]]]) -> list[dict]:
+    """A cell's points in online-step order: {"online_step", and per quantity its stats over seeds} where a quantity
+    appears at the online steps that every seed having that quantity has."""
+    common = {q: set.intersection(*(set(curve) for curve in per_seed.values())) for q, per_seed in curves.items()}
+    return [{"online_step": step, **{q: stats({seed: curve[step] for seed, curve in per_seed.items()})
+                                     for q, per_seed in curves.items() if step in common[q]}}
+            for step in sorted(set().union(*common.values()))]
+
+
+def online_rows(runs: list[Run], metric_by_env: dict[str, str]) -> dict[str, list[dict]]:
+    """Per env, per cell with online runs (script order, then sizes and alpha): "script", "value_size",
+    "policy_size", "alpha", "metric" (success or return), "seeds", and "points" (see `online_points`) from the eval
+    records of its runs with online_steps > 0, pooled seed by seed (a seed's values at an online step from several
+    folders averaged). Cells whose runs logged no eval record from the offline end on are left out."""
+    out: dict[str, list[dict]] = {}
+    for env, metric in sorted(metric_by_env.items()):
+        base = "return" if metric == "return" else "success"  # best_success has no per-evaluation counterpart
+        seen: dict[CellKey, dict[str, dict[int, dict[int, list[float]]]]] = {}
+        for run in runs:
+            if run.env != env or run.online_steps <= 0:
+                continue
+            cell = seen.setdefault((run.env, run.script, run.value_size, run.policy_size, run.alpha), {})
+            for quantity, per_seed in read_online_curve(run, (*ONLINE_MSES, base)).items():
+                for seed, curve in per_seed.items():
+                    for step, value in curve.items():
+                        cell.setdefault(quantity, {}).setdefault(seed, {}).setdefault(step, []).append(value)
+        for key in sorted(seen, key=lambda k: (script_order(k[1]), *_cell_order(k)[2:])):
+            curves = {q: {seed: {step: float(np.mean(v)) for step, v in sorted(curve.items())}
+                          for seed, curve in sorted(seen[key][q].items())}
+                      for q in (*ONLINE_MSES, base) if q in seen[key]}
+            if curves:
+                out.setdefault(env, []).append({
+                    "script": key[1], "value_size": key[2], "policy_size": key[3], "alpha": key[4], "metric": base,
+                    "seeds": sorted({seed for per_seed in curves.values() for seed in per_seed}),
+                    "points": online_points(curves)})
+    return out
+
+
+def online_changes(row: dict) -> dict[str, dict]:
+    """Per quantity of an online row: its mean at its first and last online step ("from", "to", "first_step",
+    "last_step") and "change" = to - from."""
+    changes = {}
+    for quantity in (*ONLINE_MSES, row["metric"]):
+        present = [p for p in row["points"] if quantity in p]
+        if present:
+            first, last = present[0], present[-1]
+            changes[quantity] = {"from": first[quantity]["mean"], "to": last[quantity]["mean"],
+                                 "change": last[quantity]["mean"] - first[quantity]["mean"],
+                                 "first_step": first["online_step"], "last_step": last["online_step"]}
+    return changes
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Formatting and writing
 # ----------------------------------------------------------------------------------------------------------------
@@ -899,6 +1001,104 @@ def testtime_text(rows: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def online_setting(row: dict, keys: tuple[str, ...] = ("value_size", "policy_size", "alpha")) -> str:
+    """A cell's value / policy sizes and alpha as the figures write them ("v10k p0.1M α=0.3"), only the `keys`
+    asked for; bc has no value size and SfBC / BC no alpha."""
+    parts = {"value_size": None if row["value_size"] is None else f"v{size_label(row['value_size'])}",
+             "policy_size": f"p{size_label(row['policy_size'])}",
+             "alpha": None if row["alpha"] is None else f"α={row['alpha']:g}"}
+    return " ".join(parts[k] for k in keys if parts[k] is not None)
+
+
+def online_labels(mine: list[dict]) -> list[str]:
+    """Legend labels of one env's online rows: the script's name, plus the sizes / alpha in which the rows differ."""
+    varying = tuple(k for k in ("value_size", "policy_size", "alpha") if len({r[k] for r in mine}) > 1)
+    return [f"{script_label(r['script'])} {online_setting(r, varying)}".rstrip() for r in mine]
+
+
+def _online_change(quantity: str, change: dict) -> str:
+    """"from → to (change)" of one quantity; MSEs also as a relative change."""
+    if quantity in ONLINE_MSES:
+        text = f"{_fmt_mse(change['from'])} → {_fmt_mse(change['to'])} ({change['change']:+.3g}"
+        return text + (f", {100 * change['change'] / change['from']:+.0f}%)" if change["from"] else ")")
+    sign = "+" if change["change"] >= 0 else "-"
+    return (f"{_fmt(change['from'], quantity)} → {_fmt(change['to'], quantity)} "
+            f"({sign}{_fmt(abs(change['change']), quantity)})")
+
+
+def online_text(rows: dict[str, list[dict]]) -> str:
+    """The offline-to-online changes as printed: one line per env x cell, under result.json's keys."""
+    lines = []
+    for env, mine in sorted(rows.items()):
+        for r in mine:
+            changes = online_changes(r)
+            steps = f"online step {r['points'][0]['online_step']} → {r['points'][-1]['online_step']}"
+            lines.append(f"  {env} {r['script']} {online_setting(r)} ({len(r['seeds'])} seeds, {steps}): "
+                         + " | ".join(f"{q} {_online_change(q, c)}" for q, c in changes.items()))
+    return "\n".join(lines)
+
+
+def write_online(rows: dict[str, list[dict]], out: Path) -> list[Path]:
+    """online.md: per env x cell, each quantity at online step 0 -> the last online step and the change."""
+    columns = (*(MSE_LABELS[q] for q in ONLINE_MSES), "performance")
+    md = ["# Offline-to-online fine-tuning", "",
+          "Each entry: the mean over seeds at online step 0 (the end of offline training) → at the last online step "
+          "(the change; for MSEs also relative). MSEs are to the oracle's action on training, validation and "
+          "evaluation states; performance is the success rate (return on dm_control). The paper's check: online "
+          "data should mainly lower the evaluation MSE.", "",
+          "| env | script | value data | policy data | alpha | seeds | online steps | " + " | ".join(columns) + " |",
+          "| --- " * (7 + len(columns)) + "|"]
+    for env, mine in sorted(rows.items()):
+        for r in mine:
+            changes = online_changes(r)
+            cells = [_online_change(q, changes[q]) if q in changes else "n/a" for q in (*ONLINE_MSES, r["metric"])]
+            cells[-1] = f"{r['metric']} {cells[-1]}"
+            setting = ["-" if r["value_size"] is None else size_label(r["value_size"]), size_label(r["policy_size"]),
+                       "-" if r["alpha"] is None else f"{r['alpha']:g}", str(len(r["seeds"])),
+                       str(r["points"][-1]["online_step"])]
+            md.append(f"| {env} | {r['script']} | " + " | ".join(setting + cells) + " |")
+    return [_write_text(out / "online.md", "\n".join(md) + "\n")]
+
+
+def online_figsize(panels: int, lines: int) -> tuple[float, float]:
+    """Inches of an offline-to-online figure: ONLINE_PANEL_SIZE per panel, plus the title and one legend row per
+    `panels` lines (the legend has a column per panel)."""
+    return ONLINE_PANEL_SIZE[0] * panels, ONLINE_PANEL_SIZE[1] + 0.7 + 0.25 * math.ceil(lines / panels)
+
+
+def plot_online(rows: dict[str, list[dict]], out: Path, formats: tuple[str, ...]) -> list[Path]:
+    """Per env: a panel per quantity (the MSEs some row has, then performance) against online environment steps, a
+    line per cell with markers at the evaluated points and a ±std band over seeds, the legend below."""
+    plt = _pyplot()
+    paths = []
+    for env, mine in sorted(rows.items()):
+        quantities = [q for q in ONLINE_MSES if any(q in p for r in mine for p in r["points"])] + [mine[0]["metric"]]
+        fig, axes = plt.subplots(1, len(quantities), figsize=online_figsize(len(quantities), len(mine)),
+                                 squeeze=False, layout="constrained")
+        cmap = plt.get_cmap("tab10" if len(mine) <= 10 else "tab20")
+        for k, (r, label) in enumerate(zip(mine, online_labels(mine))):
+            for ax, quantity in zip(axes[0], quantities):
+                present = [p for p in r["points"] if quantity in p]
+                x = np.array([p["online_step"] for p in present], np.float64)
+                mean = np.array([p[quantity]["mean"] for p in present], np.float64)
+                std = np.array([p[quantity]["std"] for p in present], np.float64)
+                ax.plot(x, mean, marker="o", markersize=3, color=cmap(k % cmap.N), label=label)
+                ax.fill_between(x, mean - std, mean + std, color=cmap(k % cmap.N), alpha=0.2, linewidth=0)
+        for ax, quantity in zip(axes[0], quantities):
+            ax.set_xlabel("online environment steps")
+            if quantity in ONLINE_MSES:
+                ax.set_ylabel("MSE to the oracle's action")
+                ax.set_title(MSE_LABELS[quantity], fontsize=9)
+            else:
+                ax.set_ylabel(METRIC_LABELS[quantity])
+                ax.set_title("performance", fontsize=9)
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=len(quantities), fontsize=8)
+        fig.suptitle(f"{env}\noffline-to-online: mean ± std over seeds", fontsize=10)
+        paths += save_figure(fig, out, f"online_{env}", formats)
+    return paths
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
@@ -962,6 +1162,7 @@ def main(args: Args) -> list[Path]:
     rows = table_rows(matrices, best)
     generalization = generalization_rows(runs, matrices)
     testtime = testtime_rows(runs, metric_by_env)
+    online = online_rows(runs, metric_by_env)
     written: list[Path] = []
     if "matrices" in args.only:
         written += plot_matrices(matrices, out, args.format)
@@ -985,6 +1186,16 @@ def main(args: Args) -> list[Path]:
             written += plot_testtime(testtime, out, args.format)
         else:
             print("testtime: skipped, no run evaluated a test-time method (result.json 'test_time' empty)")
+    if "online" in args.only:
+        if online:
+            print("\noffline-to-online (online step 0 → the last; mean over seeds, the change in parentheses):\n"
+                  + online_text(online))
+            written += plot_online(online, out, args.format) + write_online(online, out)
+        elif any(run.online_steps for run in runs):
+            print("online: skipped, the online runs' metrics.jsonl hold no evaluation from the end of offline "
+                  "training on")
+        else:
+            print("online: skipped, no run has online steps (result.json 'online_steps' 0 or absent)")
     cells = []
     all_metrics = (*METRICS, *TEST_TIME_KEYS)
     values = {k: cell_values(runs, k) for k in all_metrics}
@@ -998,7 +1209,7 @@ def main(args: Args) -> list[Path]:
                "incomplete": sweep.incomplete, "failed": sweep.failed, "diverged": sweep.diverged,
                "complete": [str(r.folder) for r in runs], "cells": cells,
                "matrices": [m.to_json() for m in matrices], "verdicts": verdicts, "table": rows,
-               "generalization": generalization, "testtime": testtime}
+               "generalization": generalization, "testtime": testtime, "online": online}
     envs.write_json_atomic(out / "summary.json", _clean(summary))
     written.append(out / "summary.json")
     print(f"wrote {len(written)} files to {out}: {' '.join(p.name for p in written)}")

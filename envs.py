@@ -71,7 +71,7 @@ def exit_on_usage_error(main: Callable[[], None]) -> None:
 # `<domain>-<task>[-<exorl algo>]`; without the algo suffix the ExORL RND data is used, as in the paper.
 
 _OGBENCH_DATASET_TYPES = {
-    "pointmaze": ("navigate", "stitch"),
+    "pointmaze": ("navigate", "stitch", "explore"),  # explore: OURS for pointmaze (OGBench has it for antmaze)
     "antmaze": ("navigate", "stitch", "explore"),
     "humanoidmaze": ("navigate", "stitch"),
     "antsoccer": ("navigate", "stitch"),
@@ -126,7 +126,7 @@ def all_env_names() -> list[str]:
         for size in sizes:
             base = kind if size is None else f"{kind}-{size}"
             for dataset_type in _OGBENCH_DATASET_TYPES[kind]:
-                if dataset_type == "explore" and size not in ("medium", "large"):
+                if dataset_type == "explore" and kind == "antmaze" and size not in ("medium", "large"):
                     continue  # OGBench has explore data for antmaze-medium and -large only
                 names.append(f"{base}-{dataset_type}-v0")
                 names.append(f"{base}-{dataset_type}-singletask-v0")
@@ -334,6 +334,11 @@ def official_recipe(spec: EnvSpec) -> dict:
     """The official generation settings for `spec`'s dataset (num_episodes, max_episode_steps, noise knobs)."""
     if spec.kind == "pointmaze":
         size = spec.env_id.split("-")[1]
+        if spec.dataset_type == "explore":
+            # OURS: OGBench's antmaze explore recipe (a random direction every 10 steps, noise 1.0, 501 steps) for
+            # the point mass, with 2000 episodes so it holds as many transitions as navigate (1M): the
+            # high-coverage counterpart of navigate for equal-size comparisons.
+            return dict(num_episodes=2000, max_episode_steps=501, noise=1.0)
         if spec.dataset_type == "stitch":
             return dict(num_episodes=5000, max_episode_steps=201, noise=0.5)
         if size == "giant":
@@ -461,12 +466,18 @@ def _collect_pointmaze_episode(env, state, spec, recipe):
         goal_ij = vertex_cells[np.random.randint(len(vertex_cells))]
     ob, _ = env.reset(options=dict(task_info=dict(init_ij=init_ij, goal_ij=goal_ij)))
     episode = {k: [] for k in ("observations", "actions", "terminals", "qpos", "qvel")}
-    done = False
+    done, step = False, 0
     while not done:
-        xy = env.unwrapped.get_xy()
-        subgoal_xy, _ = env.unwrapped.get_oracle_subgoal(xy, env.unwrapped.cur_goal_xy)
-        direction = (subgoal_xy - xy) / (np.linalg.norm(subgoal_xy - xy) + 1e-6)
+        if spec.dataset_type == "explore":  # a random direction, redrawn every 10 steps; the goal is ignored
+            if step % 10 == 0:
+                direction = np.random.randn(2)
+                direction = direction / (np.linalg.norm(direction) + 1e-6)
+        else:
+            xy = env.unwrapped.get_xy()
+            subgoal_xy, _ = env.unwrapped.get_oracle_subgoal(xy, env.unwrapped.cur_goal_xy)
+            direction = (subgoal_xy - xy) / (np.linalg.norm(subgoal_xy - xy) + 1e-6)
         action = np.clip(direction + np.random.normal(0, recipe["noise"], 2), -1, 1)
+        step += 1
         next_ob, _, terminated, truncated, info = env.step(action)
         done = terminated or truncated
         if info["success"] and spec.dataset_type == "navigate":  # navigate: a new goal each time one is reached
@@ -619,36 +630,52 @@ def to_device(part: dict[str, np.ndarray]):
 
 
 def sample_batch(key, data, data_size, batch_size: int, goals: Literal["none", "value", "actor"],
-                 goal_config: GoalConfig = GoalConfig()):
+                 goal_config: GoalConfig = GoalConfig(), online=None):
     """Draw `batch_size` transitions from the first `data_size` rows (a traced int), with goals if asked.
 
     For goal-conditioned data, `goals="value"` adds `goals`, `rewards` and `masks` from OGBench's value-goal mixture;
     `goals="actor"` adds `goals` drawn from the future of each trajectory. Goals never leave the subset: a trajectory
     cut by the subset boundary is treated as ending there.
+
+    `online` (offline-to-online, one member's `OnlineBuffer.device()` rows): its first `online["size"]` rows count as
+    rows data_size, data_size + 1, ... of the same data, so a batch is drawn uniformly from the subset and the online
+    rows together, and goals stay inside whichever trajectory (offline or online) a row belongs to.
     """
     import jax
     import jax.numpy as jnp
 
     k_idx, k_kind, k_geom, k_uniform, k_random = jax.random.split(key, 5)
-    idxs = jax.random.randint(k_idx, (batch_size,), 0, data_size)
-    batch = {k: data[k][idxs] for k in ("observations", "actions", "next_observations", "rewards", "masks")}
+    total = data_size if online is None else data_size + online["size"]
+    idxs = jax.random.randint(k_idx, (batch_size,), 0, total)
+
+    def rows(name, row_idxs):
+        if online is None:
+            return data[name][row_idxs]
+        offline = data[name][jnp.minimum(row_idxs, data_size - 1)]
+        own = online[name][jnp.clip(row_idxs - data_size, 0, online[name].shape[0] - 1)]
+        is_online = (row_idxs >= data_size).reshape(-1, *([1] * (offline.ndim - 1)))
+        return jnp.where(is_online, own, offline)
+
+    batch = {k: rows(k, idxs) for k in ("observations", "actions", "next_observations", "rewards", "masks")}
     if goals == "none":
         return batch
-    final = jnp.minimum(data["final_idxs"][idxs], data_size - 1)
+    final = jnp.minimum(data["final_idxs"][jnp.minimum(idxs, data_size - 1)], data_size - 1)
+    if online is not None:  # an online row's trajectory ends at its episode's last row (the newest row, if open)
+        final = jnp.where(idxs >= data_size, data_size + rows("final_idxs", idxs), final)
     uniform = jax.random.uniform(k_uniform, (batch_size,))
     if goals == "actor":
         # Uniformly among the strict future (the last state itself when there is none).
         future = jnp.minimum(idxs + 1 + jnp.floor(uniform * (final - idxs)).astype(jnp.int32), final)
-        batch["goals"] = data["observations"][future]
+        batch["goals"] = rows("observations", future)
         return batch
     offset = jnp.ceil(jnp.log1p(-jax.random.uniform(k_geom, (batch_size,))) / jnp.log(goal_config.discount))
     geometric = jnp.minimum(idxs + jnp.maximum(offset.astype(jnp.int32), 1), final)
-    random_goal = jax.random.randint(k_random, (batch_size,), 0, data_size)
+    random_goal = jax.random.randint(k_random, (batch_size,), 0, total)
     u = jax.random.uniform(k_kind, (batch_size,))
     goal_idxs = jnp.where(u < goal_config.p_current, idxs,
                           jnp.where(u < goal_config.p_current + goal_config.p_trajectory, geometric, random_goal))
     success = (goal_idxs == idxs).astype(jnp.float32)
-    batch["goals"] = data["observations"][goal_idxs]
+    batch["goals"] = rows("observations", goal_idxs)
     batch["rewards"] = success - 1.0
     batch["masks"] = 1.0 - success
     return batch
@@ -839,7 +866,7 @@ class Evaluator:
         for m, seed in enumerate(seeds):
             np.random.seed(seed)  # OGBench draws start and goal noise from numpy's global generator
             for e, task in enumerate(self.tasks):
-                o, g = self._reset(self.envs[m][e], task, seed * 10007 + e)
+                o, g = reset_env(self.spec, self.envs[m][e], task, seed * 10007 + e)
                 obs.append(o)
                 goals.append(g)
         obs = np.asarray(obs, np.float32).reshape(M, E, -1)
@@ -853,29 +880,35 @@ class Evaluator:
                 actions_taken = np.zeros((M, E, T, actions.shape[-1]), np.float32)
             visited[:, :, t], actions_taken[:, :, t], valid[:, :, t] = obs, actions, alive
             for m, e in zip(*np.nonzero(alive)):
-                o, reward, done, succeeded = self._step(self.envs[m][e], actions[m, e])
+                o, reward, terminated, truncated, succeeded = step_env(self.spec, self.envs[m][e], actions[m, e])
                 obs[m, e] = o
                 returns[m, e] += reward
                 success[m, e] = max(success[m, e], succeeded)
-                alive[m, e] = not done
+                alive[m, e] = not (terminated or truncated)
             if not alive.any():
                 break
         return dict(success=success, returns=returns, observations=visited, goals=goals, actions=actions_taken,
                     valid=valid)
 
-    def _reset(self, env, task, seed):
-        if self.spec.family == "dmc":
-            env.task.random.seed(seed)
-            return _flat_obs(env.reset().observation), None
-        ob, info = env.reset(seed=seed, options=dict(task_id=int(task)) if self.spec.goal_conditioned else None)
-        return ob, (info["goal"] if self.spec.goal_conditioned else None)
 
-    def _step(self, env, action):
-        if self.spec.family == "dmc":
-            time_step = env.step(action)
-            return _flat_obs(time_step.observation), float(time_step.reward or 0.0), time_step.last(), 0.0
-        ob, reward, terminated, truncated, info = env.step(action)
-        return ob, float(reward), terminated or truncated, float(info.get("success", 0.0))
+
+def reset_env(spec: EnvSpec, env, task: int, seed: int):
+    """Start an episode of evaluation task `task` (goal-conditioned envs) -> (observation, goal or None)."""
+    if spec.family == "dmc":
+        env.task.random.seed(seed)
+        return _flat_obs(env.reset().observation), None
+    ob, info = env.reset(seed=seed, options=dict(task_id=int(task)) if spec.goal_conditioned else None)
+    return ob, (info["goal"] if spec.goal_conditioned else None)
+
+
+def step_env(spec: EnvSpec, env, action):
+    """-> (observation, reward, terminated, truncated, success). dm_control episodes only ever end by the time limit
+    (truncated); OGBench episodes terminate at the goal."""
+    if spec.family == "dmc":
+        time_step = env.step(action)
+        return _flat_obs(time_step.observation), float(time_step.reward or 0.0), False, time_step.last(), 0.0
+    ob, reward, terminated, truncated, info = env.step(action)
+    return ob, float(reward), bool(terminated), bool(truncated), float(info.get("success", 0.0))
 
 
 class OracleProbe:
@@ -1101,6 +1134,120 @@ class TestTime:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 6c. Offline-to-online fine-tuning (the paper's check of what online data changes: mainly the evaluation MSE)
+# ----------------------------------------------------------------------------------------------------------------
+# With --online-steps N, after its --steps offline updates a script alternates N / --log-interval times: collect
+# --log-interval environment steps with the current policy plus Gaussian noise (one environment per member, all
+# members in lockstep), then take --log-interval updates (one update per environment step) on the member's offline
+# subsets and its online rows together (`sample_batch(..., online=...)`). Value and policy keep training on the same
+# schedule; evaluations and the train / val / eval MSEs go on as offline.
+
+def check_online_flags(config) -> None:
+    """The offline-to-online flags every script with a Q function shares."""
+    checks = [
+        (config.online_steps >= 0, f"--online-steps must be >= 0, got {config.online_steps}"),
+        (config.online_steps % config.log_interval == 0,
+         f"--online-steps {config.online_steps} must be a multiple of --log-interval {config.log_interval}"),
+        (config.online_noise >= 0, f"--online-noise must be >= 0, got {config.online_noise}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+class OnlineBuffer:
+    """Each member's environment and its online transitions, in fixed-size host arrays of `capacity` rows.
+
+    `collect(policy, steps)` steps every member's environment `steps` times in lockstep (`policy` is the batched
+    callable the Evaluator uses; its action plus N(0, noise^2), clipped to [-1, 1]) and returns `device()`: the rows
+    as [M, capacity, ...] device arrays for the jitted update, with `size` (rows filled) and `final_idxs` (each row's
+    episode end; the newest row for an episode still running, as for a trajectory cut by a subset boundary).
+    Goal-conditioned episodes use a random evaluation task each; their rewards and masks are relabelled from the
+    sampled goals like the offline rows. Otherwise mask = 0 only where the environment terminated (OGBench
+    singletask: at the goal), never at a time limit. Each member's noise, tasks and start states come from its seed
+    alone, so a member collects the same transitions alone or packed.
+    """
+
+    def __init__(self, spec: EnvSpec, seeds: list[int], capacity: int, noise: float):
+        self.spec, self.seeds, self.capacity, self.noise = spec, list(seeds), capacity, noise
+        M = len(self.seeds)
+        self.envs = [make_env(spec) for _ in self.seeds]
+        self.rngs = [np.random.default_rng([seed, 20240]) for seed in self.seeds]  # noise and task draws
+        self.size, self.arrays = 0, None
+        self.started = np.zeros(M, np.int64)  # episodes started per member (their reset seeds)
+        self.episode_start = np.zeros(M, np.int64)  # row where each member's running episode began
+        self.episode_return, self.episode_success = np.zeros(M), np.zeros(M)
+        self.finished_returns: list[list[float]] = [[] for _ in self.seeds]
+        self.finished_successes: list[list[float]] = [[] for _ in self.seeds]
+        self.obs, self.goals = [None] * M, [None] * M
+        for m in range(M):
+            self._reset(m, 0)
+
+    def _reset(self, m: int, start_row: int) -> None:
+        seed, episode = self.seeds[m], int(self.started[m])
+        np.random.seed(np.random.SeedSequence([seed, episode, 1]).generate_state(1)[0])  # OGBench's global draws
+        task = int(self.rngs[m].integers(1, num_eval_tasks(self.spec) + 1))
+        self.obs[m], self.goals[m] = reset_env(self.spec, self.envs[m], task, seed * 10007 + 500_000 + episode)
+        self.started[m] += 1
+        self.episode_start[m], self.episode_return[m], self.episode_success[m] = start_row, 0.0, 0.0
+
+    def _allocate(self, obs_dim: int, action_dim: int) -> None:
+        M, C = len(self.seeds), self.capacity
+        self.arrays = {"observations": np.zeros((M, C, obs_dim), np.float32),
+                       "actions": np.zeros((M, C, action_dim), np.float32),
+                       "next_observations": np.zeros((M, C, obs_dim), np.float32),
+                       "rewards": np.zeros((M, C), np.float32), "masks": np.ones((M, C), np.float32),
+                       "final_idxs": np.zeros((M, C), np.int32)}
+
+    def collect(self, policy: Callable, steps: int) -> dict:
+        if self.size + steps > self.capacity:
+            raise ValueError(f"online buffer full: {self.size} + {steps} rows > capacity {self.capacity}")
+        goal_conditioned = self.spec.goal_conditioned
+        for _ in range(steps):
+            obs = np.asarray(self.obs, np.float32)[:, None]
+            goals = np.asarray(self.goals, np.float32)[:, None] if goal_conditioned else None
+            actions = np.asarray(policy(obs, goals))[:, 0]
+            if self.arrays is None:
+                self._allocate(obs.shape[-1], actions.shape[-1])
+            row = self.size
+            for m, rng in enumerate(self.rngs):
+                action = np.clip(actions[m] + self.noise * rng.standard_normal(actions.shape[-1]), -1.0, 1.0)
+                next_obs, reward, terminated, truncated, success = step_env(self.spec, self.envs[m], action)
+                a = self.arrays
+                a["observations"][m, row], a["actions"][m, row], a["next_observations"][m, row] = obs[m, 0], action, \
+                    next_obs
+                a["rewards"][m, row], a["masks"][m, row] = reward, 0.0 if terminated else 1.0
+                self.obs[m] = next_obs
+                self.episode_return[m] += reward
+                self.episode_success[m] = max(self.episode_success[m], success)
+                if terminated or truncated:
+                    a["final_idxs"][m, self.episode_start[m]:row + 1] = row
+                    self.finished_returns[m].append(float(self.episode_return[m]))
+                    self.finished_successes[m].append(float(self.episode_success[m]))
+                    self._reset(m, row + 1)
+            self.size = row + 1
+        for m in range(len(self.seeds)):  # running episodes end, for now, at the newest row
+            self.arrays["final_idxs"][m, self.episode_start[m]:self.size] = self.size - 1
+        return self.device()
+
+    def device(self) -> dict:
+        import jax.numpy as jnp
+
+        return {**{k: jnp.asarray(v) for k, v in self.arrays.items()},
+                "size": jnp.full(len(self.seeds), self.size, jnp.int32)}
+
+    def metrics(self) -> dict[str, np.ndarray]:
+        """Per member: online transitions so far, finished episodes, and (once every member finished one) the mean
+        return and success rate of its finished online episodes."""
+        out = {"online_transitions": np.full(len(self.seeds), self.size),
+               "online_episodes": np.asarray([len(r) for r in self.finished_returns])}
+        if all(self.finished_returns):
+            out["online_return"] = np.asarray([np.mean(r) for r in self.finished_returns])
+            out["online_success"] = np.asarray([np.mean(s) for s in self.finished_successes])
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # 7. Run folders
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -1237,6 +1384,7 @@ class Members:
             entries = [{"seed": config.seed + i, "out_dir": out_dir} for i in range(config.num_seeds)]
         self.seeds = [entry["seed"] for entry in entries]
         self.test_time = list(flags.get("test_time", ()))  # result.json lists the test-time methods evaluated
+        self.online_steps = flags.get("online_steps", 0)  # and the online steps after offline training
         self.settings = []
         for entry in entries:
             setting = {f: entry.get(f, flags[f]) for f in fields}
@@ -1332,7 +1480,8 @@ class Members:
         results = []
         for folder, ms in self.folders:
             setting = {f: self.settings[ms[0]].get(f) for f in MEMBER_FIELDS}
-            head = {**{k: header[k] for k in ("env", "script", "steps")}, "test_time": self.test_time}
+            head = {**{k: header[k] for k in ("env", "script", "steps")}, "test_time": self.test_time,
+                    "online_steps": self.online_steps}
             result = final_result({**head, "seeds": [self.seeds[m] for m in ms], **setting,
                                    **{k: v for k, v in header.items() if k not in head}},
                                   [{**last_eval[m], "member": i} for i, m in enumerate(ms)],
@@ -1382,6 +1531,17 @@ def check_run_flags(config) -> None:
         raise UsageError(f"--debug-poison-step must be 0 or a multiple of --log-interval {config.log_interval}")
     if hasattr(config, "test_time"):
         check_test_time_flags(config)
+    if hasattr(config, "online_steps"):
+        check_online_flags(config)
+
+
+def resume_due(step: int, resume_interval: int, offline_steps: int, total_steps: int) -> bool:
+    """Whether a resume state is written after `step`: every `resume_interval` steps (0: never) before the last, and at
+    the end of the offline phase when an online phase follows. None during the online phase: the environments' state
+    is not saved, so an interrupted online phase is collected again from the offline end, with the same result."""
+    if not resume_interval:
+        return False
+    return (step % resume_interval == 0 and step < offline_steps) or step == offline_steps < total_steps
 
 
 def poison(device_data: dict) -> dict:

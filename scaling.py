@@ -60,18 +60,23 @@ PRESETS: dict[str, dict] = {
         value_sizes=(100_000, 200_000, 500_000, 1_000_000), policy_sizes=(100_000, 200_000, 500_000, 1_000_000),
         awr_alphas=(0.3, 1.0, 3.0, 10.0), ddpgbc_alphas=(0.003, 0.03, 0.3, 3.0), seeds=(0, 1, 2, 3),
         steps=1_000_000, dataset_dir="data/matrix", generate_episodes=1_200),  # 1.2k episodes: 1.08M to train on
-    "coverage": dict(  # narrow (play) vs high-coverage (noisy) cube data of equal size, same methods
-        envs=("cube-single-play-v0", "cube-single-noisy-v0"), scripts=("iql_ddpgbc", "sarsa_ddpgbc", "bc"),
+    "coverage": dict(  # narrow vs high-coverage data of equal size (0.9M training transitions each), same methods
+        envs=("pointmaze-large-navigate-v0", "pointmaze-large-explore-v0", "cube-single-play-v0",
+              "cube-single-noisy-v0"), scripts=("iql_ddpgbc", "sarsa_ddpgbc", "bc"),
         value_sizes=(900_000,), policy_sizes=(100_000, 900_000), ddpgbc_alphas=(0.03, 0.3, 3.0),
-        seeds=(0, 1, 2, 3), steps=1_000_000, dataset_dir="data/coverage", generate_episodes=1_000),
+        seeds=(0, 1, 2, 3), steps=1_000_000, dataset_dir="data/coverage"),  # official episode counts
     "testtime": dict(  # plain vs OPEX vs TTT: every run evaluates all three on the same episodes
         envs=("pointmaze-large-navigate-v0", "cube-single-play-v0"), scripts=("iql_awr", "iql_ddpgbc", "iql_sfbc"),
         seeds=(0, 1, 2, 3), steps=1_000_000, pack=4, dataset_dir="data/testtime", generate_episodes=1_000,
         script_args=("--test-time", "opex", "ttt")),
+    "online": dict(  # offline-to-online: 1M offline steps, then 500k online steps, the MSEs logged every 50k
+        envs=("pointmaze-large-navigate-v0", "cube-single-play-v0"), scripts=("iql_ddpgbc", "sarsa_ddpgbc", "iql_awr"),
+        seeds=(0, 1, 2, 3), steps=1_000_000, online_steps=500_000, pack=4, dataset_dir="data/online",
+        generate_episodes=1_000, script_args=("--eval-interval", "50000")),
 }
 DEFAULTS = dict(envs=("pointmaze-medium-navigate-v0",), scripts=("iql_ddpgbc",), value_sizes=(None,),
-                policy_sizes=(None,), awr_alphas=(), ddpgbc_alphas=(), seeds=(0,), steps=1_000_000, pack=1,
-                dataset_dir=envs.DEFAULT_DATASET_DIR, generate_episodes=None, script_args=())
+                policy_sizes=(None,), awr_alphas=(), ddpgbc_alphas=(), seeds=(0,), steps=1_000_000, online_steps=0,
+                pack=1, dataset_dir=envs.DEFAULT_DATASET_DIR, generate_episodes=None, script_args=())
 
 
 @dataclasses.dataclass
@@ -79,9 +84,9 @@ class Args:
     """Launch a data-scaling sweep. Flags after a lone `--` are passed to every script (e.g. `-- --hidden-dims 256
     256`). Flags left out come from --preset, else from the defaults shown."""
 
-    preset: Literal["quickstart", "matrix", "coverage", "testtime"] | None = None
+    preset: Literal["quickstart", "matrix", "coverage", "testtime", "online"] | None = None
     """A predefined sweep (see the README): quickstart (2x2 on pointmaze, minutes on a CPU), matrix (paper size),
-    coverage (narrow vs high-coverage data), testtime (plain vs OPEX vs TTT)."""
+    coverage (narrow vs high-coverage data), testtime (plain vs OPEX vs TTT), online (offline-to-online)."""
     sweep_dir: str | None = None
     """Folder of the sweep's run folders and sweep.json; default sweeps/<preset or 'custom'>."""
     envs: tuple[str, ...] | None = None
@@ -100,6 +105,8 @@ class Args:
     """Seeds of every cell. Default: 0."""
     steps: int | None = None
     """Gradient steps of every run. Default: 1000000."""
+    online_steps: int | None = None
+    """Offline-to-online: environment steps (one update each) after --steps; scripts with a Q only. Default: 0."""
     dataset_dir: str | None = None
     """Folder of the datasets; missing ones are generated there when envs.py can. Default: ~/.ogbench/data."""
     generate_episodes: int | None = None
@@ -183,6 +190,10 @@ def resolve(args: Args, script_args: list[str]) -> dict:
         raise envs.UsageError("--seeds must be a non-empty list of distinct seeds")
     if settings["steps"] < 1 or settings["pack"] < 1 or args.retries < 0:
         raise envs.UsageError("--steps and --pack must be >= 1 and --retries >= 0")
+    if settings["online_steps"] < 0:
+        raise envs.UsageError(f"--online-steps must be >= 0, got {settings['online_steps']}")
+    if settings["online_steps"] and "bc" in settings["scripts"]:
+        raise envs.UsageError("--online-steps: bc has no value function to fine-tune online; drop bc from --scripts")
     if args.workers is not None and args.workers < 1:
         raise envs.UsageError(f"--workers must be >= 1, got {args.workers}")
     if args.generate_episodes is not None and args.generate_episodes < 1:
@@ -257,6 +268,8 @@ def processes(pending: list[Run], settings: dict) -> list[Process]:
             members = runs[start:start + settings["pack"]]
             base = [sys.executable, str(ROOT / "algos" / f"{script}.py"), "--env", env, "--dataset-dir",
                     settings["dataset_dir"], "--steps", str(settings["steps"]), "--no-progress", "--resume"]
+            if settings["online_steps"]:
+                base += ["--online-steps", str(settings["online_steps"])]
             if len(members) == 1:
                 command = base + members[0].flags()
                 log = members[0].folder / "output.log"
@@ -445,7 +458,7 @@ def describe(settings: dict, runs: list[Run], procs: list[Process], dataset_line
     lines = [f"sweep {settings['sweep_dir']}: {len(runs)} runs, {len(runs) - len(pending)} complete, "
              f"{len(pending)} to run in {len(procs)} process{'' if len(procs) == 1 else 'es'} "
              f"(up to {settings['pack']} runs each), "
-             f"{len(pending) * settings['steps']:,} member-updates"]
+             f"{len(pending) * (settings['steps'] + settings['online_steps']):,} member-updates"]
     lines += [f"  dataset {line}" for line in dataset_lines]
     counts: dict[tuple[str, str], int] = {}
     for run in pending:

@@ -106,6 +106,10 @@ class Config:
     """TTT: weight of staying near the pre-trained policy's actions (DDPG+BC's alpha; larger changes less)."""
     ttt_reset: Literal["episode", "never"] = "episode"
     """TTT: a fresh policy copy per evaluation episode, or one per member shared by its lockstep episodes."""
+    online_steps: int = 0
+    """Offline-to-online: environment steps after the --steps offline updates, one update each (0: offline only)."""
+    online_noise: float = 0.1
+    """Offline-to-online: std of the Gaussian noise added to the policy's actions while collecting (OURS)."""
     checkpoint_interval: int = 0
     """Steps between parameter checkpoints in <out-dir>/checkpoints (0: none)."""
     out_dir: str | None = None
@@ -286,16 +290,18 @@ def make_optimizer(config: Config):
     return optax.adam(config.lr)
 
 
-def update(state, data, member, config: Config, goal_conditioned: bool = True):
+def update(state, data, member, config: Config, goal_conditioned: bool = True, online=None):
     """One gradient step on critic, V and actor. `member` holds this member's traced value_data_size,
     policy_data_size and alpha, so one compiled program trains any cell of a data-scaling matrix.
+    `online`: this member's online rows (offline-to-online), sampled together with both subsets.
     `goal_conditioned` is always True for CRL (the argument keeps every script's signature the same)."""
     key, k_value_batch, k_policy_batch = jax.random.split(state["key"], 3)
     # Critic goals: always a future state of the same trajectory, at a geometric offset (the positives of the NCE).
     critic_goals = envs.GoalConfig(p_current=0.0, p_trajectory=1.0, p_random=0.0, discount=config.discount)
     value_batch = envs.sample_batch(k_value_batch, data, member["value_data_size"], config.batch_size, "value",
-                                    critic_goals)
-    policy_batch = envs.sample_batch(k_policy_batch, data, member["policy_data_size"], config.batch_size, "actor")
+                                    critic_goals, online=online)
+    policy_batch = envs.sample_batch(k_policy_batch, data, member["policy_data_size"], config.batch_size, "actor",
+                                     online=online)
     params = state["params"]
     (_, c_info), c_grad = jax.value_and_grad(contrastive_critic_loss, has_aux=True)(params["critic"], value_batch)
     (_, v_info), v_grad = jax.value_and_grad(contrastive_value_loss, has_aux=True)(params["value"], value_batch)
@@ -312,15 +318,16 @@ def update(state, data, member, config: Config, goal_conditioned: bool = True):
 def make_train_chunk(config: Config, goal_conditioned: bool = True):
     """jit(vmap over members(scan over log_interval updates)); metrics are averaged over the chunk on device."""
 
-    def chunk(state, data, member):
+    def chunk(state, data, member, online):
         def body(carry, _):
-            return update(carry, data, member, config, goal_conditioned)
+            return update(carry, data, member, config, goal_conditioned, online)
 
         state, infos = jax.lax.scan(body, state, None, length=config.log_interval)
         return state, jax.tree_util.tree_map(jnp.mean, infos)
 
     # The dataset is an argument (in_axes None), never a closed-over constant; states are donated (updated in place).
-    return jax.jit(jax.vmap(chunk, in_axes=(0, None, 0)), donate_argnums=(0,))
+    # `online`: None offline, else each member's online rows (in_axes 0).
+    return jax.jit(jax.vmap(chunk, in_axes=(0, None, 0, 0)), donate_argnums=(0,))
 
 
 def make_act():
@@ -385,19 +392,26 @@ def main(config: Config) -> list[dict]:
     if progress.step == 0:
         runs.log(envs.member_records("init", 0, seeds, probe.train_val(policy)))
     resume_interval = config.eval_interval if config.resume_interval is None else config.resume_interval
-    bar = tqdm(total=config.steps, initial=progress.step, desc=f"{SCRIPT} {config.env}", disable=not config.progress,
+    # Offline-to-online (--online-steps): after the offline steps, each chunk first collects --log-interval
+    # environment steps with the current policy, then trains on the offline subsets and the online rows together.
+    online = envs.OnlineBuffer(spec, seeds, config.online_steps, config.online_noise) if config.online_steps else None
+    total_steps = config.steps + config.online_steps
+    bar = tqdm(total=total_steps, initial=progress.step, desc=f"{SCRIPT} {config.env}", disable=not config.progress,
                unit="step")
     start = time.time() - progress.seconds
-    for step in range(progress.step + config.log_interval, config.steps + 1, config.log_interval):
+    for step in range(progress.step + config.log_interval, total_steps + 1, config.log_interval):
         if step == config.debug_poison_step:
             device_data = envs.poison(device_data)
+        online_rows = online.collect(policy, config.log_interval) if step > config.steps else None
         chunk_start = time.time()
-        states, infos = train_chunk(states, device_data, members)
+        states, infos = train_chunk(states, device_data, members, online_rows)
         infos = jax.device_get(infos)  # the only host transfer of a chunk
+        if online_rows is not None:
+            infos = {**infos, **online.metrics()}
         records = envs.member_records("train", step, seeds, infos, seconds=time.time() - start,
                                       updates_per_second=config.log_interval / (time.time() - chunk_start))
         runs.check_finite(step, records, states["params"])  # NaN / inf: failure.json, exit status 3
-        if step % config.eval_interval == 0 or step == config.steps:
+        if step % config.eval_interval == 0 or step in (config.steps, total_steps):
             progress.last_eval = evaluate(step)
             progress.best_success = np.maximum(progress.best_success, [r["success"] for r in progress.last_eval]
                                                ).tolist()
@@ -407,7 +421,7 @@ def main(config: Config) -> list[dict]:
         if config.checkpoint_interval and step % config.checkpoint_interval == 0:
             runs.checkpoint(step, states["params"])
         progress.step, progress.seconds = step, time.time() - start
-        if resume_interval and step % resume_interval == 0 and step < config.steps:
+        if envs.resume_due(step, resume_interval, config.steps, total_steps):
             runs.save_resume(states, progress)
         bar.update(config.log_interval)
     bar.close()

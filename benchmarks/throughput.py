@@ -150,15 +150,16 @@ def measure_members(algo, config, args: Args, data, count: int) -> dict:
     gc, dims = args.goal_conditioned, (args.obs_dim, args.obs_dim if args.goal_conditioned else 0, args.action_dim)
     states = jax.vmap(lambda k: algo.init_state(k, *dims, config))(jax.random.split(jax.random.PRNGKey(0), count))
     fields = member_fields(algo, count, args.dataset_size)
+    online = () if args.script == "bc" else (None,)  # the Q scripts' chunk also takes online rows: none here
     start = time.perf_counter()
-    compiled = algo.make_train_chunk(config, gc).lower(states, data, fields).compile()
+    compiled = algo.make_train_chunk(config, gc).lower(states, data, fields, *online).compile()
     compile_seconds = time.perf_counter() - start
-    states, infos = compiled(states, data, fields)  # warm-up
+    states, infos = compiled(states, data, fields, *online)  # warm-up
     jax.block_until_ready(infos)
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        states, infos = compiled(states, data, fields)
+        states, infos = compiled(states, data, fields, *online)
         jax.block_until_ready(infos)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)

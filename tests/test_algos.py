@@ -206,7 +206,7 @@ def test_value_learning_reaches_the_known_fixed_point(script):
     chunk = algo.make_train_chunk(config, False)
     stacked = jax.tree_util.tree_map(lambda x: x[None], state)
     fields = {k: jnp.asarray([v]) for k, v in member(script, len(data["actions"]), len(data["actions"])).items()}
-    stacked, _ = chunk(stacked, data, fields)
+    stacked, _ = chunk(stacked, data, fields, None)  # None: no online rows
     params = jax.tree_util.tree_map(lambda x: x[0], stacked["params"])
     obs = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     q = algo.critic_fn(params["critic"], obs, None, jnp.array([[1.0], [-1.0], [1.0], [-1.0]])).mean(0)
@@ -236,8 +236,8 @@ def test_value_and_policy_batches_stay_inside_their_data_sizes(script, indexed_t
     algo, seen = load(script), {"value": [], "actor": []}
     original = envs.sample_batch
 
-    def recording(key, data, data_size, batch_size, goals, *args):
-        batch = original(key, data, data_size, batch_size, goals, *args)
+    def recording(key, data, data_size, batch_size, goals, *args, **kwargs):
+        batch = original(key, data, data_size, batch_size, goals, *args, **kwargs)
         rows = [batch["observations"][:, 0].max()] + ([batch["goals"][:, 0].max()] if "goals" in batch else [])
         jax.debug.callback(lambda r, g=goals: seen[g].append(float(r)), jnp.max(jnp.stack(rows)))
         return batch

@@ -435,3 +435,110 @@ def test_a_change_equal_to_the_floor_does_not_matter():
     assert result["value_change"] > 0.02 and result["value_matters"] is False
     assert result["policy_matters"] is True and result["verdict"] == "policy-bounded"
     assert analyze.verdict(m, min_change=0.019)["value_matters"] is True
+
+
+def write_online(folders: list[Path], curves: dict[int, dict[int, dict]], online_steps: int = 500) -> None:
+    """Turn `write_cell`'s folders into offline-to-online runs (result.json: "steps" 1000 offline, then
+    `online_steps`): metrics.jsonl as the scripts write it, per member an eval record per training step in `curves`
+    {seed: {step: {key: value}}} (offline steps included), a train record of the online phase with its online_*
+    numbers in between, and a last line cut short by a kill."""
+    for folder in folders:
+        result = json.loads((folder / "result.json").read_text())
+        (folder / "result.json").write_text(json.dumps({**result, "online_steps": online_steps}))
+        lines = []
+        for member, seed in enumerate(result["seeds"]):
+            for step, values in sorted(curves[seed].items()):
+                lines.append({"event": "eval", "step": step, "member": member, "seed": seed, **values})
+                if step > 1000:  # online return / success are not the evaluation's
+                    lines.append({"event": "train", "step": step, "member": member, "seed": seed, "success": 9.0,
+                                  "online_transitions": step - 1000, "online_episodes": 2, "online_return": 9.0,
+                                  "online_success": 9.0})
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines)
+                                              + '{"event": "eval", "step": 1500, "success": 1')
+
+
+def test_online_curves_are_means_over_seeds_from_the_end_of_offline_training(tmp_path, capsys):
+    sweep, out = tmp_path / "sweep", tmp_path / "out"
+    keys = ("train_mse", "val_mse", "eval_mse", "success")
+
+    def point(seed: int, k: int) -> dict:  # the values at online step 250 k: different per seed and quantity
+        return dict(zip(keys, (0.1 - 0.01 * k + 0.001 * seed, 0.2 - 0.02 * k + 0.01 * seed,
+                               0.6 - 0.1 * k + 0.05 * seed, 0.3 + 0.1 * k - 0.1 * seed)))
+
+    # alpha 0.3: seeds 0 and 1 in two folders, evaluated at steps 500 (offline: left out), 1000 (online step 0),
+    # 1250 and 1500; step 1500 = online step 500 is the last
+    curves = {s: {500: dict.fromkeys(keys, 7.0), **{1000 + 250 * k: point(s, k) for k in range(3)}} for s in (0, 1)}
+    write_online(write_cell(sweep, {0: 0.5, 1: 0.5}, alpha=0.3), curves)
+    # alpha 3.0: seed 1 ran only 250 online steps, so the cell's curve stops at online step 250
+    [a, b] = write_cell(sweep, {0: 0.5, 1: 0.5}, alpha=3.0)
+    write_online([a], {0: {1000 + 250 * k: point(0, k) for k in range(3)}})
+    write_online([b], {1: {1000 + 250 * k: point(1, k + 1) for k in range(2)}}, online_steps=250)
+    # offline-only runs (online_steps 0, or absent as in older result.json) are not part of it
+    write_online(write_cell(sweep, {0: 0.5}, script="iql_awr"), {0: {1000: point(0, 0), 1250: point(0, 1)}},
+                 online_steps=0)
+    written = analyze.main(analyze.Args(str(sweep), out=str(out), only=("online",), format=("png",)))
+    assert {p.name for p in written} == {f"online_{POINTMAZE}.png", "online.md", "summary.json"}
+    rows = json.loads((out / "summary.json").read_text())["online"][POINTMAZE]
+    assert [(r["script"], r["alpha"], r["seeds"]) for r in rows] == [("iql_ddpgbc", 0.3, [0, 1]),
+                                                                     ("iql_ddpgbc", 3.0, [0, 1])]
+    expected = {0.3: {250 * k: {q: [point(s, k)[q] for s in (0, 1)] for q in keys} for k in range(3)},
+                3.0: {250 * k: {q: [point(0, k)[q], point(1, k + 1)[q]] for q in keys} for k in range(2)}}
+    for row in rows:
+        assert row["metric"] == "success"
+        assert [p["online_step"] for p in row["points"]] == list(expected[row["alpha"]])
+        for p in row["points"]:
+            for q in keys:
+                hand = expected[row["alpha"]][p["online_step"]][q]
+                assert p[q] == {"mean": pytest.approx(np.mean(hand)), "std": pytest.approx(np.std(hand)),
+                                "n_seeds": 2}, (row["alpha"], p["online_step"], q)
+    # online step 0 is step 1000 (not the offline evaluation at 500), by hand
+    assert rows[0]["points"][0]["eval_mse"]["mean"] == pytest.approx(0.625)
+    assert rows[0]["points"][-1]["success"]["mean"] == pytest.approx(0.45)
+    changes = analyze.online_changes(rows[0])
+    assert changes["eval_mse"]["change"] == pytest.approx(-0.2) and changes["success"]["change"] == pytest.approx(0.2)
+    assert changes["train_mse"]["change"] == pytest.approx(-0.02)
+    printed = capsys.readouterr().out
+    assert (f"{POINTMAZE} iql_ddpgbc v10k p10k α=0.3 (2 seeds, online step 0 → 500): train_mse 0.1005 → 0.0805 "
+            "(-0.02, -20%) | val_mse 0.205 → 0.165 (-0.04, -20%) | eval_mse 0.625 → 0.425 (-0.2, -32%) | "
+            "success 0.250 → 0.450 (+0.200)") in printed, printed
+    md = (out / "online.md").read_text()
+    assert f"| {POINTMAZE} | iql_ddpgbc | 10k | 10k | 3 | 2 | 250 | 0.0955 → 0.0855 (-0.01, -10%) |" in md, md
+    # the lines differ only in alpha, so the legend names only alpha; the PNG is exactly figsize x DPI pixels
+    assert analyze.online_labels(rows) == ["IQL + DDPG+BC α=0.3", "IQL + DDPG+BC α=3"]
+    from matplotlib.image import imread
+
+    width, height = analyze.online_figsize(4, 2)
+    assert imread(out / f"online_{POINTMAZE}.png").shape[:2] == (round(height * analyze.DPI),
+                                                                  round(width * analyze.DPI))
+    # a damaged online_steps is named
+    result = json.loads((a / "result.json").read_text())
+    (a / "result.json").write_text(json.dumps({**result, "online_steps": -5}))
+    with pytest.raises(envs.UsageError, match="key 'online_steps' must be an integer >= 0 or null, got -5"):
+        analyze.load_sweep(sweep)
+
+
+def test_online_is_skipped_without_online_runs_and_dm_control_draws_performance_only(tmp_path, capsys):
+    write_cell(tmp_path, {0: 0.0, 1: 0.0}, env="walker-run", v=90_000, mse=None, returns={0: 100.0, 1: 120.0})
+    analyze.main(analyze.Args(str(tmp_path), only=("online",), format=("png",)))
+    assert "online: skipped, no run has online steps" in capsys.readouterr().out
+    assert not list((tmp_path / "analysis").glob("online*"))
+    assert json.loads((tmp_path / "analysis" / "summary.json").read_text())["online"] == {}
+    # an online dm_control run: returns, no MSE keys (no oracle); `--only online` as typed on the command line
+    returns = {0: {1000: 100.0, 1100: 150.0}, 1: {1000: 120.0, 1100: 190.0}}
+    curves = {s: {step: {"success": 0.0, "return": r} for step, r in curve.items()} for s, curve in returns.items()}
+    write_online(write_cell(tmp_path, {0: 0.0, 1: 0.0}, env="walker-run", v=90_000, mse=None, split=False,
+                            tag="_online"), curves, online_steps=100)
+    import tyro
+
+    analyze.main(tyro.cli(analyze.Args, args=[str(tmp_path), "--only", "online", "--format", "png"]))
+    assert "walker-run iql_ddpgbc v90k p10k α=0.3 (2 seeds, online step 0 → 100): return 110.0 → 170.0 (+60.0)" \
+        in capsys.readouterr().out
+    [row] = json.loads((tmp_path / "analysis" / "summary.json").read_text())["online"]["walker-run"]
+    assert row["metric"] == "return" and [set(p) for p in row["points"]] == [{"online_step", "return"}] * 2
+    assert row["points"][1]["return"] == {"mean": pytest.approx(170.0), "std": pytest.approx(20.0), "n_seeds": 2}
+    from matplotlib.image import imread
+
+    width, height = analyze.online_figsize(1, 1)
+    assert imread(tmp_path / "analysis" / "online_walker-run.png").shape[:2] == (round(height * analyze.DPI),
+                                                                                 round(width * analyze.DPI))
+    assert "return 110.0 → 170.0 (+60.0) |" in (tmp_path / "analysis" / "online.md").read_text()

@@ -137,12 +137,26 @@ def test_dry_run_prints_the_plan_and_touches_nothing(data_dir, tmp_path):
                       "--sweep-dir", str(sweep_dir), "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "24 runs, 0 complete, 24 to run in 6 processes" in proc.stdout and "--test-time opex ttt" in proc.stdout
+    # narrow vs high coverage: 4 datasets x (2 DDPG+BC scripts x 2 policy sizes x 3 alphas + bc x 2 sizes) x 4 seeds
+    proc = run_script("scaling.py", "--preset", "coverage", "--dataset-dir", str(tmp_path / "no-data"),
+                      "--sweep-dir", str(sweep_dir), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{4 * (2 * 2 * 3 + 2) * 4} runs" in proc.stdout and "pointmaze-large-explore-v0" in proc.stdout
+    assert "would generate official episodes" in proc.stdout
+    # offline-to-online: 2 envs x 3 scripts x 4 seeds, 1M offline + 0.5M online updates each
+    proc = run_script("scaling.py", "--preset", "online", "--dataset-dir", str(tmp_path / "no-data"),
+                      "--sweep-dir", str(sweep_dir), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "24 runs, 0 complete, 24 to run in 6 processes (up to 4 runs each), 36,000,000 member-updates" in proc.stdout
+    assert "--online-steps 500000" in proc.stdout
 
 
 def test_bad_inputs_exit_2(data_dir, tmp_path):
     base = ["--dataset-dir", str(data_dir), "--sweep-dir", str(tmp_path / "sweep"), "--dry-run"]
     cases = [
         (["--scripts", "iql_dpgbc"], "--scripts: iql_dpgbc is not a script"),
+        (["--scripts", "iql_ddpgbc", "bc", "--online-steps", "1000"], "bc has no value function to fine-tune"),
+        (["--online-steps", "-5"], "--online-steps must be >= 0"),
         (["--envs", "pointmaze-medium-navigat-v0"], "did you mean pointmaze-medium-navigate-v0"),
         (["--value-sizes", "2000", "2000"], "--value-sizes must be distinct positive"),
         (["--policy-sizes", "0"], "--policy-sizes must be distinct positive"),
