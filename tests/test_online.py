@@ -1,6 +1,7 @@
 """Offline-to-online fine-tuning (--online-steps): the samplers treat a member's online rows as rows after its subset,
-the buffer stores consistent transitions that do not depend on packing, every Q script runs the online phase and its
-offline phase is untouched, and a run killed in the online phase resumes to the uninterrupted numbers."""
+the buffer stores consistent transitions that do not depend on packing, every Q script trains value and policy on
+its online rows, whole runs log on schedule with their offline phase untouched, and a run killed in the online phase
+resumes to the uninterrupted numbers."""
 
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import POINTMAZE, ROOT
-from test_algos import Q_SCRIPTS, load
+from test_algos import Q_SCRIPTS, load, member
 from test_reliability import SMALL, comparable, train_steps
 
 import envs
@@ -121,9 +122,36 @@ def without_timing(records):
     return [{k: v for k, v in r.items() if k not in ("seconds", "updates_per_second")} for r in records]
 
 
-@pytest.mark.parametrize("script,env", [(s, POINTMAZE) for s in Q_SCRIPTS]
-                         + [("iql_ddpgbc", "cube-single-noisy-singletask-v0"), ("sarsa_awr", "walker-run-random")])
-def test_every_q_script_fine_tunes_online_and_logs_the_mses_on_schedule(script, env, data_dir, tmp_path):
+@pytest.mark.parametrize("script", Q_SCRIPTS)
+def test_every_q_script_trains_value_and_policy_on_its_online_rows(script, data_dir, monkeypatch):
+    data, online, data_size = indexed_data(data_dir)
+    seen, original = {"value": [], "actor": []}, envs.sample_batch
+
+    def recording(key, data, data_size, batch_size, goals, *args, **kwargs):
+        batch = original(key, data, data_size, batch_size, goals, *args, **kwargs)
+        jax.debug.callback(lambda ids, g=goals: seen[g].append(np.asarray(ids)), batch["observations"][:, 0])
+        return batch
+
+    monkeypatch.setattr(envs, "sample_batch", recording)
+    algo = load(script)
+    config = algo.Config(hidden_dims=(16,), batch_size=64)
+    state = algo.init_state(jax.random.PRNGKey(0), 2, 2, 2, config)
+    step = jax.jit(lambda s: algo.update(s, data, member(script, data_size, data_size), config, True, online))
+    for _ in range(6):
+        state, info = step(state)
+    jax.effects_barrier()  # every debug callback has run
+    for kind in ("value", "actor"):  # both batches draw from the subset and from the filled online rows
+        ids = np.concatenate(seen[kind])
+        assert 0 < (ids >= OFFSET).mean() < 0.5 and ids[ids >= OFFSET].max() < OFFSET + int(online["size"])
+        assert ids[ids < OFFSET].max() < data_size
+    assert all(np.isfinite(np.asarray(v)).all() for v in info.values())
+
+
+# End to end: goal-conditioned (SfBC, whose key counter the online phase advances; CRL), singletask and dm_control.
+@pytest.mark.parametrize("script,env", [("iql_sfbc", POINTMAZE), ("crl_ddpgbc", POINTMAZE),
+                                        ("iql_ddpgbc", "cube-single-noisy-singletask-v0"),
+                                        ("sarsa_awr", "walker-run-random")])
+def test_online_runs_end_to_end_and_log_the_mses_on_schedule(script, env, data_dir, tmp_path):
     [result] = load(script).main(online_config(script, env, data_dir, tmp_path / "online", online_steps=100))
     assert result["online_steps"] == 100 and result["steps"] == 100
     records = envs.read_metrics(tmp_path / "online" / "metrics.jsonl")
@@ -144,7 +172,7 @@ def test_every_q_script_fine_tunes_online_and_logs_the_mses_on_schedule(script, 
 @pytest.mark.slow
 def test_a_run_killed_while_online_resumes_to_the_uninterrupted_numbers(data_dir, tmp_path):
     args = [*SMALL, "--dataset-dir", str(data_dir), "--steps", "100", "--eval-interval", "100", "--online-steps",
-            "600"]
+            "400"]
     straight = subprocess.run([sys.executable, str(ROOT / "algos/iql_ddpgbc.py"), *args, "--out-dir",
                                str(tmp_path / "straight")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-2000:]
