@@ -891,7 +891,6 @@ class Evaluator:
                     valid=valid)
 
 
-
 def reset_env(spec: EnvSpec, env, task: int, seed: int):
     """Start an episode of evaluation task `task` (goal-conditioned envs) -> (observation, goal or None)."""
     if spec.family == "dmc":

@@ -284,7 +284,7 @@ def update(state, data, member, config: Config, goal_conditioned: bool, online=N
     key, k_value_batch, k_policy_batch = jax.random.split(state["key"], 3)
     value_batch = envs.sample_batch(k_value_batch, data, member["value_data_size"], config.batch_size,
                                     "value" if goal_conditioned else "none", envs.GoalConfig(discount=config.discount),
-                                    online)
+                                    online=online)
     policy_batch = envs.sample_batch(k_policy_batch, data, member["policy_data_size"], config.batch_size,
                                      "actor" if goal_conditioned else "none", online=online)
     params = state["params"]
