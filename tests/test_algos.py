@@ -5,14 +5,18 @@ import importlib
 import inspect
 import json
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import POINTMAZE, run_script
+from conftest import POINTMAZE, ROOT, run_script
 
 import envs
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from throughput import textbook_mlp_apply  # noqa: E402  (dense + bias, LayerNorm, GELU, JAX's own gradients)
 
 VALUE_LEARNERS, EXTRACTORS = ("iql", "sarsa", "crl"), ("awr", "ddpgbc", "sfbc")
 SCRIPTS = [f"{v}_{e}" for v in VALUE_LEARNERS for e in EXTRACTORS] + ["bc"]
@@ -55,6 +59,36 @@ def constant_twins(critic, first, second):
 BATCH = {"observations": jnp.array([[0.1, 0.2], [0.3, -0.4]]), "actions": jnp.array([[0.0, 1.0], [0.0, 1.0]]),
          "next_observations": jnp.array([[0.0, 0.0], [1.0, 1.0]]), "rewards": jnp.array([-1.0, -1.0]),
          "masks": jnp.array([1.0, 0.0])}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The MLP: its matmul-sum layers compute the textbook values and gradients
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_mlp_values_and_gradients_match_the_textbook_formulas(script):
+    algo = load(script)
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    params = algo.mlp_init(keys[0], (5, 32, 16, 3))
+    # Non-trivial LayerNorm scales and shifts and biases, so each of their gradients is tested.
+    params = jax.tree_util.tree_map(lambda p: p + 0.3 * jax.random.normal(keys[1], p.shape), params)
+    x = 2.0 * jax.random.normal(keys[2], (4, 7, 5)) + 1.0  # leading axes of any rank, inputs off zero mean
+    weights = jax.random.normal(keys[3], (4, 7, 3))
+
+    def loss(apply):
+        return lambda p, inputs: (jnp.sin(apply(p, inputs)) * weights).sum()
+
+    np.testing.assert_allclose(algo.mlp_apply(params, x), textbook_mlp_apply(params, x), rtol=1e-5, atol=1e-5)
+    ours = jax.grad(loss(algo.mlp_apply), argnums=(0, 1))(params, x)
+    textbook = jax.grad(loss(textbook_mlp_apply), argnums=(0, 1))(params, x)
+    for got, want in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(textbook)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+    # Under vmap over stacked parameters (twin critics, members), as the scripts use it.
+    stacked = jax.tree_util.tree_map(lambda p: jnp.stack([p, 2 * p]), params)
+    ours = jax.vmap(jax.grad(loss(algo.mlp_apply)), (0, None))(stacked, x)
+    textbook = jax.vmap(jax.grad(loss(textbook_mlp_apply)), (0, None))(stacked, x)
+    for got, want in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(textbook)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
