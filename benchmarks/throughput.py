@@ -11,7 +11,8 @@ Prints a table and writes JSON (--out). Every number is measured in this one run
                      our MLP does its sums with (2% more at 2 x 256): "efficiency" is useful matmul FLOP/s over peak
   compile            seconds to trace and compile the jitted chunk (--chunk updates in one lax.scan, vmapped)
   K members          member-updates/s with K members vmapped in one program, the median of --repeats chunks,
-                     the process's peak memory after them, and the achieved FLOP/s and its share of the peak
+                     the process's peak memory after its warm-up chunk (K in increasing order), and the achieved
+                     FLOP/s and its share of the peak (the best of one peak measurement per round)
   reference          the same update written the way per-step codebases write it: every step, numpy draws the rows
                      of a value batch and a policy batch and gathers all their arrays on the host, they are copied
                      to the device, and one jitted update runs (its on-device resampling of those 2 x batch rows is
@@ -19,6 +20,9 @@ Prints a table and writes JSON (--out). Every number is measured in this one run
                      rules as flax's Dense and LayerNorm are; updates/s over --reference-steps steps
   reference, our MLP the same per-step loop with the script's own MLP: ours / this is what the jitted chunk alone buys,
                      this / reference what the MLP's matmul sums buy
+
+Everything is compiled first, then timed in --repeats rounds, each timing every K, both references and the peak once,
+so that a drift in the machine's speed moves all of a round's numbers alike.
 
 The data is synthetic, shaped like pointmaze (--obs-dim, --action-dim, trajectories of --trajectory-length), since
 throughput depends on shapes only.
@@ -33,6 +37,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # envs.py and algos/ live at the repository root
@@ -42,6 +47,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import tyro  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 from jax.extend import core as jax_core  # noqa: E402
 
 SCRIPTS = [f"{v}_{e}" for v in ("iql", "sarsa", "crl") for e in ("awr", "ddpgbc", "sfbc")] + ["bc"]
@@ -60,9 +66,9 @@ class Args:
     chunk: int = 1000
     """Updates per jitted lax.scan chunk."""
     repeats: int = 3
-    """Timed chunks per K (after one warm-up chunk); the median is reported."""
+    """Timing rounds; each times one chunk of every K and --reference-steps of each reference; medians are reported."""
     reference_steps: int = 300
-    """Steps timed for the per-step reference (after 20 warm-up steps); 0 skips it."""
+    """Steps per round of each per-step reference (after 20 warm-up steps); 0 skips them."""
     goal_conditioned: bool = True
     """Goal-conditioned data and losses (CRL requires it)."""
     obs_dim: int = 2
@@ -77,6 +83,8 @@ class Args:
     """N of the N x N x N float32 product that measures the device's matmul peak."""
     out: str | None = None
     """JSON file to write (default: benchmarks/results/<script>-<device>-<widths>.json)."""
+    progress: bool = True
+    """Show a progress bar over the timing rounds."""
 
 
 def count_matmul_flops(jaxpr) -> int:
@@ -173,7 +181,8 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_members(algo, config, args: Args, data, count: int) -> dict:
+def prepare_members(algo, config, args: Args, data, count: int) -> tuple[dict, Callable[[], float]]:
+    """Compile and warm up the chunk of `count` vmapped members; returns the row so far and a timer of one chunk."""
     gc, dims = args.goal_conditioned, (args.obs_dim, args.obs_dim if args.goal_conditioned else 0, args.action_dim)
     states = jax.vmap(lambda k: algo.init_state(k, *dims, config))(jax.random.split(jax.random.PRNGKey(0), count))
     fields = member_fields(algo, count, args.dataset_size)
@@ -183,20 +192,20 @@ def measure_members(algo, config, args: Args, data, count: int) -> dict:
     compile_seconds = time.perf_counter() - start
     states, infos = compiled(states, data, fields, *online)  # warm-up
     jax.block_until_ready(infos)
-    times = []
-    for _ in range(args.repeats):
+
+    def timed_chunk() -> float:
+        nonlocal states
         start = time.perf_counter()
         states, infos = compiled(states, data, fields, *online)
         jax.block_until_ready(infos)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    return {"members": count, "compile_seconds": compile_seconds, "chunk_seconds": seconds,
-            "member_updates_per_second": count * args.chunk / seconds, "peak_memory_mb": peak_memory_mb()}
+        return time.perf_counter() - start
+
+    return {"members": count, "compile_seconds": compile_seconds, "peak_memory_mb": peak_memory_mb()}, timed_chunk
 
 
-def measure_reference(algo, config, args: Args, train: dict[str, np.ndarray], textbook: bool) -> float:
-    """Updates/s of one jitted update per Python call on batches gathered on the host with numpy; with the textbook
-    MLP or the script's own."""
+def prepare_reference(algo, config, args: Args, train: dict[str, np.ndarray], textbook: bool) -> Callable[[], float]:
+    """One jitted update per Python call on batches gathered on the host with numpy, with the textbook MLP or the
+    script's own, compiled and warmed up; returns a timer of --reference-steps steps."""
     gc, dims = args.goal_conditioned, (args.obs_dim, args.obs_dim if args.goal_conditioned else 0, args.action_dim)
     state = algo.init_state(jax.random.PRNGKey(0), *dims, config)
     rows = 2 * args.batch_size
@@ -218,11 +227,16 @@ def measure_reference(algo, config, args: Args, train: dict[str, np.ndarray], te
         for _ in range(20):  # the first call traces and compiles the step
             state, info = one_step(state)
     jax.block_until_ready(info)
-    start = time.perf_counter()
-    for _ in range(args.reference_steps):
-        state, info = one_step(state)
-    jax.block_until_ready(info)
-    return args.reference_steps / (time.perf_counter() - start)
+
+    def timed_steps() -> float:
+        nonlocal state
+        start = time.perf_counter()
+        for _ in range(args.reference_steps):
+            state, info = one_step(state)
+        jax.block_until_ready(info)
+        return time.perf_counter() - start
+
+    return timed_steps
 
 
 def run(args: Args) -> dict:
@@ -245,21 +259,37 @@ def run(args: Args) -> dict:
     with textbook_mlp(algo):
         jaxpr = jax.make_jaxpr(lambda s: algo.update(s, data, fields, config, args.goal_conditioned))(state)
     flops_per_update = count_matmul_flops(jaxpr.jaxpr)
-    peak = matmul_peak(args.matmul_size)
 
-    rows = []
-    for count in args.members:
-        row = measure_members(algo, config, args, data, count)
+    # Compile and warm up everything first (memory is read after each K, in increasing K), then time in rounds: each
+    # round times one chunk of every K, both references and the matmul peak, so a drift in the machine's speed (on a
+    # shared VM we saw 30% within minutes) moves every number of a round alike, and the ratios stay true.
+    rows, timers = [], {}
+    for count in sorted(args.members):
+        row, timers[count] = prepare_members(algo, config, args, data, count)
+        rows.append(row)
+    if args.reference_steps:
+        timers["reference"] = prepare_reference(algo, config, args, train, textbook=True)
+        timers["reference_own_mlp"] = prepare_reference(algo, config, args, train, textbook=False)
+    seconds = {name: [] for name in timers}
+    peaks = []
+    for _ in tqdm(range(args.repeats), desc="timing rounds", disable=not args.progress):
+        peaks.append(matmul_peak(args.matmul_size))
+        for name, timer in timers.items():
+            seconds[name].append(timer())
+    peak = max(peaks)
+    for row in rows:
+        row["chunk_seconds"] = statistics.median(seconds[row["members"]])
+        row["member_updates_per_second"] = row["members"] * args.chunk / row["chunk_seconds"]
         row["achieved_gflops"] = row["member_updates_per_second"] * flops_per_update / 1e9
         row["share_of_matmul_peak"] = row["achieved_gflops"] / peak
-        rows.append(row)
-    reference = measure_reference(algo, config, args, train, textbook=True) if args.reference_steps else None
-    reference_own = measure_reference(algo, config, args, train, textbook=False) if args.reference_steps else None
+    reference, reference_own = (args.reference_steps / statistics.median(seconds[name]) if name in seconds else None
+                                for name in ("reference", "reference_own_mlp"))
     single = next((r for r in rows if r["members"] == 1), None)
     return {"script": args.script, "device": f"{device.platform}: {device.device_kind}",
             "date": time.strftime("%Y-%m-%d"),
             "hidden_dims": list(args.hidden_dims), "batch_size": args.batch_size, "chunk": args.chunk,
-            "jax": jax.__version__, "matmul_peak_gflops": peak, "matmul_size": args.matmul_size,
+            "repeats": args.repeats, "jax": jax.__version__, "matmul_peak_gflops": peak,
+            "matmul_peak_gflops_per_round": peaks, "matmul_size": args.matmul_size,
             "matmul_flops_per_update": flops_per_update, "members": rows,
             "reference_updates_per_second": reference,
             "reference_own_mlp_updates_per_second": reference_own,
@@ -272,7 +302,9 @@ def run(args: Args) -> dict:
 def report(result: dict) -> str:
     lines = [f"{result['script']} on {result['device']}, hidden {result['hidden_dims']}, batch {result['batch_size']}, "
              f"chunk {result['chunk']}, jax {result['jax']}",
-             f"matmul peak {result['matmul_peak_gflops']:.1f} GFLOP/s (float32 {result['matmul_size']}^3); "
+             f"matmul peak {result['matmul_peak_gflops']:.1f} GFLOP/s (float32 {result['matmul_size']}^3, best of "
+             f"{', '.join(f'{p:.0f}' for p in result['matmul_peak_gflops_per_round'])} in {result['repeats']} "
+             f"interleaved timing rounds); "
              f"{result['matmul_flops_per_update'] / 1e6:.1f} MFLOP (matmul, fwd + bwd) per update",
              "",
              "| K members | compile s | member-updates/s | x K=1 per member | GFLOP/s | share of peak | peak MB |",
