@@ -18,8 +18,9 @@ Prints a table and writes JSON (--out). Every number is measured in this one run
                      to the device, and one jitted update runs (its on-device resampling of those 2 x batch rows is
                      a gather of the same cost as ours); its MLP is the textbook one, differentiated by JAX's own
                      rules as flax's Dense and LayerNorm are; updates/s over --reference-steps steps
-  reference, our MLP the same per-step loop with the script's own MLP: ours / this is what the jitted chunk alone buys,
-                     this / reference what the MLP's matmul sums buy
+  reference, our MLP the same per-step loop with the script's own MLP: ours / this is what the jitted chunk alone buys
+  textbook chunk     K = 1 again, the script's jitted chunk exactly as above but with the textbook MLP: ours / this is
+                     what the MLP's matmul sums buy
 
 Everything is compiled first, then timed in --repeats rounds, each timing every K, both references and the peak once,
 so that a drift in the machine's speed moves all of a round's numbers alike.
@@ -267,6 +268,8 @@ def run(args: Args) -> dict:
     for count in sorted(args.members):
         row, timers[count] = prepare_members(algo, config, args, data, count)
         rows.append(row)
+    with textbook_mlp(algo):  # the same chunk, K = 1, with the textbook MLP: what the MLP's matmul sums buy
+        _, timers["textbook_chunk"] = prepare_members(algo, config, args, data, 1)
     if args.reference_steps:
         timers["reference"] = prepare_reference(algo, config, args, train, textbook=True)
         timers["reference_own_mlp"] = prepare_reference(algo, config, args, train, textbook=False)
@@ -284,6 +287,7 @@ def run(args: Args) -> dict:
         row["share_of_matmul_peak"] = row["achieved_gflops"] / peak
     reference, reference_own = (args.reference_steps / statistics.median(seconds[name]) if name in seconds else None
                                 for name in ("reference", "reference_own_mlp"))
+    textbook_chunk = args.chunk / statistics.median(seconds["textbook_chunk"])
     single = next((r for r in rows if r["members"] == 1), None)
     return {"script": args.script, "device": f"{device.platform}: {device.device_kind}",
             "date": time.strftime("%Y-%m-%d"),
@@ -291,6 +295,7 @@ def run(args: Args) -> dict:
             "repeats": args.repeats, "jax": jax.__version__, "matmul_peak_gflops": peak,
             "matmul_peak_gflops_per_round": peaks, "matmul_size": args.matmul_size,
             "matmul_flops_per_update": flops_per_update, "members": rows,
+            "textbook_mlp_updates_per_second": textbook_chunk,
             "reference_updates_per_second": reference,
             "reference_own_mlp_updates_per_second": reference_own,
             "speedup_over_reference": (single["member_updates_per_second"] / reference
@@ -315,6 +320,9 @@ def report(result: dict) -> str:
         lines.append(f"| {r['members']} | {r['compile_seconds']:.2f} | {r['member_updates_per_second']:.0f} | "
                      f"{ratio} | {r['achieved_gflops']:.1f} | {r['share_of_matmul_peak']:.0%} | "
                      f"{r['peak_memory_mb']:.0f} |")
+    textbook = result["textbook_mlp_updates_per_second"]
+    lines += ["", f"the same chunk, K=1, with the textbook MLP: {textbook:.0f} updates/s"
+              + (f" (ours at K=1 / it: {base / textbook:.2f}x)" if base else "")]
     if result["reference_updates_per_second"]:
         lines += ["", f"per-step reference (host numpy batches, one jitted update per call, textbook MLP): "
                       f"{result['reference_updates_per_second']:.0f} updates/s",
