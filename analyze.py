@@ -88,12 +88,11 @@ import numpy as np
 import tyro
 
 import envs
+from runs import (EXTRACTORS, RESULT_METRICS, TEST_TIME_METHODS, VALUE_LEARNERS, UsageError, exit_on_usage_error,
+                  read_metrics, write_atomic, write_json_atomic)
 
-VALUE_LEARNERS = ("iql", "sarsa", "crl")
-EXTRACTORS = ("awr", "ddpgbc", "sfbc")
 TABLE_COLUMNS = (*EXTRACTORS, "bc")
-METRICS = ("success", "return", "train_mse", "val_mse", "eval_mse", "best_success")  # per member in result.json
-TEST_TIME_METHODS = ("opex", "ttt")  # result.json "test_time": the ones a run evaluated
+METRICS = (*RESULT_METRICS, "best_success")  # per member in result.json
 TEST_TIME_REQUIRED = ("success", "return")  # result.json has <method>_<key> for each method in "test_time"
 TEST_TIME_OPTIONAL = ("eval_mse",)  # ... and this one where the env has an oracle
 TEST_TIME_KEYS = tuple(f"{m}_{k}" for m in TEST_TIME_METHODS for k in (*TEST_TIME_REQUIRED, *TEST_TIME_OPTIONAL))
@@ -181,7 +180,7 @@ def parse_test_time(value, path: Path, fix: str) -> tuple[str, ...]:
     absent, null or "none" = none; a single method name = that one."""
     methods = [] if value is None or value == "none" else [value] if isinstance(value, str) else value
     if not isinstance(methods, list) or not all(isinstance(m, str) and m in TEST_TIME_METHODS for m in methods):
-        raise envs.UsageError(f"{path}: key 'test_time' is {value!r}, expected a list of test-time methods "
+        raise UsageError(f"{path}: key 'test_time' is {value!r}, expected a list of test-time methods "
                               f"({', '.join(TEST_TIME_METHODS)}), e.g. [] or [\"opex\", \"ttt\"]; {fix}")
     return tuple(m for m in TEST_TIME_METHODS if m in methods)
 
@@ -192,35 +191,35 @@ def read_result(path: Path) -> Run:
     try:
         result = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
-        raise envs.UsageError(f"{path} is not valid JSON ({error}); {fix}") from error
+        raise UsageError(f"{path} is not valid JSON ({error}); {fix}") from error
     if not isinstance(result, dict):
-        raise envs.UsageError(f"{path} does not hold a JSON object; {fix}")
+        raise UsageError(f"{path} does not hold a JSON object; {fix}")
     test_time = parse_test_time(result.get("test_time"), path, fix)
     metrics = METRICS + tuple(f"{m}_{k}" for m in test_time for k in TEST_TIME_REQUIRED)
     for key in HEADER_KEYS + metrics:
         if key not in result:
-            raise envs.UsageError(f"{path} lacks key '{key}'; {fix}")
+            raise UsageError(f"{path} lacks key '{key}'; {fix}")
     seeds = result["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise envs.UsageError(f"{path}: key 'seeds' must be a non-empty list of integers; {fix}")
+        raise UsageError(f"{path}: key 'seeds' must be a non-empty list of integers; {fix}")
     for key in ("value_data_size", "policy_data_size", "alpha"):
         if result[key] is not None and _number(result[key]) != _number(result[key]):  # NaN: not a number
-            raise envs.UsageError(f"{path}: key '{key}' must be a number or null, got {result[key]!r}; {fix}")
+            raise UsageError(f"{path}: key '{key}' must be a number or null, got {result[key]!r}; {fix}")
     values = {}
     optional = [key for m in test_time for key in (f"{m}_{k}" for k in TEST_TIME_OPTIONAL) if key in result]
     for key in (*metrics, *optional):
         entry = result[key]
         if not isinstance(entry, dict) or not isinstance(entry.get("per_member"), list) \
                 or len(entry["per_member"]) != len(seeds):
-            raise envs.UsageError(f"{path}: key '{key}' must be {{per_member, mean, std}} with one value per seed "
+            raise UsageError(f"{path}: key '{key}' must be {{per_member, mean, std}} with one value per seed "
                                   f"({len(seeds)}); {fix}")
         values[key] = [_number(v) for v in entry["per_member"]]
     online_steps = result.get("online_steps") or 0
     if not isinstance(online_steps, int) or isinstance(online_steps, bool) or online_steps < 0:
-        raise envs.UsageError(f"{path}: key 'online_steps' must be an integer >= 0 or null, got "
+        raise UsageError(f"{path}: key 'online_steps' must be an integer >= 0 or null, got "
                               f"{result['online_steps']!r}; {fix}")
     if online_steps and (not isinstance(result.get("steps"), int) or isinstance(result["steps"], bool)):
-        raise envs.UsageError(f"{path}: an online run (online_steps {online_steps}) needs key 'steps' (its offline "
+        raise UsageError(f"{path}: an online run (online_steps {online_steps}) needs key 'steps' (its offline "
                               f"steps, an integer); {fix}")
     size = lambda v: None if v is None else int(v)  # noqa: E731
     return Run(folder=Path(path).parent, env=str(result["env"]), script=str(result["script"]),
@@ -243,16 +242,16 @@ def read_sweep_json(root: Path) -> dict[Path, dict]:
     try:
         sweep = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise envs.UsageError(f"{path} is not valid JSON ({error}); {fix}") from error
+        raise UsageError(f"{path} is not valid JSON ({error}); {fix}") from error
     if not isinstance(sweep, dict) or not isinstance(sweep.get("runs"), list):
-        raise envs.UsageError(f"{path} lacks key 'runs' (a list); {fix}")
+        raise UsageError(f"{path} lacks key 'runs' (a list); {fix}")
     base = Path(str((sweep.get("settings") or {}).get("sweep_dir", "")))
     marked = {}
     for entry in sweep["runs"]:
         if not isinstance(entry, dict) or entry.get("status") not in ("failed", "diverged"):
             continue
         if "folder" not in entry:
-            raise envs.UsageError(f"{path}: a {entry['status']} run lacks key 'folder'; {fix}")
+            raise UsageError(f"{path}: a {entry['status']} run lacks key 'folder'; {fix}")
         folder = Path(entry["folder"])
         # sweep.json names folders as <sweep-dir as typed>/<env>/<script>/<run>; the sweep may have moved since
         inside = folder.parts[:len(base.parts)] == base.parts and base.parts
@@ -280,7 +279,7 @@ def _progress(folder: Path) -> dict:
         steps = json.loads((folder / "config.json").read_text())["config"]["steps"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    logged = [r["step"] for r in envs.read_metrics(folder / "metrics.jsonl") if isinstance(r, dict) and "step" in r]
+    logged = [r["step"] for r in read_metrics(folder / "metrics.jsonl") if isinstance(r, dict) and "step" in r]
     return {"folder": str(folder), "last_step": max(logged) if logged else None, "steps": steps}
 
 
@@ -288,14 +287,14 @@ def load_sweep(root: Path) -> Sweep:
     """Read every run folder below `root`; UsageError when there is nothing complete to analyse."""
     root = Path(root)
     if not root.exists():
-        raise envs.UsageError(f"SWEEP_DIR {root} does not exist; give a scaling.py --sweep-dir, a folder of run "
+        raise UsageError(f"SWEEP_DIR {root} does not exist; give a scaling.py --sweep-dir, a folder of run "
                               "folders, or one run folder")
     if not root.is_dir():
-        raise envs.UsageError(f"SWEEP_DIR {root} is not a folder; give the folder that holds the run folders")
+        raise UsageError(f"SWEEP_DIR {root} is not a folder; give the folder that holds the run folders")
     marked = read_sweep_json(root)
     folders = find_run_folders(root)
     if not folders and not marked:
-        raise envs.UsageError(f"{root} holds no run folders (no config.json or result.json below it); give a "
+        raise UsageError(f"{root} holds no run folders (no config.json or result.json below it); give a "
                               "scaling.py --sweep-dir or a run folder")
     sweep = Sweep(root, [], [], [], [])
     for folder in folders:
@@ -318,7 +317,7 @@ def load_sweep(root: Path) -> Sweep:
                                                                                           entry))
     if not sweep.runs:
         counts = ", ".join(f"{n} {k}" for k, n in sweep.counts().items() if n)
-        raise envs.UsageError(f"{root} holds no complete run ({counts}; a complete one has result.json); let the "
+        raise UsageError(f"{root} holds no complete run ({counts}; a complete one has result.json); let the "
                               "runs finish, or rerun the scaling.py command to finish them")
     return sweep
 
@@ -436,7 +435,7 @@ def performance_metric(env: str, choice: str = "auto") -> str:
         return choice
     try:
         family = envs.parse_env(env).family
-    except envs.UsageError:  # a name this version does not know: dm_control names start with a DMC domain
+    except UsageError:  # a name this version does not know: dm_control names start with a DMC domain
         family = "dmc" if env.split("-")[0] in {task.split("-")[0] for task in envs.DMC_TASKS} else "ogbench"
     return "return" if family == "dmc" else "success"
 
@@ -608,7 +607,7 @@ def read_online_curve(run: Run, quantities: tuple[str, ...]) -> dict[str, dict[i
     steps before the offline end left out) -> value; a later record of the same seed and step replaces an earlier
     one, and a missing or non-finite value is left out."""
     curves: dict[str, dict[int, dict[int, float]]] = {q: {} for q in quantities}
-    for record in envs.read_metrics(run.folder / "metrics.jsonl"):
+    for record in read_metrics(run.folder / "metrics.jsonl"):
         if not isinstance(record, dict) or record.get("event") != "eval":
             continue
         step, seed, member = record.get("step"), record.get("seed"), record.get("member")
@@ -707,7 +706,7 @@ def _fmt_mse(x: float | None) -> str:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    envs.write_atomic(path, lambda f: f.write(text))
+    write_atomic(path, lambda f: f.write(text))
     return path
 
 
@@ -835,7 +834,7 @@ def save_figure(fig, out: Path, stem: str, formats: tuple[str, ...]) -> list[Pat
     paths = []
     for fmt in formats:
         path = out / f"{stem}.{fmt}"
-        envs.write_atomic(path, lambda f, fmt=fmt: fig.savefig(f, format=fmt, dpi=DPI), binary=True)
+        write_atomic(path, lambda f, fmt=fmt: fig.savefig(f, format=fmt, dpi=DPI), binary=True)
         paths.append(path)
     _pyplot().close(fig)
     return paths
@@ -1132,15 +1131,15 @@ def report(sweep: Sweep) -> str:
 
 def check_args(args: Args) -> None:
     if not args.only:
-        raise envs.UsageError(f"--only needs at least one of {' '.join(ARTEFACTS)}")
+        raise UsageError(f"--only needs at least one of {' '.join(ARTEFACTS)}")
     if not args.format:
-        raise envs.UsageError("--format needs at least one of png pdf")
+        raise UsageError("--format needs at least one of png pdf")
     if not (math.isfinite(args.threshold) and args.threshold >= 0):
-        raise envs.UsageError(f"--threshold must be a finite number >= 0, got {args.threshold}")
+        raise UsageError(f"--threshold must be a finite number >= 0, got {args.threshold}")
     if not (math.isfinite(args.min_change) and args.min_change >= 0):
-        raise envs.UsageError(f"--min-change must be a finite number >= 0, got {args.min_change}")
+        raise UsageError(f"--min-change must be a finite number >= 0, got {args.min_change}")
     if not (math.isfinite(args.dominance) and args.dominance >= 1):
-        raise envs.UsageError(f"--dominance must be a finite number >= 1, got {args.dominance}")
+        raise UsageError(f"--dominance must be a finite number >= 1, got {args.dominance}")
 
 
 def main(args: Args) -> list[Path]:
@@ -1151,7 +1150,7 @@ def main(args: Args) -> list[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise envs.UsageError(f"cannot create --out {out}: {error.strerror}; choose a writable folder") from error
+        raise UsageError(f"cannot create --out {out}: {error.strerror}; choose a writable folder") from error
     print(report(sweep))
     runs = sweep.runs
     metric_by_env = {env: performance_metric(env, args.metric) for env in sorted({r.env for r in runs})}
@@ -1210,11 +1209,11 @@ def main(args: Args) -> list[Path]:
                "complete": [str(r.folder) for r in runs], "cells": cells,
                "matrices": [m.to_json() for m in matrices], "verdicts": verdicts, "table": rows,
                "generalization": generalization, "testtime": testtime, "online": online}
-    envs.write_json_atomic(out / "summary.json", _clean(summary))
+    write_json_atomic(out / "summary.json", _clean(summary))
     written.append(out / "summary.json")
     print(f"wrote {len(written)} files to {out}: {' '.join(p.name for p in written)}")
     return written
 
 
 if __name__ == "__main__":
-    envs.exit_on_usage_error(lambda: main(tyro.cli(Args, description=__doc__)))
+    exit_on_usage_error(lambda: main(tyro.cli(Args, description=__doc__)))

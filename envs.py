@@ -1,4 +1,4 @@
-"""envs.py: the world every script in algos/ stands on.
+"""envs.py: environments and data, the world every script in algos/ stands on.
 
 Sections, top to bottom:
   1. names      parse an environment name (OGBench dataset names, ExORL-style dm_control tasks)
@@ -8,12 +8,11 @@ Sections, top to bottom:
   5. oracles    the noiseless scripted expert's action for any (state, goal): pointmaze, cube-single
   6. rollouts   lockstep evaluation of a batched policy on the environment's evaluation tasks, and the
                 train / validation / evaluation MSE against the oracle (OracleProbe)
-  6b. test time OPEX and TTT: test-time policy improvement for any script with a Q function (TestTime)
-  7. run folders config.json / metrics.jsonl / result.json / checkpoints, written atomically; result summary
+  7. online     the offline-to-online buffer: each member's environment and the transitions it collects
   8. CLI        `python envs.py generate ...`, `python envs.py list`
 
-Bad input raises `UsageError` with one line naming the problem and the fix; every entry point turns it
-into exit status 2.
+Run folders, exit codes and the result schema live in runs.py; OPEX and TTT in testtime.py. Bad input raises
+`runs.UsageError` with one line naming the problem and the fix; every entry point turns it into exit status 2.
 """
 
 from __future__ import annotations
@@ -23,44 +22,29 @@ import os
 # No display anywhere: MuJoCo must never try to open a window (set before mujoco is imported).
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-import dataclasses
-import difflib
-import glob
-import itertools
-import json
-import math
-import sys
-import shutil
-import tempfile
-import time
-from collections import deque
-from pathlib import Path
-from typing import Annotated, Callable, Literal
+import dataclasses  # noqa: E402
+import difflib  # noqa: E402
+import glob  # noqa: E402
+import json  # noqa: E402
+from collections import deque  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Callable, Literal, Union  # noqa: E402
 
-import numpy as np
-import tyro
+import gymnasium  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import ogbench  # noqa: E402  (registers the OGBench environments with gymnasium)
+import tyro  # noqa: E402
+from dm_control import suite  # noqa: E402
+from ogbench.manipspace.oracles.markov.cube_markov import CubeMarkovOracle  # noqa: E402
+from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle  # noqa: E402
+from ogbench.relabel_utils import relabel_dataset  # noqa: E402
+from tqdm import trange  # noqa: E402
+
+from runs import UsageError, exit_on_usage_error, write_npz_atomic  # noqa: E402
 
 DEFAULT_DATASET_DIR = "~/.ogbench/data"  # the same folder ogbench itself uses for its downloads
-
-
-class UsageError(Exception):
-    """Bad input from the user: the message is one line naming the problem and the fix (exit status 2)."""
-
-
-class Diverged(Exception):
-    """A loss or a parameter became NaN / inf; failure.json says where (exit status 3)."""
-
-
-def exit_on_usage_error(main: Callable[[], None]) -> None:
-    """Run `main`; turn a UsageError into a one-line message on stderr and exit status 2, Diverged into exit 3."""
-    try:
-        main()
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except Diverged as error:
-        print(f"diverged: {error}", file=sys.stderr)
-        sys.exit(3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,7 +81,6 @@ DEFAULT_EXORL_ALGO = "rnd"
 @dataclasses.dataclass(frozen=True)
 class EnvSpec:
     """What a name means. `name` is what the user typed; everything else is derived from it."""
-
     name: str
     family: Literal["ogbench", "dmc"]
     goal_conditioned: bool
@@ -201,8 +184,6 @@ def load_dataset(spec: EnvSpec, dataset_dir: str = DEFAULT_DATASET_DIR) -> dict[
 
 
 def _load_ogbench(spec: EnvSpec, path: Path) -> dict[str, np.ndarray]:
-    import ogbench
-
     check_dataset_file(path, ("qpos",) if not spec.goal_conditioned else ())
     try:
         raw = ogbench.load_dataset(str(path), add_info=not spec.goal_conditioned)
@@ -215,7 +196,6 @@ def _load_ogbench(spec: EnvSpec, path: Path) -> dict[str, np.ndarray]:
         data["rewards"] = np.zeros(len(data["actions"]), np.float32)
         data["masks"] = np.ones(len(data["actions"]), np.float32)
     else:
-        from ogbench.relabel_utils import relabel_dataset
 
         relabel_dataset(spec.env_id, make_env(spec), raw)  # sets the task, then rewards/masks from qpos
         data["rewards"], data["masks"] = raw["rewards"], raw["masks"]
@@ -248,8 +228,6 @@ def check_dataset_file(path: Path, extra_keys: tuple[str, ...] = ()) -> None:
 
 
 def _dmc_env(spec: EnvSpec, seed: int = 0):
-    from dm_control import suite
-
     domain, task = spec.env_id.split("-")
     return suite.load(domain, task, task_kwargs={"random": seed})
 
@@ -303,31 +281,6 @@ def _load_exorl(spec: EnvSpec, path: Path) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in chunks.items()}
 
 
-def write_atomic(path: Path, write: Callable, binary: bool = False) -> None:
-    """`write(file)` into a temporary file in the same folder, then rename it to `path`: a reader sees the old file
-    or the whole new one, never half of one. A failed write (a full disk) removes the temporary file and raises a
-    UsageError naming the file."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise UsageError(f"cannot write {path}: {error.strerror}; free space or choose a writable folder") from error
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException as error:
-        os.unlink(tmp)
-        if isinstance(error, OSError):
-            raise UsageError(f"cannot write {path}: {error.strerror or error}; free space or choose a writable "
-                             "folder, then rerun (scripts: with --resume)") from error
-        raise
-
-
-def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], compress: bool = True) -> None:
-    write_atomic(path, lambda f: (np.savez_compressed if compress else np.savez)(f, **arrays), binary=True)
-
 
 # Official recipes (OGBench data_gen_scripts/commands.sh): episodes, steps per episode, noise.
 def official_recipe(spec: EnvSpec) -> dict:
@@ -373,7 +326,6 @@ def generate(spec: EnvSpec, dataset_dir: str, num_episodes: int | None = None, m
         recipe["max_episode_steps"] = max_episode_steps
     if recipe["num_episodes"] < 1 or recipe["max_episode_steps"] < 2:
         raise UsageError("--num-episodes must be >= 1 and --max-episode-steps >= 2")
-    from tqdm import trange
 
     if spec.family == "dmc":
         return _generate_dmc_random(spec, dataset_dir, recipe, seed, progress)
@@ -395,19 +347,16 @@ def generate(spec: EnvSpec, dataset_dir: str, num_episodes: int | None = None, m
     meta = dict(dataset=spec.dataset_name, recipe=recipe, seed=seed, train_episodes=num_train, val_episodes=num_val,
                 generator="offrl-bottlenecks envs.py (OGBench data_gen_scripts recipe)")
     if num_val:
-        _write_npz_atomic(path.with_name(f"{spec.dataset_name}-val.npz"), stack(episodes[num_train:]))
+        write_npz_atomic(path.with_name(f"{spec.dataset_name}-val.npz"), stack(episodes[num_train:]))
     else:  # ogbench's loader wants a -val file beside the training file; an empty one keeps it happy
         first = {k: v[:1] for k, v in stack(episodes).items()}
-        _write_npz_atomic(path.with_name(f"{spec.dataset_name}-val.npz"), first)
+        write_npz_atomic(path.with_name(f"{spec.dataset_name}-val.npz"), first)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
-    _write_npz_atomic(path, stack(episodes[:num_train]))  # written last: its presence means the set is complete
+    write_npz_atomic(path, stack(episodes[:num_train]))  # written last: its presence means the set is complete
     return path
 
 
 def _generation_env(spec: EnvSpec, recipe: dict, seed: int):
-    import gymnasium
-    import ogbench  # noqa: F401  (registers the environments)
-
     gc_id = spec.env_id.replace("-singletask", "").split("-task")[0]
     if spec.kind == "pointmaze":
         env = gymnasium.make(gc_id, terminate_at_goal=False, max_episode_steps=recipe["max_episode_steps"])
@@ -423,8 +372,6 @@ def _generation_env(spec: EnvSpec, recipe: dict, seed: int):
             return vertical or horizontal
 
         return env, dict(all_cells=free, vertex_cells=[c for c in free if not is_hallway(*c)])
-    from ogbench.manipspace.oracles.markov.cube_markov import CubeMarkovOracle
-    from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle
 
     env = gymnasium.make(gc_id, terminate_at_goal=False, mode="data_collection",
                          max_episode_steps=recipe["max_episode_steps"])
@@ -522,8 +469,6 @@ def _collect_cube_episode(env, state, spec, recipe):
 
 
 def _generate_dmc_random(spec: EnvSpec, dataset_dir: str, recipe: dict, seed: int, progress: bool) -> Path:
-    from tqdm import trange
-
     env = _dmc_env(spec, seed)
     spec_a = env.action_spec()
     rng = np.random.default_rng(seed)
@@ -545,7 +490,7 @@ def _generate_dmc_random(spec: EnvSpec, dataset_dir: str, recipe: dict, seed: in
             if time_step.last():
                 break
         length = len(episode["action"]) - 1
-        _write_npz_atomic(folder / f"episode_{episode_index:06d}_{length}.npz",
+        write_npz_atomic(folder / f"episode_{episode_index:06d}_{length}.npz",
                           {k: np.asarray(v) for k, v in episode.items()})
     return folder
 
@@ -589,20 +534,6 @@ def split_dataset(data: dict[str, np.ndarray], seed: int, val_fraction: float = 
     return gather(order[num_val:]), gather(order[:num_val])
 
 
-def check_data_size(size: int, train: dict[str, np.ndarray], flag: str) -> None:
-    """A data size must be positive and no larger than the training split."""
-    available = len(train["actions"])
-    if not 1 <= size <= available:
-        raise UsageError(f"{flag} {size} is out of range: the training split of this dataset has {available} "
-                         f"transitions; choose a size in [1, {available}] or generate more episodes")
-
-
-def resolve_data_size(size: int | None, train: dict[str, np.ndarray], flag: str) -> int:
-    """The data size a flag asks for: all training transitions when omitted, else a checked prefix length."""
-    size = len(train["actions"]) if size is None else size
-    check_data_size(size, train, flag)
-    return size
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Sampling on device
@@ -615,7 +546,6 @@ def resolve_data_size(size: int | None, train: dict[str, np.ndarray], flag: str)
 @dataclasses.dataclass(frozen=True)
 class GoalConfig:
     """OGBench's goal-sampling probabilities (value goals) and the geometric offset's discount."""
-
     p_current: float = 0.2
     p_trajectory: float = 0.5
     p_random: float = 0.3
@@ -624,8 +554,6 @@ class GoalConfig:
 
 def to_device(part: dict[str, np.ndarray]):
     """Move a split onto the accelerator once (pass it into jitted functions as an argument, never close over it)."""
-    import jax.numpy as jnp
-
     return {k: jnp.asarray(v) for k, v in part.items()}
 
 
@@ -641,8 +569,6 @@ def sample_batch(key, data, data_size, batch_size: int, goals: Literal["none", "
     rows data_size, data_size + 1, ... of the same data, so a batch is drawn uniformly from the subset and the online
     rows together, and goals stay inside whichever trajectory (offline or online) a row belongs to.
     """
-    import jax
-    import jax.numpy as jnp
 
     k_idx, k_kind, k_geom, k_uniform, k_random = jax.random.split(key, 5)
     total = data_size if online is None else data_size + online["size"]
@@ -707,8 +633,6 @@ def _pointmaze_oracle(spec: EnvSpec):
     """Unit vector toward the next cell on a shortest BFS path to the goal's cell; inside the goal's cell, toward the
     goal itself. (OGBench's data oracle aims at the goal cell's centre instead, which can miss a goal placed with
     noise up to a cell quarter away from the centre: we label the truly optimal direction.)"""
-    import gymnasium
-    import ogbench  # noqa: F401
 
     maze = gymnasium.make(spec.env_id.replace("-singletask", "").split("-task")[0]).unwrapped
     maze_map, unit, off_x, off_y = np.asarray(maze.maze_map), maze._maze_unit, maze._offset_x, maze._offset_y
@@ -821,8 +745,6 @@ def make_env(spec: EnvSpec):
     """One environment instance: a gymnasium env (OGBench) or a dm_control suite env."""
     if spec.family == "dmc":
         return _dmc_env(spec)
-    import gymnasium
-    import ogbench  # noqa: F401
 
     return gymnasium.make(spec.env_id)
 
@@ -976,183 +898,20 @@ def rollout_metrics(rollout: dict, probe: OracleProbe, prefix: str = "") -> dict
     return {prefix + k: v for k, v in metrics.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 6b. Test-time policy improvement: OPEX and TTT (the paper's remedies for poor test-time generalization)
-# ----------------------------------------------------------------------------------------------------------------
-# A script with a Q function hands TestTime three single-member functions: its action rule `act(params, obs, goals,
-# key)`, the Q its extractor maximises `q_value(params, obs, goals, actions) -> [N]`, and its policy's mean
-# `mean_action(actor_params, obs, goals)`. Evaluation then runs the same episodes plainly and once per test-time
-# method asked for, and logs them side by side (`success`, `opex_success`, `ttt_success`; `_return`, `_eval_mse`).
-
-TEST_TIME_METHODS = ("opex", "ttt")
-
-
-def check_test_time_flags(config) -> None:
-    """The test-time flags every script with a Q function shares (tyro checks the method names)."""
-    checks = [
-        (len(set(config.test_time)) == len(config.test_time), f"--test-time lists a method twice: "
-                                                              f"{' '.join(config.test_time)}"),
-        (config.opex_steps >= 1, f"--opex-steps must be >= 1, got {config.opex_steps}"),
-        (config.opex_beta >= 0, f"--opex-beta must be >= 0, got {config.opex_beta}"),
-        (config.ttt_steps_per_env_step >= 1,
-         f"--ttt-steps-per-env-step must be >= 1, got {config.ttt_steps_per_env_step}"),
-        (config.ttt_lr >= 0, f"--ttt-lr must be >= 0, got {config.ttt_lr}"),
-        (config.ttt_batch_size >= 1, f"--ttt-batch-size must be >= 1, got {config.ttt_batch_size}"),
-        (config.ttt_alpha >= 0, f"--ttt-alpha must be >= 0, got {config.ttt_alpha}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-
-
-def opex_actions(q_of_actions: Callable, actions, beta: float, steps: int, normalize: bool):
-    """OPEX: `steps` moves up the frozen Q, a <- clip(a + beta * g, -1, 1) with g = dQ(s, a)/da, divided by its norm
-    per state when `normalize` (then beta is the step length in action units). No parameter changes."""
-    import jax
-    import jax.numpy as jnp
-
-    def move(a, _):
-        g = jax.grad(lambda a: q_of_actions(a).sum())(a)  # states are independent: the sum's gradient is per state
-        if normalize:
-            g = g / (jnp.linalg.norm(g, axis=-1, keepdims=True) + 1e-8)
-        return jnp.clip(a + beta * g, -1.0, 1.0), None
-
-    return jax.lax.scan(move, actions, None, length=steps)[0]
-
-
-def ttt_loss(actor_params, anchor_actions, params, obs, goals, q_value: Callable, mean_action: Callable,
-             alpha: float):
-    """TTT's DDPG+BC objective on visited states: raise the (normalised, frozen) Q of the policy's action and stay
-    near the pre-trained policy's action there: -Q(s, mu(s)) / stopgrad(E|Q|) + alpha/2 ||mu(s) - mu_0(s)||^2."""
-    import jax
-    import jax.numpy as jnp
-
-    mu = mean_action(actor_params, obs, goals)
-    q = q_value(params, obs, goals, mu)
-    q_loss = -q.mean() / jax.lax.stop_gradient(jnp.abs(q).mean() + 1e-8)
-    return q_loss + alpha * 0.5 * ((mu - anchor_actions) ** 2).sum(-1).mean()
-
-
-class TestTime:
-    """One test-time `method` ("opex" or "ttt") for one script: `policy(params, seeds, step)` returns the batched
-    callable the Evaluator steps the environments with (obs [M, E, d], goals [M, E, g] | None -> actions [M, E, a]).
-
-    opex  act with the script's rule, then `opex_actions` on the frozen Q (SfBC: from the chosen candidate).
-    ttt   a copy of the actor per episode (`--ttt-reset episode`) or one per member shared by its episodes, which
-          run in lockstep (`never`: kept for the whole evaluation). At every environment step the visited state
-          is written to the copy's fixed-size device buffer, the copy takes `--ttt-steps-per-env-step` Adam steps
-          of `ttt_loss` on `--ttt-batch-size` states drawn from its buffer, and then acts. The trained parameters
-          are never modified: each evaluation starts from fresh copies.
-    Keys derive from (member seed, training step) only, so a member's test-time episodes do not depend on packing.
-    """
-
-    def __init__(self, config, evaluator: Evaluator, method: str, act: Callable, q_value: Callable,
-                 mean_action: Callable):
-        import jax
-        import jax.numpy as jnp
-        import optax
-
-        self.method = method
-        episodes = len(evaluator.tasks)
-        self.copies = episodes if config.ttt_reset == "episode" else 1
-        self.per_copy = episodes // self.copies  # environments each copy acts in
-        self.slots = evaluator.max_steps * self.per_copy  # buffer rows per copy: every state it can visit
-        optimizer = optax.adam(config.ttt_lr)
-
-        def opex_act(params, obs, goals, key):
-            actions = act(params, obs, goals, key)
-            return opex_actions(lambda a: q_value(params, obs, goals, a), actions, config.opex_beta,
-                                config.opex_steps, config.opex_normalize)
-
-        def ttt_step(carry, params, obs, goals, key):
-            """One environment step of one member: store the visited states, train every copy, act."""
-            # Acting uses `key` itself as OPEX does, so with one copy SfBC draws the candidates the plain rule draws.
-            k_train = jax.random.fold_in(key, 1)
-            k_act = key[None] if self.copies == 1 else jax.random.split(key, self.copies)
-            split = lambda x: None if x is None else x.reshape(self.copies, self.per_copy, -1)  # noqa: E731
-            obs_c, goals_c = split(obs), split(goals)
-            store = lambda buffer, new: jax.lax.dynamic_update_slice(buffer, new, (0, carry["filled"], 0))  # noqa
-            buffers = {"obs": store(carry["obs"], obs_c), "goals": None if goals is None else store(carry["goals"],
-                                                                                                  goals_c)}
-            filled = carry["filled"] + self.per_copy
-
-            def train_copy(actor, opt_state, buffer_obs, buffer_goals, key):
-                def gradient_step(inner, key):
-                    actor, opt_state = inner
-                    rows = jax.random.randint(key, (config.ttt_batch_size,), 0, filled)
-                    s, g = buffer_obs[rows], None if buffer_goals is None else buffer_goals[rows]
-                    anchor = mean_action(params["actor"], s, g)  # the pre-trained policy's actions on those states
-                    grads = jax.grad(ttt_loss)(actor, anchor, params, s, g, q_value, mean_action, config.ttt_alpha)
-                    updates, opt_state = optimizer.update(grads, opt_state, actor)
-                    return (optax.apply_updates(actor, updates), opt_state), None
-
-                keys = jax.random.split(key, config.ttt_steps_per_env_step)
-                return jax.lax.scan(gradient_step, (actor, opt_state), keys)[0]
-
-            actors, opt_states = jax.vmap(train_copy)(carry["actor"], carry["opt_state"], buffers["obs"],
-                                                      buffers["goals"], jax.random.split(k_train, self.copies))
-            actions = jax.vmap(lambda actor, o, g, k: act({**params, "actor": actor}, o, g, k))(
-                actors, obs_c, goals_c, k_act)
-            carry = {"actor": actors, "opt_state": opt_states, **buffers, "filled": filled}
-            return carry, actions.reshape(obs.shape[0], -1)
-
-        def ttt_init(params, obs_dim, goal_dim):
-            actors = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (self.copies, *x.shape)), params["actor"])
-            actors = jax.tree_util.tree_map(jnp.copy, actors)
-            return {"actor": actors, "opt_state": jax.vmap(optimizer.init)(actors),
-                    "obs": jnp.zeros((self.copies, self.slots, obs_dim)),
-                    "goals": None if goal_dim is None else jnp.zeros((self.copies, self.slots, goal_dim)),
-                    "filled": jnp.zeros((), jnp.int32)}
-
-        self._opex = jax.jit(jax.vmap(opex_act))
-        self._ttt_step = jax.jit(jax.vmap(ttt_step), donate_argnums=(0,))
-        self._ttt_init = jax.jit(jax.vmap(ttt_init, in_axes=(0, None, None)), static_argnums=(1, 2))
-
-    def policy(self, params, seeds: list[int], step: int) -> Callable:
-        """A fresh test-time policy for one evaluation of the members' current `params` ([M]-stacked pytree)."""
-        import jax
-        import jax.numpy as jnp
-
-        keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), step))(jnp.asarray(seeds))
-        calls = itertools.count()
-        carry = None
-
-        def step_keys():
-            return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, next(calls))
-
-        def policy(obs, goals):
-            nonlocal carry
-            if self.method == "opex":
-                return self._opex(params, obs, goals, step_keys())
-            if carry is None:
-                carry = self._ttt_init(params, obs.shape[-1], None if goals is None else goals.shape[-1])
-            carry, actions = self._ttt_step(carry, params, obs, goals, step_keys())
-            return actions
-
-        return policy
+def evaluate(evaluator: Evaluator, probe: OracleProbe, policy: Callable, seeds: list[int]) -> dict[str, np.ndarray]:
+    """One evaluation of a batched policy, per member: success, return and evaluation MSE on the evaluation tasks,
+    then the train / validation MSE (in this order: SfBC's policy draws fresh candidates on every call)."""
+    return {**rollout_metrics(evaluator.evaluate(policy, seeds), probe), **probe.train_val(policy)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6c. Offline-to-online fine-tuning (the paper's check of what online data changes: mainly the evaluation MSE)
+# 7. Offline-to-online fine-tuning (the paper's check of what online data changes: mainly the evaluation MSE)
 # ----------------------------------------------------------------------------------------------------------------
 # With --online-steps N, after its --steps offline updates a script alternates N / --log-interval times: collect
 # --log-interval environment steps with the current policy plus Gaussian noise (one environment per member, all
 # members in lockstep), then take --log-interval updates (one update per environment step) on the member's offline
 # subsets and its online rows together (`sample_batch(..., online=...)`). Value and policy keep training on the same
 # schedule; evaluations and the train / val / eval MSEs go on as offline.
-
-def check_online_flags(config) -> None:
-    """The offline-to-online flags every script with a Q function shares."""
-    checks = [
-        (config.online_steps >= 0, f"--online-steps must be >= 0, got {config.online_steps}"),
-        (config.online_steps % config.log_interval == 0,
-         f"--online-steps {config.online_steps} must be a multiple of --log-interval {config.log_interval}"),
-        (config.online_noise >= 0, f"--online-noise must be >= 0, got {config.online_noise}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-
 
 class OnlineBuffer:
     """Each member's environment and its online transitions, in fixed-size host arrays of `capacity` rows.
@@ -1230,8 +989,6 @@ class OnlineBuffer:
         return self.device()
 
     def device(self) -> dict:
-        import jax.numpy as jnp
-
         return {**{k: jnp.asarray(v) for k, v in self.arrays.items()},
                 "size": jnp.full(len(self.seeds), self.size, jnp.int32)}
 
@@ -1247,378 +1004,12 @@ class OnlineBuffer:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. Run folders
-# ----------------------------------------------------------------------------------------------------------------
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages a result depends on (stored in config.json)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for name in ("jax", "jaxlib", "optax", "numpy", "ogbench", "mujoco", "dm_control", "gymnasium", "tyro"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "absent"
-    return out
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON through a temporary file and a rename: the file is either absent or complete."""
-    write_atomic(Path(path), lambda f: json.dump(obj, f, indent=1))
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl's records; a line cut short by a kill mid-write (always the last one) is skipped."""
-    records = []
-    if Path(path).exists():
-        for line in Path(path).read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    return records
-
-
-RESUME_DIR = "resume"  # inside a run folder: state_<step>.npz, the whole training state; removed on completion
-
-
-def resume_steps(path: Path) -> list[int]:
-    """Steps of the complete resume states in a run folder (temporary files are never named state_*.npz)."""
-    return sorted(int(p.stem.split("_")[1]) for p in (Path(path) / RESUME_DIR).glob("state_*.npz"))
-
-
-class RunFolder:
-    """config.json (every flag and package versions), metrics.jsonl (one object per member per log event),
-    result.json (written last, atomically: a folder with it is complete), checkpoints/ if asked, resume/ states
-    while the run is in progress, failure.json if it diverged.
-
-    `resume_step`: continue an interrupted run from that resume state (metrics after it are dropped); None: start
-    afresh, forgetting anything an earlier attempt left in the folder."""
-
-    def __init__(self, path: str, config: dict, resume_step: int | None = None):
-        self.path = Path(path)
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as error:
-            raise UsageError(f"cannot write to --out-dir {self.path}: {error.strerror}; choose a writable "
-                             "folder") from error
-        if (self.path / "result.json").exists():
-            raise UsageError(f"{self.path} already holds a complete run (result.json); choose another --out-dir")
-        config = json.loads(json.dumps(config))  # as config.json will hold it (tuples become lists)
-        metrics = self.path / "metrics.jsonl"
-        if resume_step is not None:
-            saved = json.loads((self.path / "config.json").read_text())["config"]
-            free = {"resume", "progress", "members_file", "out_dir", "debug_poison_step"}  # may change on resume
-            changed = sorted(k for k in set(config) | set(saved) if k not in free and config.get(k) != saved.get(k))
-            if changed:
-                raise UsageError(f"--resume: {self.path} was started with other values of {', '.join(changed)}; "
-                                 "resume with the same flags or choose another --out-dir")
-            kept = [r for r in read_metrics(metrics) if r["step"] <= resume_step]
-            write_atomic(metrics, lambda f: f.writelines(json.dumps(r) + "\n" for r in kept))
-        else:
-            shutil.rmtree(self.path / RESUME_DIR, ignore_errors=True)
-        (self.path / "failure.json").unlink(missing_ok=True)  # an earlier attempt's, if any
-        write_json_atomic(self.path / "config.json", dict(config=config, versions=package_versions()))
-        self._metrics = open(metrics, "a" if resume_step is not None else "w")
-
-    def log(self, records: list[dict]) -> None:
-        try:
-            self._metrics.write("".join(json.dumps(record) + "\n" for record in records))
-            self._metrics.flush()
-        except OSError as error:  # a full disk: the folder stays incomplete (no result.json) and resumable
-            raise UsageError(f"cannot write {self.path / 'metrics.jsonl'}: {error.strerror}; free space, then "
-                             "rerun with --resume") from error
-
-    def checkpoint(self, step: int, params) -> None:
-        """Save a parameter pytree as flat .npz arrays keyed by their tree path."""
-        import jax
-
-        leaves = jax.tree_util.tree_leaves_with_path(params)
-        flat = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
-        _write_npz_atomic(self.path / "checkpoints" / f"step_{step:08d}.npz", flat)
-
-    def save_resume(self, step: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write resume/state_<step>.npz atomically, then drop all but the two newest states."""
-        _write_npz_atomic(self.path / RESUME_DIR / f"state_{step:08d}.npz", arrays, compress=False)
-        for old in resume_steps(self.path)[:-2]:
-            (self.path / RESUME_DIR / f"state_{old:08d}.npz").unlink(missing_ok=True)
-
-    def fail(self, failure: dict) -> None:
-        self._metrics.close()
-        write_json_atomic(self.path / "failure.json", failure)
-
-    def finish(self, result: dict) -> None:
-        self._metrics.close()
-        write_json_atomic(self.path / "result.json", result)
-        shutil.rmtree(self.path / RESUME_DIR, ignore_errors=True)  # complete: nothing left to resume
-
-
-MEMBER_FIELDS = ("value_data_size", "policy_data_size", "alpha")  # what a member may vary besides its seed
-
-
-class Members:
-    """Who trains in this process (one vmapped program) and which run folder each member writes to.
-
-    Default: `--num-seeds` seeds of the flags' setting, all in one run folder (per-member numbers, mean and std).
-    With `--members-file` (what `scaling.py --pack` writes): a JSON list of members, each {"seed", "out_dir"} plus any
-    of MEMBER_FIELDS the script has (the flags fill the rest); members sharing an out_dir must share a setting. Each
-    run folder's config.json holds the flags of the equivalent standalone run, so a packed folder reads like any other.
-
-    `seeds`, `settings` (per member, sizes resolved to transition counts) and `arrays` (the per-member fields the
-    jitted update takes) describe the members; `log`, `checkpoint` and `finish` route per-member data to the folders.
-    """
-
-    def __init__(self, config, script: str, train: dict[str, np.ndarray]):
-        flags = dataclasses.asdict(config)
-        check_run_flags(config)
-        fields = [f for f in MEMBER_FIELDS if f in flags]
-        if flags.get("members_file"):
-            entries = read_members_file(flags["members_file"], script, fields)
-        else:
-            out_dir = config.out_dir or f"runs/{config.env}/{script}/{time.strftime('%Y%m%d-%H%M%S')}_s{config.seed}"
-            entries = [{"seed": config.seed + i, "out_dir": out_dir} for i in range(config.num_seeds)]
-        self.seeds = [entry["seed"] for entry in entries]
-        self.test_time = list(flags.get("test_time", ()))  # result.json lists the test-time methods evaluated
-        self.online_steps = flags.get("online_steps", 0)  # and the online steps after offline training
-        self.settings = []
-        for entry in entries:
-            setting = {f: entry.get(f, flags[f]) for f in fields}
-            for f in fields:
-                if f.endswith("_data_size"):
-                    setting[f] = resolve_data_size(setting[f], train, "--" + f.replace("_", "-"))
-            self.settings.append(setting)
-        self.arrays = {f: np.asarray([s[f] for s in self.settings], np.float32 if f == "alpha" else np.int32)
-                       for f in fields}
-        groups: dict[str, list[int]] = {}
-        for m, entry in enumerate(entries):
-            groups.setdefault(entry["out_dir"], []).append(m)
-        standalone = {}
-        for out_dir, ms in groups.items():
-            if any(self.settings[m] != self.settings[ms[0]] for m in ms):
-                raise UsageError(f"members sharing out_dir {out_dir} have different settings; give each its own")
-            standalone[out_dir] = {**flags, **self.settings[ms[0]], "seed": self.seeds[ms[0]], "num_seeds": len(ms),
-                                   "out_dir": out_dir, "script": script}
-        # --resume: the latest resume state every folder has (a packed process may have died between folders)
-        self.resume_step = None
-        if flags.get("resume"):
-            common = set.intersection(*(set(resume_steps(Path(d))) for d in groups))
-            self.resume_step = max(common) if common else None
-        self.folders = [(RunFolder(out_dir, standalone[out_dir], self.resume_step), ms)
-                        for out_dir, ms in groups.items()]
-        self._last_finite: list[dict] = []
-
-    def log(self, records: list[dict]) -> None:
-        """Each record goes to its member's folder, renumbered to the member's index inside that folder."""
-        for folder, ms in self.folders:
-            folder.log([{**r, "member": ms.index(r["member"])} for r in records if r["member"] in ms])
-
-    def checkpoint(self, step: int, params) -> None:
-        import jax
-
-        for folder, ms in self.folders:
-            rows = np.asarray(ms)
-            folder.checkpoint(step, jax.tree_util.tree_map(lambda x, rows=rows: x[rows], params))
-
-    def save_resume(self, states, progress: Progress) -> None:
-        """Every folder's resume state: its members' rows of the training state, and the loop's `progress`."""
-        import jax
-
-        leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(states))
-        for folder, ms in self.folders:
-            rows = np.asarray(ms)
-            arrays = {jax.tree_util.keystr(path): np.asarray(leaf)[rows] for path, leaf in leaves}
-            arrays["__progress__"] = np.asarray(json.dumps(progress.for_members(ms)))
-            folder.save_resume(progress.step, arrays)
-
-    def restore(self, states, progress: Progress):
-        """(states, progress) as saved at `resume_step` by every folder, or the arguments unchanged without one."""
-        if self.resume_step is None:
-            return states, progress
-        import jax
-
-        saved = []
-        for folder, ms in self.folders:
-            with np.load(folder.path / RESUME_DIR / f"state_{self.resume_step:08d}.npz") as arrays:
-                saved.append(({k: arrays[k] for k in arrays.files}, ms))
-
-        def leaf(path, template):
-            out = np.array(template)
-            for arrays, ms in saved:
-                out[np.asarray(ms)] = arrays[jax.tree_util.keystr(path)]
-            return out
-
-        states = jax.device_put(jax.tree_util.tree_map_with_path(leaf, jax.device_get(states)))
-        parts = [(Progress(**json.loads(str(arrays["__progress__"]))), ms) for arrays, ms in saved]
-        return states, Progress.merge(parts, len(self.seeds))
-
-    def check_finite(self, step: int, records: list[dict], params) -> None:
-        """Stop the run (Diverged: exit status 3) when a logged loss or a parameter is NaN / inf: every folder gets
-        failure.json with the step, what was non-finite and the last finite metrics; resume states stay intact."""
-        import jax
-        import jax.numpy as jnp
-
-        bad = sorted({k for r in records for k, v in r.items() if isinstance(v, float) and not np.isfinite(v)})
-        if not all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree_util.tree_leaves(params)):
-            bad.append("parameters")
-        if not bad:
-            self._last_finite = records
-            return
-        for folder, ms in self.folders:
-            folder.fail({"step": step, "non_finite": bad, "last_finite_metrics": [
-                {**r, "member": ms.index(r["member"])} for r in self._last_finite if r["member"] in ms]})
-        where = ", ".join(str(folder.path) for folder, _ in self.folders)
-        raise Diverged(f"non-finite {', '.join(bad)} in the chunk ending at step {step}; failure.json in {where}; "
-                       "the last good resume state is kept")
-
-    def finish(self, header: dict, last_eval: list[dict], best_success: np.ndarray) -> list[dict]:
-        """Write every folder's result.json (`header` plus its seeds and setting) and print its line; returns them."""
-        results = []
-        for folder, ms in self.folders:
-            setting = {f: self.settings[ms[0]].get(f) for f in MEMBER_FIELDS}
-            head = {**{k: header[k] for k in ("env", "script", "steps")}, "test_time": self.test_time,
-                    "online_steps": self.online_steps}
-            result = final_result({**head, "seeds": [self.seeds[m] for m in ms], **setting,
-                                   **{k: v for k, v in header.items() if k not in head}},
-                                  [{**last_eval[m], "member": i} for i, m in enumerate(ms)],
-                                  np.asarray(best_success)[ms])
-            folder.finish(result)
-            print(result_line(result, str(folder.path)))
-            results.append(result)
-        return results
-
-
-@dataclasses.dataclass
-class Progress:
-    """What a training loop carries on the host between chunks; saved with the resume state."""
-
-    step: int = 0  # updates done
-    seconds: float = 0.0  # training wall time so far
-    best_success: list[float] = dataclasses.field(default_factory=list)  # per member
-    last_eval: list[dict] = dataclasses.field(default_factory=list)  # per member: the last evaluation's records
-    action_calls: int = 0  # SfBC: sampling keys drawn so far (its candidates depend on it)
-
-    @classmethod
-    def start(cls, num_members: int) -> Progress:
-        return cls(best_success=[-math.inf] * num_members)
-
-    def for_members(self, ms: list[int]) -> dict:
-        return {**dataclasses.asdict(self), "best_success": [self.best_success[m] for m in ms],
-                "last_eval": [self.last_eval[m] for m in ms] if self.last_eval else []}
-
-    @classmethod
-    def merge(cls, parts: list[tuple[Progress, list[int]]], num_members: int) -> Progress:
-        merged = dataclasses.replace(parts[0][0], best_success=[0.0] * num_members,
-                                     last_eval=[{}] * num_members if parts[0][0].last_eval else [])
-        for part, ms in parts:
-            for i, m in enumerate(ms):
-                merged.best_success[m] = part.best_success[i]
-                if merged.last_eval:
-                    merged.last_eval[m] = {**part.last_eval[i], "member": m}
-        return merged
-
-
-def check_run_flags(config) -> None:
-    """The flags every script shares for resuming and the NaN-guard test hook."""
-    interval = config.resume_interval
-    if interval is not None and (interval < 0 or interval % config.log_interval):
-        raise UsageError(f"--resume-interval must be 0 or a multiple of --log-interval {config.log_interval}")
-    if config.debug_poison_step < 0 or config.debug_poison_step % config.log_interval:
-        raise UsageError(f"--debug-poison-step must be 0 or a multiple of --log-interval {config.log_interval}")
-    if hasattr(config, "test_time"):
-        check_test_time_flags(config)
-    if hasattr(config, "online_steps"):
-        check_online_flags(config)
-
-
-def resume_due(step: int, resume_interval: int, offline_steps: int, total_steps: int) -> bool:
-    """Whether a resume state is written after `step`: every `resume_interval` steps (0: never) before the last, and at
-    the end of the offline phase when an online phase follows. None during the online phase: the environments' state
-    is not saved, so an interrupted online phase is collected again from the offline end, with the same result."""
-    if not resume_interval:
-        return False
-    return (step % resume_interval == 0 and step < offline_steps) or step == offline_steps < total_steps
-
-
-def poison(device_data: dict) -> dict:
-    """The NaN-guard test hook: the same data with NaN observations (every loss that reads them turns NaN)."""
-    return {**device_data, "observations": device_data["observations"] * float("nan")}
-
-
-def read_members_file(path: str, script: str, fields: list[str]) -> list[dict]:
-    """Parse and check a --members-file: a non-empty JSON list of {"seed": int, "out_dir": str, <field>: number}."""
-    try:
-        entries = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise UsageError(f"cannot read --members-file {path}: {error}; scaling.py --pack writes it") from error
-    if not isinstance(entries, list) or not entries:
-        raise UsageError(f"--members-file {path} must hold a non-empty JSON list of members")
-    for i, entry in enumerate(entries):
-        allowed = {"seed", "out_dir", *fields}
-        if not isinstance(entry, dict) or not {"seed", "out_dir"} <= entry.keys() or entry.keys() - allowed:
-            raise UsageError(f"--members-file {path}: member {i} must have 'seed' and 'out_dir' and may have "
-                             f"{', '.join(fields)} ({script} has no others); got {entry!r}")
-        if not isinstance(entry["seed"], int) or not isinstance(entry["out_dir"], str):
-            raise UsageError(f"--members-file {path}: member {i} needs an integer seed and a string out_dir")
-        if "alpha" in entry and not (isinstance(entry["alpha"], (int, float)) and entry["alpha"] >= 0):
-            raise UsageError(f"--members-file {path}: member {i} has alpha {entry['alpha']!r}; it must be >= 0")
-    return entries
-
-
-def member_records(event: str, step: int, seeds: list[int], metrics: dict, **shared) -> list[dict]:
-    """One metrics.jsonl record per member: `metrics` maps names to per-member arrays; `shared` is common to all."""
-    return [{"event": event, "step": step, "member": m, "seed": seed, **{k: float(v[m]) for k, v in metrics.items()},
-             **shared} for m, seed in enumerate(seeds)]
-
-
-RESULT_METRICS = ("success", "return", "train_mse", "val_mse", "eval_mse")
-
-
-def final_result(header: dict, last_eval: list[dict], best_success: np.ndarray) -> dict:
-    """result.json's content: `header` (env, script, sizes, ...) plus, per metric of the last evaluation, the numbers
-    per member with their mean and std ("n/a" where the environment has no oracle), and the best success seen."""
-    # With --test-time, the same episodes' numbers under OPEX / TTT sit beside the plain ones (opex_success, ...).
-    testtime = [f"{m}_{k}" for m in TEST_TIME_METHODS for k in RESULT_METRICS
-                if last_eval and f"{m}_{k}" in last_eval[0]]
-    per_member = {k: [r.get(k, "n/a") for r in last_eval] for k in (*RESULT_METRICS, *testtime)}
-    per_member["best_success"] = np.asarray(best_success).tolist()
-    return {**header, **summarize(per_member)}
-
-
-def result_line(result: dict, out_dir: str) -> str:
-    """The one line a script prints at the end."""
-    mean = lambda k: result.get(k, {}).get("mean", "n/a")  # noqa: E731  (no eval MSE without an oracle)
-    fmt = lambda k: "n/a" if mean(k) == "n/a" else f"{mean(k):.4f}"  # noqa: E731
-    testtime = "".join(f" | {m}: success {fmt(m + '_success')} (return {fmt(m + '_return')}), eval MSE "
-                       f"{fmt(m + '_eval_mse')}" for m in result.get("test_time", ()))
-    return (f"final success {fmt('success')} (return {fmt('return')}) | train MSE {fmt('train_mse')} | "
-            f"val MSE {fmt('val_mse')} | eval MSE {fmt('eval_mse')}{testtime} | over {len(result['seeds'])} "
-            f"seed(s) -> {out_dir}/result.json")
-
-
-def summarize(per_member: dict[str, list[float]]) -> dict:
-    """Per-member numbers plus their mean and std over members (NaN-free lists only; 'n/a' passes through)."""
-    out = {}
-    for key, values in per_member.items():
-        if any(isinstance(v, str) for v in values):
-            out[key] = dict(per_member=values, mean="n/a", std="n/a")
-        else:
-            arr = np.asarray(values, np.float64)
-            out[key] = dict(per_member=arr.tolist(), mean=float(arr.mean()), std=float(arr.std()))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # 8. Command line
 # ----------------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class GenerateArgs:
     """Generate a dataset offline with OGBench's official recipe (pointmaze-*, cube-*) or random dm_control data."""
-
     env: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="ENV")]]
     """Dataset name, e.g. pointmaze-medium-navigate-v0, cube-single-noisy-v0, walker-run-random."""
     dataset_dir: str = DEFAULT_DATASET_DIR
@@ -1647,7 +1038,6 @@ def _generate_cli(args: GenerateArgs) -> None:
 @dataclasses.dataclass
 class ListArgs:
     """List every environment name the scripts accept, and whether its data can be generated offline."""
-
     generatable_only: bool = False
     """Only names whose dataset `envs.py generate` can make."""
 
@@ -1663,8 +1053,6 @@ def _list_cli(args: ListArgs) -> None:
 
 
 if __name__ == "__main__":
-    from typing import Union
-
     def main():
         args = tyro.cli(Union[Annotated[GenerateArgs, tyro.conf.subcommand("generate")],
                               Annotated[ListArgs, tyro.conf.subcommand("list")]])

@@ -43,10 +43,10 @@ import numpy as np
 import tyro
 from tqdm import tqdm
 
+from runs import DIVERGED_EXIT, SCRIPTS, UsageError, exit_on_usage_error, write_json_atomic
+
 ROOT = Path(__file__).resolve().parent
-SCRIPTS = [f"{v}_{e}" for v in ("iql", "sarsa", "crl") for e in ("awr", "ddpgbc", "sfbc")] + ["bc"]
 LOG_TAIL_LINES = 20
-DIVERGED_EXIT = 3  # a script's exit status when a loss or parameter became NaN / inf (failure.json says where)
 
 # Each preset fills the flags the user did not give. Sizes are transitions; "None" in a size list means all data.
 PRESETS: dict[str, dict] = {
@@ -177,27 +177,27 @@ def resolve(args: Args, script_args: list[str]) -> dict:
         envs.parse_env(name)  # names the closest valid name on a typo
     for name in settings["scripts"]:
         if name not in SCRIPTS:
-            raise envs.UsageError(f"--scripts: {name} is not a script; choose from {' '.join(SCRIPTS)}")
+            raise UsageError(f"--scripts: {name} is not a script; choose from {' '.join(SCRIPTS)}")
     for flag in ("value_sizes", "policy_sizes"):
         sizes = [s for s in settings[flag] if s is not None]
         if any(s < 1 for s in sizes) or len(set(settings[flag])) != len(settings[flag]) or not settings[flag]:
-            raise envs.UsageError(f"--{flag.replace('_', '-')} must be distinct positive transition counts, got "
+            raise UsageError(f"--{flag.replace('_', '-')} must be distinct positive transition counts, got "
                                   f"{' '.join(map(str, settings[flag]))}")
     for flag in ("awr_alphas", "ddpgbc_alphas"):
         if any(not np.isfinite(a) or a < 0 for a in settings[flag]):
-            raise envs.UsageError(f"--{flag.replace('_', '-')} must be finite and >= 0")
+            raise UsageError(f"--{flag.replace('_', '-')} must be finite and >= 0")
     if not settings["seeds"] or len(set(settings["seeds"])) != len(settings["seeds"]):
-        raise envs.UsageError("--seeds must be a non-empty list of distinct seeds")
+        raise UsageError("--seeds must be a non-empty list of distinct seeds")
     if settings["steps"] < 1 or settings["pack"] < 1 or args.retries < 0:
-        raise envs.UsageError("--steps and --pack must be >= 1 and --retries >= 0")
+        raise UsageError("--steps and --pack must be >= 1 and --retries >= 0")
     if settings["online_steps"] < 0:
-        raise envs.UsageError(f"--online-steps must be >= 0, got {settings['online_steps']}")
+        raise UsageError(f"--online-steps must be >= 0, got {settings['online_steps']}")
     if settings["online_steps"] and "bc" in settings["scripts"]:
-        raise envs.UsageError("--online-steps: bc has no value function to fine-tune online; drop bc from --scripts")
+        raise UsageError("--online-steps: bc has no value function to fine-tune online; drop bc from --scripts")
     if args.workers is not None and args.workers < 1:
-        raise envs.UsageError(f"--workers must be >= 1, got {args.workers}")
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if args.generate_episodes is not None and args.generate_episodes < 1:
-        raise envs.UsageError(f"--generate-episodes must be >= 1, got {args.generate_episodes}")
+        raise UsageError(f"--generate-episodes must be >= 1, got {args.generate_episodes}")
     return settings
 
 
@@ -240,7 +240,7 @@ def prepare_datasets(settings: dict, dry_run: bool) -> list[str]:
         for flag in ("value_sizes", "policy_sizes"):
             too_big = [s for s in settings[flag] if s is not None and s > available]
             if too_big:
-                raise envs.UsageError(f"--{flag.replace('_', '-')} {too_big[0]} exceeds the {available} training "
+                raise UsageError(f"--{flag.replace('_', '-')} {too_big[0]} exceeds the {available} training "
                                       f"transitions of {name} ({path}); use smaller sizes or more "
                                       "--generate-episodes in a fresh --dataset-dir")
         lines.append(f"{name}: {path} ({available} training transitions)")
@@ -286,7 +286,7 @@ def write_members_files(procs: list[Process]) -> None:
     for proc in procs:
         if "--members-file" in proc.command:
             path = Path(proc.command[proc.command.index("--members-file") + 1])
-            envs.write_json_atomic(path, [run.member() for run in proc.runs])
+            write_json_atomic(path, [run.member() for run in proc.runs])
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -351,7 +351,7 @@ class Sweep:
             entries.append(entry)
         counts = {s: sum(v == s for v in self.status.values())
                   for s in ("done", "skipped", "failed", "diverged", "pending")}
-        envs.write_json_atomic(self.path, {**self.header, "counts": counts, "finished": finished,
+        write_json_atomic(self.path, {**self.header, "counts": counts, "finished": finished,
                                            "wall_seconds": time.time() - self.started, "runs": entries})
 
 
@@ -423,7 +423,7 @@ def run_ray(sweep: Sweep, queue: list[Process], args: Args, retries: int, bar) -
     try:
         import ray
     except ImportError as error:
-        raise envs.UsageError("--backend ray needs Ray: pip install -e '.[ray]'") from error
+        raise UsageError("--backend ray needs Ray: pip install -e '.[ray]'") from error
     local = {} if args.address else {"include_dashboard": False}  # only a new instance takes dashboard options
     ray.init(address=args.address, log_to_driver=False, **local)
     task = ray.remote(run_command).options(num_cpus=args.cpus_per_process, num_gpus=args.gpus_per_process,
@@ -520,4 +520,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    envs.exit_on_usage_error(lambda: sys.exit(main()))
+    exit_on_usage_error(lambda: sys.exit(main()))

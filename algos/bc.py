@@ -17,34 +17,33 @@ Easy to get wrong
   for), never a random state. And with a learned std, -log pi is not the squared error: compare BC with the other
   scripts by `policy_mse_to_data` and the oracle MSEs, which every script logs, not by its loss.
 
+Reading guide: `# ALGO LOGIC` marks the algorithm (config, networks, losses, update); `# HARNESS` marks shared plumbing
+a reader may skip (envs.py: data, evaluation; runs.py: run folders, logs, resume; testtime.py: OPEX / TTT).
 Run `python algos/bc.py --help` for every flag.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Literal
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # envs.py lives at the repository root
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # after the script's own folder: a fork's copies win
 
 import envs  # noqa: E402  (sets MUJOCO_GL before anything imports mujoco)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
+import runs  # noqa: E402
 import tyro  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 SCRIPT = "bc"
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Config
-# ------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the algorithm's flags ----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Config:
     env: str = "pointmaze-medium-navigate-v0"
@@ -67,58 +66,27 @@ class Config:
     """Hidden layer widths of the policy MLP."""
     lr: float = 3e-4
     """Adam learning rate."""
-    log_interval: int = 5_000
-    """Steps per jitted training chunk; metrics are logged once per chunk."""
-    eval_interval: int = 100_000
-    """Steps between evaluations (a multiple of --log-interval); the last step is always evaluated."""
-    eval_episodes: int = 5
-    """Evaluation episodes per evaluation task (OGBench goal-conditioned envs have 5 tasks)."""
-    mse_samples: int = 2048
-    """States sampled once from the policy subset and from the validation split for the train / val MSE."""
     obs_transform: Literal["none", "warp"] = "none"
     """Representation of observations and goals the policy sees: none (raw) or warp (x + 0.9/w sin(w x), invertible)."""
     obs_transform_frequency: float = 1.0
     """w of --obs-transform warp, in inverse observation units (> 0); larger folds the state space more finely."""
-    checkpoint_interval: int = 0
-    """Steps between parameter checkpoints in <out-dir>/checkpoints (0: none)."""
-    out_dir: str | None = None
-    """Run folder; default runs/<env>/bc/<time>_s<seed>."""
-    members_file: str | None = None
-    """JSON list of members to train together, one run folder each (scaling.py --pack writes it)."""
-    resume: bool = False
-    """Continue from the run folder's latest resume state if it has one (scaling.py always asks)."""
-    resume_interval: int | None = None
-    """Steps between resume states (the whole training state, deleted at the end); default --eval-interval."""
-    debug_poison_step: int = 0
-    """Test hook: NaN observations from the chunk ending at this step on (0: off), to exercise the NaN guard."""
-    progress: bool = True
-    """Show a progress bar."""
+    harness: runs.HarnessFlags = dataclasses.field(default_factory=runs.Harness)
+    """HARNESS: logging, evaluation, run folders, resume (runs.Harness; flags flattened)."""
 
 
 def validate(config: Config) -> None:
-    """Reject bad flags with a one-line UsageError naming the flag."""
-    checks = [
+    """Reject bad flags with a one-line UsageError naming the flag; the harness checks its own."""
+    runs.check([
         (config.num_seeds >= 1, "--num-seeds must be >= 1"),
         (config.steps >= 1, "--steps must be >= 1"),
         (config.batch_size >= 1, "--batch-size must be >= 1"),
         (len(config.hidden_dims) >= 1 and min(config.hidden_dims) >= 1, "--hidden-dims needs positive widths"),
-        (config.log_interval >= 1 and config.steps % config.log_interval == 0,
-         f"--steps {config.steps} must be a positive multiple of --log-interval {config.log_interval}"),
-        (config.eval_interval >= 1 and config.eval_interval % config.log_interval == 0,
-         "--eval-interval must be a positive multiple of --log-interval"),
-        (config.checkpoint_interval >= 0 and config.checkpoint_interval % config.log_interval == 0,
-         "--checkpoint-interval must be 0 or a multiple of --log-interval"),
-        (config.mse_samples >= 1, "--mse-samples must be >= 1"),
         (config.obs_transform_frequency > 0, "--obs-transform-frequency must be > 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise envs.UsageError(message)
+    ])
+    config.harness.validate(config.steps)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Networks: pure-JAX MLPs with LayerNorm; parameters are pytrees (lists of dicts)
-# ------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: networks, textbook MLPs with LayerNorm; parameters are pytrees (lists of dicts) ------------------------
 def mlp_init(key, sizes: tuple[int, ...]) -> list[dict]:
     params = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -131,65 +99,16 @@ def mlp_init(key, sizes: tuple[int, ...]) -> list[dict]:
     return params
 
 
+def layer_norm(x, scale, shift, eps: float = 1e-6):
+    mean = x.mean(-1, keepdims=True)
+    variance = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(variance + eps) * scale + shift
+
+
 def mlp_apply(params: list[dict], x):
     for layer in params[:-1]:
-        x = jax.nn.gelu(layer_norm(add_bias(x @ layer["w"], layer["b"]), layer["scale"], layer["shift"]))
-    return add_bias(x @ params[-1]["w"], params[-1]["b"])
-
-
-# Speed, not maths: add_bias is x + b and layer_norm is (x - mean) / sqrt(var + 1e-6) * scale + shift. Their gradients
-# are mostly sums (a bias's gradient is a sum over the batch), and XLA:CPU sums over an axis several times slower than
-# it multiplies by a vector of ones. So every sum here, forward and in the hand-written backward pass, is a matmul
-# with ones: 1.47x the updates/s of the textbook MLP on a 2-core CPU (benchmarks/throughput.py). Tests check values
-# and gradients against the textbook formulas.
-def _mean_last(x):
-    """Mean over the last axis, kept as a size-1 axis."""
-    return jnp.matmul(x, jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype), precision="highest")
-
-
-def _sum_leading(x):
-    """Sum over every axis but the last: [..., n] -> [n]."""
-    rows = x.reshape(-1, x.shape[-1])
-    return jnp.matmul(jnp.ones((1, rows.shape[0]), x.dtype), rows, precision="highest")[0]
-
-
-@jax.custom_vjp
-def add_bias(x, bias):
-    return x + bias
-
-
-def _add_bias_fwd(x, bias):
-    return x + bias, None
-
-
-def _add_bias_bwd(_, grad):
-    return grad, _sum_leading(grad)
-
-
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
-
-
-@jax.custom_vjp
-def layer_norm(x, scale, shift):
-    return _layer_norm_fwd(x, scale, shift)[0]
-
-
-def _layer_norm_fwd(x, scale, shift):
-    centered = x - _mean_last(x)
-    inv_std = jax.lax.rsqrt(_mean_last(centered * centered) + 1e-6)
-    normed = centered * inv_std
-    return normed * scale + shift, (normed, inv_std, scale)
-
-
-def _layer_norm_bwd(saved, grad):
-    normed, inv_std, scale = saved
-    grad_normed = grad * scale
-    # Through (x - mean) * inv_std: drop the gradient's mean and its component along `normed`, then rescale.
-    grad_x = inv_std * (grad_normed - _mean_last(grad_normed) - normed * _mean_last(grad_normed * normed))
-    return grad_x, _sum_leading(grad * normed), _sum_leading(grad)
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+        x = jax.nn.gelu(layer_norm(x @ layer["w"] + layer["b"], layer["scale"], layer["shift"]))
+    return x @ params[-1]["w"] + params[-1]["b"]
 
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
@@ -224,9 +143,7 @@ def init_params(key, obs_dim: int, goal_dim: int, action_dim: int, hidden_dims: 
                       "log_std": jnp.zeros(action_dim)}}
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Loss, returning (loss, info)
-# ------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the loss, returning (loss, info) -----------------------------------------------------------------------
 def bc_actor_loss(actor_params, batch):
     mean, log_std = actor_fn(actor_params, batch["observations"], batch.get("goals"))
     log_prob = gaussian_log_prob(mean, log_std, batch["actions"])
@@ -236,9 +153,7 @@ def bc_actor_loss(actor_params, batch):
     return loss, info
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# One update, a scanned chunk of updates, and the vmap over members
-# ------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: one update, and a jitted chunk of updates for every member at once -------------------------------------
 def init_state(key, obs_dim, goal_dim, action_dim, config: Config) -> dict:
     k_params, k_train = jax.random.split(key)
     params = init_params(k_params, obs_dim, goal_dim, action_dim, config.hidden_dims)
@@ -275,93 +190,47 @@ def make_train_chunk(config: Config, goal_conditioned: bool):
         def body(carry, _):
             return update(carry, data, member, config, goal_conditioned)
 
-        state, infos = jax.lax.scan(body, state, None, length=config.log_interval)
+        state, infos = jax.lax.scan(body, state, None, length=config.harness.log_interval)
         return state, jax.tree_util.tree_map(jnp.mean, infos)
 
     # The dataset is an argument (in_axes None), never a closed-over constant; states are donated (updated in place).
     return jax.jit(jax.vmap(chunk, in_axes=(0, None, 0)), donate_argnums=(0,))
 
 
-def make_act(config: Config, goal_conditioned: bool):
-    """act(actor params [M], obs [M, N, d], goals [M, N, g] or None) -> actions [M, N, a], jitted: the policy's mean
-    on the --obs-transform representation of the raw observations and goals."""
-
-    def act(params, obs, goals):
-        transform = lambda x: transform_observations(x, config.obs_transform, config.obs_transform_frequency)  # noqa
-        return actor_fn(params, transform(obs), transform(goals))[0]
-
-    if goal_conditioned:
-        return jax.jit(jax.vmap(act))
-    return jax.jit(jax.vmap(lambda p, o: act(p, o, None)))
+def act(params, obs, goals, key, obs_transform: str = "none", frequency: float = 1.0):
+    """The action rule: the policy's mean on the --obs-transform representation of the raw observations and goals."""
+    transform = lambda x: transform_observations(x, obs_transform, frequency)  # noqa: E731
+    return actor_fn(params["actor"], transform(obs), transform(goals))[0]
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Training loop
-# ------------------------------------------------------------------------------------------------------------------
+# The training loop (HARNESS calls: runs.Run keeps the run folders, logs, resume states and result.json) -------------
 def main(config: Config) -> list[dict]:
     validate(config)
     spec = envs.parse_env(config.env)
     train, val = envs.split_dataset(envs.load_dataset(spec, config.dataset_dir), config.split_seed)
-    gc = spec.goal_conditioned
+    gc, h = spec.goal_conditioned, config.harness
     obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]
+    # Members: --num-seeds seeds in one run folder, or scaling.py's --members-file (seeds, policy data sizes).
+    run = runs.Run(config, SCRIPT, len(train["actions"]))
+    states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim if gc else 0, action_dim, config))(run.keys())
+    device_data, train_chunk = envs.to_device(train), make_train_chunk(config, gc)
+    bc_act = functools.partial(act, obs_transform=config.obs_transform, frequency=config.obs_transform_frequency)
+    batched_act = jax.jit(jax.vmap(bc_act, in_axes=(0, 0, 0, None)))
 
-    # This program's members: --num-seeds seeds of the flags' setting in one run folder, or a --members-file list
-    # (scaling.py --pack) of seeds, data sizes and alphas with one run folder each. Data sizes are traced values.
-    runs = envs.Members(config, SCRIPT, train)
-    seeds, members, M = runs.seeds, runs.arrays, len(runs.seeds)
-    states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim if gc else 0, action_dim, config))(
-        jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds)))
-    device_data = envs.to_device(train)
-    train_chunk, act = make_train_chunk(config, gc), make_act(config, gc)
+    def policy(obs, goals):  # obs [M, N, d] -> actions [M, N, a]: one jitted call for every member and environment
+        return batched_act(states["params"], obs, goals, None)
 
-    def policy(obs, goals):  # [M, N, d] -> [M, N, a], one jitted call for every member and environment
-        return act(states["params"]["actor"], obs, goals) if gc else act(states["params"]["actor"], obs)
-
-    policy_sizes = members["policy_data_size"].tolist()
-    probe = envs.OracleProbe(spec, train, val, policy_sizes, config.mse_samples, config.split_seed)
-    evaluator = envs.Evaluator(spec, M, config.eval_episodes)
-
-    def evaluate(step: int) -> list[dict]:
-        rollout = evaluator.evaluate(policy, seeds)
-        metrics = {"success": rollout["success"].mean(1), "return": rollout["returns"].mean(1),
-                   **probe.train_val(policy), **probe.eval(rollout)}
-        return envs.member_records("eval", step, seeds, metrics)
-
-    # --resume continues bit for bit: the device state, the loop's progress and metrics.jsonl up to the saved step.
-    states, progress = runs.restore(states, envs.Progress.start(M))
-    if progress.step == 0:
-        runs.log(envs.member_records("init", 0, seeds, probe.train_val(policy)))
-    resume_interval = config.eval_interval if config.resume_interval is None else config.resume_interval
-    bar = tqdm(total=config.steps, initial=progress.step, desc=f"{SCRIPT} {config.env}", disable=not config.progress,
-               unit="step")
-    start = time.time() - progress.seconds
-    for step in range(progress.step + config.log_interval, config.steps + 1, config.log_interval):
-        if step == config.debug_poison_step:
-            device_data = envs.poison(device_data)
-        chunk_start = time.time()
-        states, infos = train_chunk(states, device_data, members)
-        infos = jax.device_get(infos)  # the only host transfer of a chunk
-        records = envs.member_records("train", step, seeds, infos, seconds=time.time() - start,
-                                      updates_per_second=config.log_interval / (time.time() - chunk_start))
-        runs.check_finite(step, records, states["params"])  # NaN / inf: failure.json, exit status 3
-        if step % config.eval_interval == 0 or step == config.steps:
-            progress.last_eval = evaluate(step)
-            progress.best_success = np.maximum(progress.best_success, [r["success"] for r in progress.last_eval]
-                                               ).tolist()
-            records += progress.last_eval
-            bar.set_postfix(success=f"{np.mean([r['success'] for r in progress.last_eval]):.2f}")
-        runs.log(records)
-        if config.checkpoint_interval and step % config.checkpoint_interval == 0:
-            runs.checkpoint(step, states["params"])
-        progress.step, progress.seconds = step, time.time() - start
-        if resume_interval and step % resume_interval == 0 and step < config.steps:
-            runs.save_resume(states, progress)
-        bar.update(config.log_interval)
-    bar.close()
-
-    return runs.finish({"env": config.env, "script": SCRIPT, "steps": config.steps,
-                        "wall_seconds": time.time() - start}, progress.last_eval, progress.best_success)
+    # HARNESS: success and the oracle MSEs (envs.py)
+    probe = envs.OracleProbe(spec, train, val, run.arrays["policy_data_size"].tolist(), h.mse_samples,
+                             config.split_seed)
+    evaluator = envs.Evaluator(spec, len(run.seeds), h.eval_episodes)
+    states = run.resume(states, lambda: probe.train_val(policy))  # --resume: continue bit for bit
+    for step in run.chunks():
+        device_data = run.poisoned(step, device_data)  # test hook (--debug-poison-step), off by default
+        states, infos = train_chunk(states, device_data, run.arrays)
+        run.record(step, infos, states, lambda step: envs.evaluate(evaluator, probe, policy, run.seeds))
+    return run.finish()
 
 
 if __name__ == "__main__":
-    envs.exit_on_usage_error(lambda: main(tyro.cli(Config)))
+    runs.exit_on_usage_error(lambda: main(tyro.cli(Config)))

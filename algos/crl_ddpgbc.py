@@ -20,6 +20,8 @@ Easy to get wrong
   a few states dominate. The negatives are the other goals of the batch, so batches must mix trajectories (they do:
   indices are drawn uniformly). CRL needs goals: on a singletask or dm_control environment the script exits 2.
 
+Reading guide: `# ALGO LOGIC` marks the algorithm (config, networks, losses, update); `# HARNESS` marks shared plumbing
+a reader may skip (envs.py: data, evaluation; runs.py: run folders, logs, resume; testtime.py: OPEX / TTT).
 Run `python algos/crl_ddpgbc.py --help` for every flag.
 """
 
@@ -28,26 +30,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import time
 from pathlib import Path
-from typing import Literal
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # envs.py lives at the repository root
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # after the script's own folder: a fork's copies win
 
 import envs  # noqa: E402  (sets MUJOCO_GL before anything imports mujoco)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
+import runs  # noqa: E402
+import testtime  # noqa: E402
 import tyro  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 SCRIPT = "crl_ddpgbc"
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Config
-# ------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the algorithm's flags ----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Config:
     env: str = "pointmaze-medium-navigate-v0"
@@ -78,55 +76,13 @@ class Config:
     """DDPG+BC behaviour-cloning weight (OGBench's CRL default; the paper sweeps it per environment)."""
     discount: float = 0.99
     """Discount of the geometric offset at which the critic's positive goals are drawn."""
-    log_interval: int = 5_000
-    """Steps per jitted training chunk; metrics are logged once per chunk."""
-    eval_interval: int = 100_000
-    """Steps between evaluations (a multiple of --log-interval); the last step is always evaluated."""
-    eval_episodes: int = 5
-    """Evaluation episodes per evaluation task (OGBench goal-conditioned envs have 5 tasks)."""
-    mse_samples: int = 2048
-    """States sampled once from the policy subset and from the validation split for the train / val MSE."""
-    test_time: tuple[Literal["opex", "ttt"], ...] = ()
-    """Test-time methods evaluated beside the plain policy on the same episodes at each evaluation (e.g. opex ttt)."""
-    opex_beta: float = 0.1
-    """OPEX step size: a <- clip(a + beta * dQ/da); with --opex-normalize, the step length in action units."""
-    opex_steps: int = 1
-    """OPEX gradient steps per action (>= 1)."""
-    opex_normalize: bool = True
-    """Divide OPEX's action gradient by its norm per state (OURS: makes beta independent of the scale of Q)."""
-    ttt_steps_per_env_step: int = 1
-    """TTT: Adam steps on the policy copy after every environment step."""
-    ttt_lr: float = 1e-4
-    """TTT: learning rate of the policy copy (0 gives plain evaluation)."""
-    ttt_batch_size: int = 64
-    """TTT: visited states per gradient step, drawn from the copy's buffer."""
-    ttt_alpha: float = 1.0
-    """TTT: weight of staying near the pre-trained policy's actions (DDPG+BC's alpha; larger changes less)."""
-    ttt_reset: Literal["episode", "never"] = "episode"
-    """TTT: a fresh policy copy per evaluation episode, or one per member shared by its lockstep episodes."""
-    online_steps: int = 0
-    """Offline-to-online: environment steps after the --steps offline updates, one update each (0: offline only)."""
-    online_noise: float = 0.1
-    """Offline-to-online: std of the Gaussian noise added to the policy's actions while collecting (OURS)."""
-    checkpoint_interval: int = 0
-    """Steps between parameter checkpoints in <out-dir>/checkpoints (0: none)."""
-    out_dir: str | None = None
-    """Run folder; default runs/<env>/crl_ddpgbc/<time>_s<seed>."""
-    members_file: str | None = None
-    """JSON list of members to train together, one run folder each (scaling.py --pack writes it)."""
-    resume: bool = False
-    """Continue from the run folder's latest resume state if it has one (scaling.py always asks)."""
-    resume_interval: int | None = None
-    """Steps between resume states (the whole training state, deleted at the end); default --eval-interval."""
-    debug_poison_step: int = 0
-    """Test hook: NaN observations from the chunk ending at this step on (0: off), to exercise the NaN guard."""
-    progress: bool = True
-    """Show a progress bar."""
+    harness: runs.QHarnessFlags = dataclasses.field(default_factory=runs.QHarness)
+    """HARNESS: logging, evaluation, test time, online, run folders, resume (runs.QHarness; flags flattened)."""
 
 
 def validate(config: Config) -> None:
-    """Reject bad flags with a one-line UsageError naming the flag."""
-    checks = [
+    """Reject bad flags with a one-line UsageError naming the flag; the harness checks its own."""
+    runs.check([
         (config.num_seeds >= 1, "--num-seeds must be >= 1"),
         (config.steps >= 1, "--steps must be >= 1"),
         (config.batch_size >= 1, "--batch-size must be >= 1"),
@@ -134,22 +90,11 @@ def validate(config: Config) -> None:
         (config.alpha >= 0, "--alpha must be >= 0"),
         (0 < config.discount < 1, "--discount must be in (0, 1) (the geometric goal offset needs it below 1)"),
         (config.latent_dim >= 1, "--latent-dim must be >= 1"),
-        (config.log_interval >= 1 and config.steps % config.log_interval == 0,
-         f"--steps {config.steps} must be a positive multiple of --log-interval {config.log_interval}"),
-        (config.eval_interval >= 1 and config.eval_interval % config.log_interval == 0,
-         "--eval-interval must be a positive multiple of --log-interval"),
-        (config.checkpoint_interval >= 0 and config.checkpoint_interval % config.log_interval == 0,
-         "--checkpoint-interval must be 0 or a multiple of --log-interval"),
-        (config.mse_samples >= 1, "--mse-samples must be >= 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise envs.UsageError(message)
+    ])
+    config.harness.validate(config.steps)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Networks: pure-JAX MLPs with LayerNorm; parameters are pytrees (lists of dicts)
-# ------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: networks, textbook MLPs with LayerNorm; parameters are pytrees (lists of dicts) ------------------------
 def mlp_init(key, sizes: tuple[int, ...]) -> list[dict]:
     params = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -162,65 +107,16 @@ def mlp_init(key, sizes: tuple[int, ...]) -> list[dict]:
     return params
 
 
+def layer_norm(x, scale, shift, eps: float = 1e-6):
+    mean = x.mean(-1, keepdims=True)
+    variance = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(variance + eps) * scale + shift
+
+
 def mlp_apply(params: list[dict], x):
     for layer in params[:-1]:
-        x = jax.nn.gelu(layer_norm(add_bias(x @ layer["w"], layer["b"]), layer["scale"], layer["shift"]))
-    return add_bias(x @ params[-1]["w"], params[-1]["b"])
-
-
-# Speed, not maths: add_bias is x + b and layer_norm is (x - mean) / sqrt(var + 1e-6) * scale + shift. Their gradients
-# are mostly sums (a bias's gradient is a sum over the batch), and XLA:CPU sums over an axis several times slower than
-# it multiplies by a vector of ones. So every sum here, forward and in the hand-written backward pass, is a matmul
-# with ones: 1.47x the updates/s of the textbook MLP on a 2-core CPU (benchmarks/throughput.py). Tests check values
-# and gradients against the textbook formulas.
-def _mean_last(x):
-    """Mean over the last axis, kept as a size-1 axis."""
-    return jnp.matmul(x, jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype), precision="highest")
-
-
-def _sum_leading(x):
-    """Sum over every axis but the last: [..., n] -> [n]."""
-    rows = x.reshape(-1, x.shape[-1])
-    return jnp.matmul(jnp.ones((1, rows.shape[0]), x.dtype), rows, precision="highest")[0]
-
-
-@jax.custom_vjp
-def add_bias(x, bias):
-    return x + bias
-
-
-def _add_bias_fwd(x, bias):
-    return x + bias, None
-
-
-def _add_bias_bwd(_, grad):
-    return grad, _sum_leading(grad)
-
-
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
-
-
-@jax.custom_vjp
-def layer_norm(x, scale, shift):
-    return _layer_norm_fwd(x, scale, shift)[0]
-
-
-def _layer_norm_fwd(x, scale, shift):
-    centered = x - _mean_last(x)
-    inv_std = jax.lax.rsqrt(_mean_last(centered * centered) + 1e-6)
-    normed = centered * inv_std
-    return normed * scale + shift, (normed, inv_std, scale)
-
-
-def _layer_norm_bwd(saved, grad):
-    normed, inv_std, scale = saved
-    grad_normed = grad * scale
-    # Through (x - mean) * inv_std: drop the gradient's mean and its component along `normed`, then rescale.
-    grad_x = inv_std * (grad_normed - _mean_last(grad_normed) - normed * _mean_last(grad_normed * normed))
-    return grad_x, _sum_leading(grad * normed), _sum_leading(grad)
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+        x = jax.nn.gelu(layer_norm(x @ layer["w"] + layer["b"], layer["scale"], layer["shift"]))
+    return x @ params[-1]["w"] + params[-1]["b"]
 
 
 def representations(params, inputs, goals):
@@ -258,9 +154,7 @@ def init_params(key, obs_dim: int, goal_dim: int, action_dim: int, hidden_dims: 
     }
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Losses, each returning (loss, info)
-# ------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: losses, each returning (loss, info) --------------------------------------------------------------------
 def binary_nce_loss(logits):
     """Mean binary cross-entropy of logits [K, B, B] against the identity: positives on the diagonal."""
     labels = jnp.eye(logits.shape[-1])
@@ -298,9 +192,7 @@ def ddpgbc_actor_loss(actor_params, critic_params, batch, alpha):
     return loss, info
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# One update, a scanned chunk of updates, and the vmap over members
-# ------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: one update, and a jitted chunk of updates for every member at once -------------------------------------
 def init_state(key, obs_dim, goal_dim, action_dim, config: Config) -> dict:
     k_params, k_train = jax.random.split(key)
     params = init_params(k_params, obs_dim, goal_dim, action_dim, config.hidden_dims, config.latent_dim)
@@ -342,7 +234,7 @@ def make_train_chunk(config: Config, goal_conditioned: bool = True):
         def body(carry, _):
             return update(carry, data, member, config, goal_conditioned, online)
 
-        state, infos = jax.lax.scan(body, state, None, length=config.log_interval)
+        state, infos = jax.lax.scan(body, state, None, length=config.harness.log_interval)
         return state, jax.tree_util.tree_map(jnp.mean, infos)
 
     # The dataset is an argument (in_axes None), never a closed-over constant; states are donated (updated in place).
@@ -350,105 +242,58 @@ def make_train_chunk(config: Config, goal_conditioned: bool = True):
     return jax.jit(jax.vmap(chunk, in_axes=(0, None, 0, 0)), donate_argnums=(0,))
 
 
-def make_act():
-    """act(actor params [M], obs [M, N, d], goals [M, N, d]) -> actions [M, N, a], jitted."""
-    return jax.jit(jax.vmap(actor_fn))
+def act(params, obs, goals, key):
+    """The action rule: the deterministic policy's action (`key` unused; SfBC's rule samples)."""
+    return actor_fn(params["actor"], obs, goals)
 
 
-def make_test_time(config: Config, evaluator, method: str):
-    """One --test-time method, opex or ttt (envs.TestTime), from this script's action rule (the deterministic policy),
-    the Q its extractor climbs (log Q, the critic's logit) and the policy's mean action (what TTT trains)."""
-
-    def act(params, obs, goals, key):
-        return actor_fn(params["actor"], obs, goals)
-
-    def q_value(params, obs, goals, actions):
-        return critic_fn(params["critic"], obs, goals, actions).min(0)
-
-    def mean_action(actor, obs, goals):
-        return actor_fn(actor, obs, goals)
-
-    return envs.TestTime(config, evaluator, method, act, q_value, mean_action)
+def q_value(params, obs, goals, actions):
+    """The Q this extractor climbs, and OPEX / TTT with it: log Q (the critic's logit), the min over the ensemble."""
+    return critic_fn(params["critic"], obs, goals, actions).min(0)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Training loop
-# ------------------------------------------------------------------------------------------------------------------
+mean_action = actor_fn  # what TTT fine-tunes: the policy's mean action from actor parameters
+
+
+# The training loop (HARNESS calls: runs.Run keeps the run folders, logs, resume states and result.json) -------------
 def main(config: Config) -> list[dict]:
     validate(config)
     spec = envs.parse_env(config.env)
     if not spec.goal_conditioned:
-        raise envs.UsageError(f"{SCRIPT} needs a goal-conditioned environment (CRL's critic is a function of goals), "
+        raise runs.UsageError(f"{SCRIPT} needs a goal-conditioned environment (CRL's critic is a function of goals), "
                               f"and {config.env} has none; use iql_ddpgbc or sarsa_ddpgbc for it")
     train, val = envs.split_dataset(envs.load_dataset(spec, config.dataset_dir), config.split_seed)
+    h = config.harness
     obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]
+    # Members: --num-seeds seeds in one run folder, or scaling.py's --members-file (seeds, data sizes, alphas).
+    run = runs.Run(config, SCRIPT, len(train["actions"]))
+    states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim, action_dim, config))(run.keys())
+    device_data, train_chunk = envs.to_device(train), make_train_chunk(config, True)
+    batched_act = jax.jit(jax.vmap(act, in_axes=(0, 0, 0, None)))
 
-    # This program's members: --num-seeds seeds of the flags' setting in one run folder, or a --members-file list
-    # (scaling.py --pack) of seeds, data sizes and alphas with one run folder each. Data sizes are traced values.
-    runs = envs.Members(config, SCRIPT, train)
-    seeds, members, M = runs.seeds, runs.arrays, len(runs.seeds)
-    states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim, action_dim, config))(
-        jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds)))
-    device_data = envs.to_device(train)
-    train_chunk, act = make_train_chunk(config, True), make_act()
+    def policy(obs, goals):  # obs [M, N, d] -> actions [M, N, a]: one jitted call for every member and environment
+        return batched_act(states["params"], obs, goals, None)
 
-    def policy(obs, goals):  # [M, N, d] -> [M, N, a], one jitted call for every member and environment
-        return act(states["params"]["actor"], obs, goals)
+    # HARNESS: success and the oracle MSEs (envs.py), and --test-time methods on the same episodes (testtime.py)
+    probe = envs.OracleProbe(spec, train, val, run.arrays["policy_data_size"].tolist(), h.mse_samples,
+                             config.split_seed)
+    evaluator = envs.Evaluator(spec, len(run.seeds), h.eval_episodes)
+    test_time = testtime.Methods(h, evaluator, probe, act, q_value, mean_action)
 
-    policy_sizes = members["policy_data_size"].tolist()
-    probe = envs.OracleProbe(spec, train, val, policy_sizes, config.mse_samples, config.split_seed)
-    evaluator = envs.Evaluator(spec, M, config.eval_episodes)
-    test_time = {method: make_test_time(config, evaluator, method) for method in config.test_time}
+    def evaluate(step):
+        return {**envs.evaluate(evaluator, probe, policy, run.seeds),
+                **test_time.metrics(states["params"], run.seeds, step)}
 
-    def evaluate(step: int) -> list[dict]:
-        metrics = {**envs.rollout_metrics(evaluator.evaluate(policy, seeds), probe), **probe.train_val(policy)}
-        for method, improved in test_time.items():  # the same episodes (same seeds) again, acting with OPEX / TTT
-            rollout = evaluator.evaluate(improved.policy(states["params"], seeds, step), seeds)
-            metrics.update(envs.rollout_metrics(rollout, probe, f"{method}_"))
-        return envs.member_records("eval", step, seeds, metrics)
-
-    # --resume continues bit for bit: the device state, the loop's progress and metrics.jsonl up to the saved step.
-    states, progress = runs.restore(states, envs.Progress.start(M))
-    if progress.step == 0:
-        runs.log(envs.member_records("init", 0, seeds, probe.train_val(policy)))
-    resume_interval = config.eval_interval if config.resume_interval is None else config.resume_interval
-    # Offline-to-online (--online-steps): after the offline steps, each chunk first collects --log-interval
-    # environment steps with the current policy, then trains on the offline subsets and the online rows together.
-    online = envs.OnlineBuffer(spec, seeds, config.online_steps, config.online_noise) if config.online_steps else None
-    total_steps = config.steps + config.online_steps
-    bar = tqdm(total=total_steps, initial=progress.step, desc=f"{SCRIPT} {config.env}", disable=not config.progress,
-               unit="step")
-    start = time.time() - progress.seconds
-    for step in range(progress.step + config.log_interval, total_steps + 1, config.log_interval):
-        if step == config.debug_poison_step:
-            device_data = envs.poison(device_data)
-        online_rows = online.collect(policy, config.log_interval) if step > config.steps else None
-        chunk_start = time.time()
-        states, infos = train_chunk(states, device_data, members, online_rows)
-        infos = jax.device_get(infos)  # the only host transfer of a chunk
-        if online_rows is not None:
-            infos = {**infos, **online.metrics()}
-        records = envs.member_records("train", step, seeds, infos, seconds=time.time() - start,
-                                      updates_per_second=config.log_interval / (time.time() - chunk_start))
-        runs.check_finite(step, records, states["params"])  # NaN / inf: failure.json, exit status 3
-        if step % config.eval_interval == 0 or step in (config.steps, total_steps):
-            progress.last_eval = evaluate(step)
-            progress.best_success = np.maximum(progress.best_success, [r["success"] for r in progress.last_eval]
-                                               ).tolist()
-            records += progress.last_eval
-            bar.set_postfix(success=f"{np.mean([r['success'] for r in progress.last_eval]):.2f}")
-        runs.log(records)
-        if config.checkpoint_interval and step % config.checkpoint_interval == 0:
-            runs.checkpoint(step, states["params"])
-        progress.step, progress.seconds = step, time.time() - start
-        if envs.resume_due(step, resume_interval, config.steps, total_steps):
-            runs.save_resume(states, progress)
-        bar.update(config.log_interval)
-    bar.close()
-
-    return runs.finish({"env": config.env, "script": SCRIPT, "steps": config.steps,
-                        "wall_seconds": time.time() - start}, progress.last_eval, progress.best_success)
+    online = envs.OnlineBuffer(spec, run.seeds, h.online_steps, h.online_noise) if h.online_steps else None
+    states = run.resume(states, lambda: probe.train_val(policy))  # --resume: continue bit for bit
+    for step in run.chunks():
+        device_data = run.poisoned(step, device_data)  # test hook (--debug-poison-step), off by default
+        # Offline-to-online: after --steps, collect --log-interval environment steps before each chunk.
+        online_rows = online.collect(policy, h.log_interval) if step > config.steps else None
+        states, infos = train_chunk(states, device_data, run.arrays, online_rows)
+        run.record(step, {**infos, **(online.metrics() if online_rows else {})}, states, evaluate)
+    return run.finish()
 
 
 if __name__ == "__main__":
-    envs.exit_on_usage_error(lambda: main(tyro.cli(Config)))
+    runs.exit_on_usage_error(lambda: main(tyro.cli(Config)))

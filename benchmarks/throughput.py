@@ -5,10 +5,9 @@
 Prints a table and writes JSON (--out). Every number is measured in this one run on this device:
 
   matmul peak        GFLOP/s of a jitted float32 N x N @ N x N product (N = --matmul-size): what the device can do
-  FLOPs per update   matmul FLOPs (forward and backward) of one member's update, counted from the jaxpr of the update
-                     with the textbook MLP (below): each dot_general contributes 2 x (output elements) x (contracted
-                     length); elementwise work, LayerNorm and sampling are not counted, nor the matmuls with ones
-                     our MLP does its sums with (2% more at 2 x 256): "efficiency" is useful matmul FLOP/s over peak
+  FLOPs per update   matmul FLOPs (forward and backward) of one member's update, counted from the jaxpr of the
+                     script's update: each dot_general contributes 2 x (output elements) x (contracted length);
+                     elementwise work, LayerNorm and sampling are not counted: "efficiency" is matmul FLOP/s over peak
   compile            seconds to trace and compile the jitted chunk (--chunk updates in one lax.scan, vmapped)
   K members          member-updates/s with K members vmapped in one program, the median of --repeats chunks,
                      the process's peak memory after its warm-up chunk (K in increasing order), and the achieved
@@ -16,13 +15,10 @@ Prints a table and writes JSON (--out). Every number is measured in this one run
   reference          the same update written the way per-step codebases write it: every step, numpy draws the rows
                      of a value batch and a policy batch and gathers all their arrays on the host, they are copied
                      to the device, and one jitted update runs (its on-device resampling of those 2 x batch rows is
-                     a gather of the same cost as ours); its MLP is the textbook one, differentiated by JAX's own
-                     rules as flax's Dense and LayerNorm are; updates/s over --reference-steps steps
-  reference, our MLP the same per-step loop with the script's own MLP: ours / this is what the jitted chunk alone buys
-  textbook chunk     K = 1 again, the script's jitted chunk exactly as above but with the textbook MLP: ours / this is
-                     what the MLP's matmul sums buy
+                     a gather of the same cost as ours), with the script's own (textbook) MLP; updates/s over
+                     --reference-steps steps: ours at K = 1 / this is what the jitted chunk and on-device sampling buy
 
-Everything is compiled first, then timed in --repeats rounds, each timing every K, both references and the peak once,
+Everything is compiled first, then timed in --repeats rounds, each timing every K, the reference and the peak once,
 so that a drift in the machine's speed moves all of a round's numbers alike.
 
 The data is synthetic, shaped like pointmaze (--obs-dim, --action-dim, trajectories of --trajectory-length), since
@@ -31,7 +27,6 @@ throughput depends on shapes only.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import resource
@@ -47,11 +42,12 @@ import envs  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import runs  # noqa: E402
 import tyro  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from jax.extend import core as jax_core  # noqa: E402
 
-SCRIPTS = [f"{v}_{e}" for v in ("iql", "sarsa", "crl") for e in ("awr", "ddpgbc", "sfbc")] + ["bc"]
+SCRIPTS = runs.SCRIPTS
 
 
 @dataclasses.dataclass
@@ -112,28 +108,6 @@ def count_matmul_flops(jaxpr) -> int:
         times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
         total += times * (max(counts) if eqn.primitive.name == "cond" else sum(counts))
     return total
-
-
-def textbook_mlp_apply(params: list[dict], x):
-    """The scripts' MLP (dense + bias, LayerNorm, GELU) as written without their matmul sums: JAX differentiates it
-    with its own rules, whose sums are XLA reductions."""
-    for layer in params[:-1]:
-        x = x @ layer["w"] + layer["b"]
-        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-        x = jax.nn.gelu((x - mean) * jax.lax.rsqrt(var + 1e-6) * layer["scale"] + layer["shift"])
-    return x @ params[-1]["w"] + params[-1]["b"]
-
-
-@contextlib.contextmanager
-def textbook_mlp(algo):
-    """Within this block, anything traced from the script uses textbook_mlp_apply (its functions look mlp_apply up
-    when they are traced)."""
-    own = algo.mlp_apply
-    algo.mlp_apply = textbook_mlp_apply
-    try:
-        yield
-    finally:
-        algo.mlp_apply = own
 
 
 def matmul_peak(size: int, repeats: int = 10) -> float:
@@ -204,9 +178,9 @@ def prepare_members(algo, config, args: Args, data, count: int) -> tuple[dict, C
     return {"members": count, "compile_seconds": compile_seconds, "peak_memory_mb": peak_memory_mb()}, timed_chunk
 
 
-def prepare_reference(algo, config, args: Args, train: dict[str, np.ndarray], textbook: bool) -> Callable[[], float]:
-    """One jitted update per Python call on batches gathered on the host with numpy, with the textbook MLP or the
-    script's own, compiled and warmed up; returns a timer of --reference-steps steps."""
+def prepare_reference(algo, config, args: Args, train: dict[str, np.ndarray]) -> Callable[[], float]:
+    """One jitted update per Python call on batches gathered on the host with numpy, compiled and warmed up; returns a
+    timer of --reference-steps steps."""
     gc, dims = args.goal_conditioned, (args.obs_dim, args.obs_dim if args.goal_conditioned else 0, args.action_dim)
     state = algo.init_state(jax.random.PRNGKey(0), *dims, config)
     rows = 2 * args.batch_size
@@ -224,9 +198,8 @@ def prepare_reference(algo, config, args: Args, train: dict[str, np.ndarray], te
         mini["final_idxs"] = np.arange(rows, dtype=np.int32)
         return step(state, jax.device_put(mini), fields)
 
-    with textbook_mlp(algo) if textbook else contextlib.nullcontext():
-        for _ in range(20):  # the first call traces and compiles the step
-            state, info = one_step(state)
+    for _ in range(20):  # the first call traces and compiles the step
+        state, info = one_step(state)
     jax.block_until_ready(info)
 
     def timed_steps() -> float:
@@ -242,14 +215,14 @@ def prepare_reference(algo, config, args: Args, train: dict[str, np.ndarray], te
 
 def run(args: Args) -> dict:
     if args.script not in SCRIPTS:
-        raise envs.UsageError(f"--script {args.script} is not one of {', '.join(SCRIPTS)}")
+        raise runs.UsageError(f"--script {args.script} is not one of {', '.join(SCRIPTS)}")
     if args.script.startswith("crl") and not args.goal_conditioned:
-        raise envs.UsageError("CRL scripts need goals: drop --no-goal-conditioned")
+        raise runs.UsageError("CRL scripts need goals: drop --no-goal-conditioned")
     if min(args.members) < 1 or args.chunk < 1 or args.repeats < 1 or args.reference_steps < 0:
-        raise envs.UsageError("--members, --chunk and --repeats must be >= 1 and --reference-steps >= 0")
+        raise runs.UsageError("--members, --chunk and --repeats must be >= 1 and --reference-steps >= 0")
     algo = importlib.import_module(f"algos.{args.script}")
-    config = dataclasses.replace(algo.Config(), hidden_dims=args.hidden_dims, batch_size=args.batch_size,
-                                 log_interval=args.chunk)
+    config = runs.make_config(algo.Config, hidden_dims=args.hidden_dims, batch_size=args.batch_size,
+                              log_interval=args.chunk)
     train = synthetic_split(args)
     data = envs.to_device(train)
     device = jax.devices()[0]
@@ -257,22 +230,18 @@ def run(args: Args) -> dict:
     dims = (args.obs_dim, args.obs_dim if args.goal_conditioned else 0, args.action_dim)
     state = algo.init_state(jax.random.PRNGKey(0), *dims, config)
     fields = {k: v[0] for k, v in member_fields(algo, 1, args.dataset_size).items()}
-    with textbook_mlp(algo):
-        jaxpr = jax.make_jaxpr(lambda s: algo.update(s, data, fields, config, args.goal_conditioned))(state)
+    jaxpr = jax.make_jaxpr(lambda s: algo.update(s, data, fields, config, args.goal_conditioned))(state)
     flops_per_update = count_matmul_flops(jaxpr.jaxpr)
 
     # Compile and warm up everything first (memory is read after each K, in increasing K), then time in rounds: each
-    # round times one chunk of every K, both references and the matmul peak, so a drift in the machine's speed (on a
+    # round times one chunk of every K, the reference and the matmul peak, so a drift in the machine's speed (on a
     # shared VM we saw 30% within minutes) moves every number of a round alike, and the ratios stay true.
     rows, timers = [], {}
     for count in sorted(args.members):
         row, timers[count] = prepare_members(algo, config, args, data, count)
         rows.append(row)
-    with textbook_mlp(algo):  # the same chunk, K = 1, with the textbook MLP: what the MLP's matmul sums buy
-        _, timers["textbook_chunk"] = prepare_members(algo, config, args, data, 1)
     if args.reference_steps:
-        timers["reference"] = prepare_reference(algo, config, args, train, textbook=True)
-        timers["reference_own_mlp"] = prepare_reference(algo, config, args, train, textbook=False)
+        timers["reference"] = prepare_reference(algo, config, args, train)
     seconds = {name: [] for name in timers}
     peaks = []
     for _ in tqdm(range(args.repeats), desc="timing rounds", disable=not args.progress):
@@ -285,9 +254,7 @@ def run(args: Args) -> dict:
         row["member_updates_per_second"] = row["members"] * args.chunk / row["chunk_seconds"]
         row["achieved_gflops"] = row["member_updates_per_second"] * flops_per_update / 1e9
         row["share_of_matmul_peak"] = row["achieved_gflops"] / peak
-    reference, reference_own = (args.reference_steps / statistics.median(seconds[name]) if name in seconds else None
-                                for name in ("reference", "reference_own_mlp"))
-    textbook_chunk = args.chunk / statistics.median(seconds["textbook_chunk"])
+    reference = args.reference_steps / statistics.median(seconds["reference"]) if "reference" in seconds else None
     single = next((r for r in rows if r["members"] == 1), None)
     return {"script": args.script, "device": f"{device.platform}: {device.device_kind}",
             "date": time.strftime("%Y-%m-%d"),
@@ -295,13 +262,9 @@ def run(args: Args) -> dict:
             "repeats": args.repeats, "jax": jax.__version__, "matmul_peak_gflops": peak,
             "matmul_peak_gflops_per_round": peaks, "matmul_size": args.matmul_size,
             "matmul_flops_per_update": flops_per_update, "members": rows,
-            "textbook_mlp_updates_per_second": textbook_chunk,
             "reference_updates_per_second": reference,
-            "reference_own_mlp_updates_per_second": reference_own,
             "speedup_over_reference": (single["member_updates_per_second"] / reference
-                                       if single and reference else None),
-            "speedup_over_reference_own_mlp": (single["member_updates_per_second"] / reference_own
-                                               if single and reference_own else None)}
+                                       if single and reference else None)}
 
 
 def report(result: dict) -> str:
@@ -320,17 +283,11 @@ def report(result: dict) -> str:
         lines.append(f"| {r['members']} | {r['compile_seconds']:.2f} | {r['member_updates_per_second']:.0f} | "
                      f"{ratio} | {r['achieved_gflops']:.1f} | {r['share_of_matmul_peak']:.0%} | "
                      f"{r['peak_memory_mb']:.0f} |")
-    textbook = result["textbook_mlp_updates_per_second"]
-    lines += ["", f"the same chunk, K=1, with the textbook MLP: {textbook:.0f} updates/s"
-              + (f" (ours at K=1 / it: {base / textbook:.2f}x)" if base else "")]
     if result["reference_updates_per_second"]:
-        lines += ["", f"per-step reference (host numpy batches, one jitted update per call, textbook MLP): "
-                      f"{result['reference_updates_per_second']:.0f} updates/s",
-                  f"the same per-step loop with the script's MLP: "
-                  f"{result['reference_own_mlp_updates_per_second']:.0f} updates/s"]
+        lines += ["", f"per-step reference (host numpy batches, one jitted update per call): "
+                      f"{result['reference_updates_per_second']:.0f} updates/s"]
         if result["speedup_over_reference"]:
-            lines.append(f"ours (K=1) / reference: {result['speedup_over_reference']:.2f}x "
-                         f"(the jitted chunk alone: {result['speedup_over_reference_own_mlp']:.2f}x)")
+            lines.append(f"ours (K=1) / reference: {result['speedup_over_reference']:.2f}x")
     return "\n".join(lines)
 
 
@@ -339,10 +296,10 @@ def main(args: Args) -> dict:
     print(report(result))
     widths = "x".join(map(str, args.hidden_dims))
     out = Path(args.out or f"benchmarks/results/{args.script}-{jax.devices()[0].platform}-{widths}.json")
-    envs.write_json_atomic(out, result)
+    runs.write_json_atomic(out, result)
     print(f"-> {out}")
     return result
 
 
 if __name__ == "__main__":
-    envs.exit_on_usage_error(lambda: main(tyro.cli(Args)))
+    runs.exit_on_usage_error(lambda: main(tyro.cli(Args)))

@@ -12,7 +12,7 @@ import pytest
 from conftest import POINTMAZE, run_script
 
 import analyze
-import envs
+import runs
 
 SIZES = (10_000, 30_000, 90_000)
 
@@ -47,7 +47,7 @@ def write_cell(root: Path, per_seed: dict[int, float], *, env: str = POINTMAZE, 
                 per_member[f"{method}_eval_mse"] = [factor * e for e in per_member["eval_mse"]]
         folder.mkdir(parents=True)
         (folder / "config.json").write_text(json.dumps({"config": {"steps": 1000, "seed": seeds[0]}}))
-        (folder / "result.json").write_text(json.dumps({**header, **envs.summarize(per_member)}))
+        (folder / "result.json").write_text(json.dumps({**header, **runs.summarize(per_member)}))
         folders.append(folder)
     return folders
 
@@ -352,7 +352,7 @@ def test_test_time_keys_are_checked(tmp_path):
                               testtime={"opex": {0: 0.6, 1: 0.7}, "ttt": {0: 0.7, 1: 0.8}})
         analyze.load_sweep(tmp_path / name)  # as written it is fine
         (folder / "result.json").write_text(json.dumps(change(json.loads((folder / "result.json").read_text()))))
-        with pytest.raises(envs.UsageError) as error:
+        with pytest.raises(runs.UsageError) as error:
             analyze.load_sweep(tmp_path / name)
         assert message in str(error.value) and str(folder / "result.json") in str(error.value), name
 
@@ -513,7 +513,7 @@ def test_online_curves_are_means_over_seeds_from_the_end_of_offline_training(tmp
     # a damaged online_steps is named
     result = json.loads((a / "result.json").read_text())
     (a / "result.json").write_text(json.dumps({**result, "online_steps": -5}))
-    with pytest.raises(envs.UsageError, match="key 'online_steps' must be an integer >= 0 or null, got -5"):
+    with pytest.raises(runs.UsageError, match="key 'online_steps' must be an integer >= 0 or null, got -5"):
         analyze.load_sweep(sweep)
 
 

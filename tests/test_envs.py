@@ -8,6 +8,7 @@ import pytest
 from conftest import POINTMAZE, run_script
 
 import envs
+import runs
 
 
 # ---------------------------------------------------------------- generated files in the official format
@@ -158,8 +159,8 @@ def test_subsets_are_nested_prefixes(data_dir):
     small = envs.fixed_goal_states(train, 500, 256, seed=0)[0]
     prefix = {tuple(o) for o in train["observations"][:500]}
     assert all(tuple(o) in prefix for o in small)
-    with pytest.raises(envs.UsageError, match="--value-data-size 999999 is out of range"):
-        envs.check_data_size(999999, train, "--value-data-size")
+    with pytest.raises(runs.UsageError, match="--value-data-size 999999 is out of range"):
+        runs.resolve_data_size(999999, len(train["actions"]), "--value-data-size")
 
 
 # ---------------------------------------------------------------- oracles
@@ -237,7 +238,7 @@ def test_env_names():
     assert walker.family == "dmc" and walker.dataset_name == "walker/rnd" and not walker.has_oracle
     for name in envs.all_env_names():
         assert envs.parse_env(name).name == name
-    with pytest.raises(envs.UsageError, match="did you mean pointmaze-medium-navigate-v0"):
+    with pytest.raises(runs.UsageError, match="did you mean pointmaze-medium-navigate-v0"):
         envs.parse_env("pointmaze-meduim-navigate-v0")
 
 

@@ -7,6 +7,8 @@ import math
 import pytest
 from conftest import POINTMAZE, run_script
 
+import runs
+
 from algos import iql_ddpgbc as algo
 
 
@@ -44,7 +46,7 @@ def test_smoke_cli_three_seeds_writes_a_complete_run_folder(data_dir, tmp_path):
 def test_same_seed_gives_identical_results_on_cpu(data_dir, tmp_path):
     results = []
     for name in ("a", "b"):
-        config = algo.Config(env=POINTMAZE, **{k.replace("-", "_"): v for k, v in (
+        config = runs.make_config(algo.Config, env=POINTMAZE, **{k.replace("-", "_"): v for k, v in (
             ("dataset_dir", str(data_dir)), ("steps", 200), ("log_interval", 100), ("eval_interval", 200),
             ("hidden_dims", (32, 32)), ("batch_size", 64), ("eval_episodes", 1), ("mse_samples", 256),
             ("out_dir", str(tmp_path / name)), ("progress", False), ("seed", 7))})
@@ -56,9 +58,9 @@ def test_same_seed_gives_identical_results_on_cpu(data_dir, tmp_path):
 
 @pytest.mark.parametrize("env", ["pointmaze-medium-navigate-singletask-v0", "walker-run-random"])
 def test_smoke_reward_based_envs(data_dir, tmp_path, env):
-    config = algo.Config(env=env, dataset_dir=str(data_dir), steps=100, log_interval=100, eval_interval=100,
-                         hidden_dims=(32,), batch_size=32, eval_episodes=1, mse_samples=128,
-                         out_dir=str(tmp_path / "run"), progress=False)
+    config = runs.make_config(algo.Config, env=env, dataset_dir=str(data_dir), steps=100, log_interval=100,
+                              eval_interval=100, hidden_dims=(32,), batch_size=32, eval_episodes=1, mse_samples=128,
+                              out_dir=str(tmp_path / "run"), progress=False)
     [result] = algo.main(config)
     assert math.isfinite(result["return"]["mean"])
     if env.startswith("walker"):  # no oracle: the MSE metrics say so instead of inventing a number
@@ -87,9 +89,9 @@ def test_bad_inputs_exit_2_with_one_line(data_dir, tmp_path):
 
 
 def test_learning_lowers_validation_mse(data_dir, tmp_path):
-    config = algo.Config(env=POINTMAZE, dataset_dir=str(data_dir), steps=1500, log_interval=500, eval_interval=1500,
-                         hidden_dims=(64, 64), batch_size=128, eval_episodes=1, mse_samples=512, alpha=1.0,
-                         out_dir=str(tmp_path / "run"), progress=False)
+    config = runs.make_config(algo.Config, env=POINTMAZE, dataset_dir=str(data_dir), steps=1500, log_interval=500,
+                              eval_interval=1500, hidden_dims=(64, 64), batch_size=128, eval_episodes=1,
+                              mse_samples=512, alpha=1.0, out_dir=str(tmp_path / "run"), progress=False)
     [result] = algo.main(config)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     initial = next(r for r in records if r["event"] == "init")["val_mse"]

@@ -16,6 +16,7 @@ from test_algos import Q_SCRIPTS, load, member
 from test_reliability import SMALL, comparable, train_steps
 
 import envs
+import runs
 
 OFFSET = 10_000  # online row j carries the id OFFSET + j in observation feature 0 (offline row i carries i)
 
@@ -113,9 +114,10 @@ def test_buffer_stores_consistent_transitions_the_same_alone_or_packed():
 
 
 def online_config(script, env, data_dir, out_dir, **overrides):
-    return load(script).Config(**{"env": env, "dataset_dir": str(data_dir), "steps": 100, "log_interval": 50,
-                                  "eval_interval": 100, "hidden_dims": (32,), "batch_size": 32, "eval_episodes": 1,
-                                  "mse_samples": 64, "out_dir": str(out_dir), "progress": False, **overrides})
+    flags = {"env": env, "dataset_dir": str(data_dir), "steps": 100, "log_interval": 50, "eval_interval": 100,
+             "hidden_dims": (32,), "batch_size": 32, "eval_episodes": 1, "mse_samples": 64, "out_dir": str(out_dir),
+             "progress": False}
+    return runs.make_config(load(script).Config, **{**flags, **overrides})
 
 
 def without_timing(records):
@@ -154,7 +156,7 @@ def test_every_q_script_trains_value_and_policy_on_its_online_rows(script, data_
 def test_online_runs_end_to_end_and_log_the_mses_on_schedule(script, env, data_dir, tmp_path):
     [result] = load(script).main(online_config(script, env, data_dir, tmp_path / "online", online_steps=100))
     assert result["online_steps"] == 100 and result["steps"] == 100
-    records = envs.read_metrics(tmp_path / "online" / "metrics.jsonl")
+    records = runs.read_metrics(tmp_path / "online" / "metrics.jsonl")
     online = [r for r in records if r["event"] == "train" and r["step"] > 100]
     assert [(r["step"], r["online_transitions"]) for r in online] == [(150, 50.0), (200, 100.0)]
     assert all(np.isfinite(v) for r in online for v in r.values() if isinstance(v, float))
@@ -165,7 +167,7 @@ def test_online_runs_end_to_end_and_log_the_mses_on_schedule(script, env, data_d
     if script == "iql_sfbc":  # its actions use a key counter that the online phase advances: the offline part
         [plain] = load(script).main(online_config(script, env, data_dir, tmp_path / "plain"))  # must not change
         offline = without_timing([r for r in records if r["step"] <= 100])
-        assert offline == without_timing(envs.read_metrics(tmp_path / "plain" / "metrics.jsonl"))
+        assert offline == without_timing(runs.read_metrics(tmp_path / "plain" / "metrics.jsonl"))
         assert plain["online_steps"] == 0
 
 
@@ -185,7 +187,7 @@ def test_a_run_killed_while_online_resumes_to_the_uninterrupted_numbers(data_dir
     child.kill()
     child.wait(timeout=60)
     assert not (killed / "result.json").exists(), "the run finished before it could be killed in its online phase"
-    assert envs.resume_steps(killed) == [100]  # the offline end only: no state is saved while online
+    assert runs.resume_steps(killed) == [100]  # the offline end only: no state is saved while online
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert comparable(killed) == comparable(tmp_path / "straight")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import POINTMAZE, ROOT, run_script
 
-import envs
+import runs
 
 SMALL = ["--env", POINTMAZE, "--log-interval", "50", "--hidden-dims", "32", "--batch-size", "32",
          "--eval-episodes", "1", "--mse-samples", "64", "--no-progress"]
@@ -22,12 +22,12 @@ TIMING = {"seconds", "updates_per_second"}  # the only numbers allowed to differ
 def comparable(folder: Path):
     result = json.loads((folder / "result.json").read_text())
     result.pop("wall_seconds")
-    records = [{k: v for k, v in r.items() if k not in TIMING} for r in envs.read_metrics(folder / "metrics.jsonl")]
+    records = [{k: v for k, v in r.items() if k not in TIMING} for r in runs.read_metrics(folder / "metrics.jsonl")]
     return result, records
 
 
 def train_steps(folder: Path) -> list[int]:
-    return [r["step"] for r in envs.read_metrics(folder / "metrics.jsonl") if r["event"] == "train"]
+    return [r["step"] for r in runs.read_metrics(folder / "metrics.jsonl") if r["event"] == "train"]
 
 
 @pytest.mark.slow
@@ -57,7 +57,7 @@ def test_sigkill_at_random_steps_then_resume_gives_the_uninterrupted_numbers(dat
         if (killed / "result.json").exists():
             break
     assert kills == 3 and (killed / "result.json").exists()
-    assert not (killed / envs.RESUME_DIR).exists()  # a complete run keeps no resume state
+    assert not (killed / runs.RESUME_DIR).exists()  # a complete run keeps no resume state
     assert comparable(killed) == comparable(tmp_path / "straight")
     assert train_steps(killed) == [s for s in range(50, 601, 50) for _ in range(2)]
 
@@ -73,8 +73,8 @@ def test_nan_guard_exits_3_names_the_step_and_keeps_the_last_good_state(data_dir
     assert failure["step"] == 150 and "critic_loss" in failure["non_finite"] and "parameters" in failure["non_finite"]
     assert [r["step"] for r in failure["last_finite_metrics"]] == [100]
     assert not (out / "result.json").exists()
-    assert envs.resume_steps(out) == [50, 100]  # the states before the poison, intact and loadable
-    with np.load(out / envs.RESUME_DIR / "state_00000100.npz") as state:
+    assert runs.resume_steps(out) == [50, 100]  # the states before the poison, intact and loadable
+    with np.load(out / runs.RESUME_DIR / "state_00000100.npz") as state:
         assert all(np.isfinite(state[k]).all() for k in state.files if state[k].dtype.kind == "f")
     # a sweep reports it as diverged (no retry: it would diverge again), distinct from a crash
     sweep = tmp_path / "sweep"
@@ -91,7 +91,7 @@ def test_resume_refuses_other_flags_and_starts_afresh_without_a_state(data_dir, 
     base = [*SMALL, "--dataset-dir", str(data_dir), "--steps", "200", "--eval-interval", "100",
             "--resume-interval", "50", "--out-dir", str(out)]
     proc = run_script("algos/bc.py", *base, "--debug-poison-step", "200")
-    assert proc.returncode == 3 and envs.resume_steps(out) == [100, 150]
+    assert proc.returncode == 3 and runs.resume_steps(out) == [100, 150]
     proc = run_script("algos/bc.py", *base, "--resume", "--batch-size", "64")
     assert proc.returncode == 2 and "other values of batch_size" in proc.stderr, proc.stderr[-2000:]
     proc = run_script("algos/bc.py", *base, "--resume")  # the same flags (the hook off): from step 150 on
@@ -105,7 +105,7 @@ def test_resume_refuses_other_flags_and_starts_afresh_without_a_state(data_dir, 
 def test_metrics_reader_skips_a_line_cut_by_a_kill(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"event": "train", "step": 50}\n{"event": "train", "step": 100}\n{"event": "tr')
-    assert [r["step"] for r in envs.read_metrics(path)] == [50, 100]
+    assert [r["step"] for r in runs.read_metrics(path)] == [50, 100]
 
 
 def test_a_full_disk_never_leaves_a_file_looking_complete(tmp_path, monkeypatch):
@@ -113,8 +113,8 @@ def test_a_full_disk_never_leaves_a_file_looking_complete(tmp_path, monkeypatch)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(json, "dump", full)
-    with pytest.raises(envs.UsageError, match="No space left on device; free space"):
-        envs.write_json_atomic(tmp_path / "result.json", {"success": 1.0})
+    with pytest.raises(runs.UsageError, match="No space left on device; free space"):
+        runs.write_json_atomic(tmp_path / "result.json", {"success": 1.0})
     assert list(tmp_path.iterdir()) == []  # neither result.json nor a temporary file
 
 

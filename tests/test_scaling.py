@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import POINTMAZE, ROOT, run_script
 
-import envs
+import runs
 
 TINY = ["--", "--log-interval", "50", "--eval-interval", "100", "--hidden-dims", "16", "--batch-size", "32",
         "--eval-episodes", "1", "--mse-samples", "64"]
@@ -51,7 +51,7 @@ def test_2x2_sweep_completes_packs_and_skips_complete_runs(data_dir, tmp_path):
     assert sorted(results(packed)) == sorted(first)
     for name in first:
         a, b = json.loads(first[name]), json.loads((packed / name).read_bytes())
-        for key in envs.RESULT_METRICS:
+        for key in runs.RESULT_METRICS:
             assert b[key]["mean"] == pytest.approx(a[key]["mean"], rel=1e-3, abs=1e-4), (name, key)
     # the same command again: nothing runs, nothing changes
     proc = run_script("scaling.py", *sweep_args(data_dir, alone, "--workers", "2"))
@@ -174,8 +174,8 @@ def test_bad_inputs_exit_2(data_dir, tmp_path):
 
 
 def test_ray_backend_without_ray_says_how_to_install(data_dir, tmp_path):
-    code = ("import sys; sys.modules['ray'] = None; sys.argv = ['scaling.py'] + sys.argv[1:]; import envs, scaling; "
-            "envs.exit_on_usage_error(lambda: sys.exit(scaling.main()))")
+    code = ("import sys; sys.modules['ray'] = None; sys.argv = ['scaling.py'] + sys.argv[1:]; import runs, scaling; "
+            "runs.exit_on_usage_error(lambda: sys.exit(scaling.main()))")
     proc = subprocess.run([sys.executable, "-c", code, *sweep_args(data_dir, tmp_path / "sweep", "--backend", "ray")],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "pip install -e '.[ray]'" in proc.stderr, proc.stderr[-2000:]

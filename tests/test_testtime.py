@@ -1,6 +1,7 @@
 """Test-time policy improvement (--test-time opex / ttt) in every script with a Q function: OPEX climbs the frozen Q,
 TTT adapts only a copy of the policy, lr 0 is plain evaluation, bad values exit 2."""
 
+import functools
 import json
 import types
 
@@ -11,7 +12,8 @@ import pytest
 from conftest import POINTMAZE, run_script
 from test_algos import Q_SCRIPTS, load
 
-import envs
+import runs
+import testtime
 
 OBS_DIM, ACTION_DIM, MEMBERS, EPISODES = 4, 2, 2, 3
 
@@ -20,12 +22,14 @@ def setup(script, method, goal_conditioned=True, **flags):
     """A script's Config, its stacked parameters for MEMBERS members, and a TestTime over EPISODES lockstep
     episodes of at most 6 steps (all TestTime reads of an Evaluator)."""
     module = load(script)
-    config = module.Config(hidden_dims=(16,), **flags)
+    config = runs.make_config(module.Config, hidden_dims=(16,), **flags)
     goal_dim = OBS_DIM if goal_conditioned else 0
     states = jax.vmap(lambda k: module.init_state(k, OBS_DIM, goal_dim, ACTION_DIM, config))(
         jax.vmap(jax.random.PRNGKey)(jnp.arange(MEMBERS)))
     evaluator = types.SimpleNamespace(tasks=np.arange(EPISODES), max_steps=6)
-    return module, config, states["params"], module.make_test_time(config, evaluator, method)
+    act = functools.partial(module.act, num_samples=config.num_samples) if script.endswith("sfbc") else module.act
+    return module, config, states["params"], testtime.TestTime(config.harness, evaluator, method, act, module.q_value,
+                                                               module.mean_action)
 
 
 def random_states(seed, goal_conditioned=True):
@@ -88,11 +92,11 @@ def test_ttt_never_touches_the_trained_parameters_and_lr_0_equals_plain_evaluati
     common = ["--env", POINTMAZE, "--dataset-dir", str(data_dir), "--steps", "100", "--log-interval", "50",
               "--eval-interval", "100", "--hidden-dims", "16", "--batch-size", "32", "--eval-episodes", "1",
               "--mse-samples", "64", "--num-seeds", "2", "--checkpoint-interval", "100", "--no-progress"]
-    runs = {"plain": [], "lr0-never": ["--test-time", "ttt", "--ttt-lr", "0", "--ttt-reset", "never"],
+    variants = {"plain": [], "lr0-never": ["--test-time", "ttt", "--ttt-lr", "0", "--ttt-reset", "never"],
             "lr0-episode": ["--test-time", "ttt", "--ttt-lr", "0"],
             "both": ["--test-time", "opex", "ttt", "--ttt-lr", "0.01", "--ttt-steps-per-env-step", "2"]}
     results = {}
-    for name, extra in runs.items():
+    for name, extra in variants.items():
         proc = run_script("algos/iql_ddpgbc.py", *common, "--out-dir", str(tmp_path / name), *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = json.loads((tmp_path / name / "result.json").read_text())
@@ -100,7 +104,7 @@ def test_ttt_never_touches_the_trained_parameters_and_lr_0_equals_plain_evaluati
     for name in ("lr0-never", "both"):
         with checkpoint("plain") as a, checkpoint(name) as b:
             assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
-        for key in envs.RESULT_METRICS:  # the plain evaluation beside it is untouched too
+        for key in runs.RESULT_METRICS:  # the plain evaluation beside it is untouched too
             assert results[name][key] == results["plain"][key], key
     assert results["plain"]["test_time"] == [] and results["both"]["test_time"] == ["opex", "ttt"]
     assert not any(k.startswith(("opex_", "ttt_")) for k in results["plain"])
@@ -112,7 +116,7 @@ def test_ttt_never_touches_the_trained_parameters_and_lr_0_equals_plain_evaluati
     for method in ("opex", "ttt"):  # both methods acted, each differently from the plain policy
         assert results["both"][method + "_eval_mse"]["per_member"] != results["plain"]["eval_mse"]["per_member"]
     assert results["both"]["opex_eval_mse"] != results["both"]["ttt_eval_mse"]
-    records = [r for r in envs.read_metrics(tmp_path / "both" / "metrics.jsonl") if r["event"] == "eval"]
+    records = [r for r in runs.read_metrics(tmp_path / "both" / "metrics.jsonl") if r["event"] == "eval"]
     assert all({f"{m}_{k}" for m in ("opex", "ttt") for k in ("success", "return", "eval_mse")} <= set(r)
                for r in records)
 
