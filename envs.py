@@ -2,6 +2,7 @@
 
 Sections, top to bottom:
   1. names      parse an environment name (OGBench dataset names, ExORL-style dm_control tasks)
+  1b. table     per-dataset hyperparameters (alpha, discount, evaluation episodes, actor goals) and their sources
   2. datasets   load a file from --dataset-dir, or generate one offline with OGBench's official recipe
   3. splits     10% of whole trajectories held out; the rest in one seeded trajectory order (nested prefixes)
   4. sampling   batches and OGBench-style goals, drawn on device inside jit
@@ -24,6 +25,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import dataclasses  # noqa: E402
 import difflib  # noqa: E402
+import fnmatch  # noqa: E402
 import glob  # noqa: E402
 import json  # noqa: E402
 from collections import deque  # noqa: E402
@@ -42,6 +44,7 @@ from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle  # noqa: E4
 from ogbench.relabel_utils import relabel_dataset  # noqa: E402
 from tqdm import trange  # noqa: E402
 
+import runs  # noqa: E402
 from runs import UsageError, exit_on_usage_error, write_npz_atomic  # noqa: E402
 
 DEFAULT_DATASET_DIR = "~/.ogbench/data"  # the same folder ogbench itself uses for its downloads
@@ -91,8 +94,9 @@ class EnvSpec:
 
     @property
     def has_oracle(self) -> bool:
-        """True where a noiseless scripted expert labels any state, so the three MSE metrics exist."""
-        return self.kind == "pointmaze" or self.env_id.startswith("cube-single")
+        """True where a noiseless scripted expert labels any state optimally, so the three MSE metrics exist. Not for
+        pointmaze-teleport: its BFS waypoints ignore the teleporters, so its labels are not the optimal actions."""
+        return (self.kind == "pointmaze" and "teleport" not in self.env_id) or self.env_id.startswith("cube-single")
 
     @property
     def can_generate(self) -> bool:
@@ -139,6 +143,74 @@ def parse_env(name: str) -> EnvSpec:
     close = difflib.get_close_matches(name, all_env_names(), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else "run `python envs.py list` for valid names"
     raise UsageError(f"unknown environment '{name}' (--env): {hint}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1b. Per-dataset hyperparameters: one table, read by every script (for the flags a user leaves unset) and scaling.py
+# ----------------------------------------------------------------------------------------------------------------
+# Rows apply to every dataset name matching their pattern (fnmatch); a later matching row overrides an earlier one.
+# Each entry is (value, source). "reference": OGBench impls/hyperparameters.sh, GCIQL's row for IQL and SARSA (the
+# same losses), CRL's for CRL (the authors' tuned DDPG+BC alphas; 50 evaluation episodes per task); "paper": PAPER.md;
+# "OURS": neither says. Keys: "discount", "eval_episodes", "actor_p_randomgoal" (the share of actor goals drawn at
+# random from the subset, the rest from the same trajectory's future), "alpha/<value>_<extractor>" (the default), and
+# "alphas/<extractor>" (the grid scaling.py sweeps when not given one).
+_REF, _OURS = "reference", "OURS"
+
+
+def _ddpgbc(gciql: float, crl: float) -> dict[str, tuple]:
+    """The reference's tuned DDPG+BC alphas (GCIQL's for IQL and SARSA, CRL's for CRL), and the grid scaling.py sweeps:
+    GCIQL's alpha and one decade either side (OURS; the paper sweeps 0.003 .. 10 in all)."""
+    grid = tuple(float(f"{gciql * f:.6g}") for f in (0.1, 1.0, 10.0))
+    return {"alpha/iql_ddpgbc": (gciql, _REF), "alpha/sarsa_ddpgbc": (gciql, _REF), "alpha/crl_ddpgbc": (crl, _REF),
+            "alphas/ddpgbc": (grid, "OURS: the reference's tuned alpha and one decade either side")}
+
+
+HYPERPARAMETERS: tuple[tuple[str, dict[str, tuple]], ...] = (
+    ("*", {"discount": (0.99, _REF), "eval_episodes": (50, _REF), "actor_p_randomgoal": (0.0, _REF),
+           **_ddpgbc(0.3, 0.1), "alphas/awr": ((0.3, 1.0, 3.0, 10.0), "paper"),
+           "alpha/iql_awr": (3.0, "OURS: in the paper's AWR grid"), "alpha/sarsa_awr": (3.0, _OURS),
+           "alpha/crl_awr": (3.0, _OURS)}),
+    ("pointmaze-*", _ddpgbc(0.003, 0.03)),
+    ("antmaze-*", _ddpgbc(0.3, 0.1)),
+    ("antmaze-*-explore-*", {**_ddpgbc(0.01, 0.003), "actor_p_randomgoal": (1.0, _REF)}),
+    ("pointmaze-*-explore-*", {"actor_p_randomgoal": (1.0, "OURS: as the reference's antmaze explore")}),
+    ("humanoidmaze-*", {**_ddpgbc(0.1, 0.1), "discount": (0.995, _REF)}),
+    ("*-giant-*", {"discount": (0.995, _REF)}),
+    ("antsoccer-*", _ddpgbc(0.1, 0.3)),
+    ("*-stitch-*", {"actor_p_randomgoal": (0.5, _REF)}),
+    ("cube-*-play-*", _ddpgbc(1.0, 3.0)),
+    ("cube-*-noisy-*", _ddpgbc(0.03, 0.1)),
+    ("scene-play-*", _ddpgbc(1.0, 3.0)),
+    ("scene-noisy-*", _ddpgbc(0.03, 0.1)),
+    ("puzzle-*-play-*", _ddpgbc(1.0, 3.0)),
+    ("puzzle-*-noisy-*", _ddpgbc(0.03, 0.1)),
+    ("*-singletask*", {"eval_episodes": (10, "OURS: one task; the reference's table has no singletask rows")}),
+    *((f"{domain}-*", {"eval_episodes": (10, "OURS: one task, 1000-step episodes; not in the reference")})
+      for domain in sorted({task.split("-")[0] for task in DMC_TASKS})),
+)
+TABLE_FLAGS = ("alpha", "discount", "eval_episodes", "actor_p_randomgoal")  # flags the table fills when left unset
+
+
+def hyperparameters(name: str) -> dict[str, tuple]:
+    """The table's entries for dataset `name`: {key: (value, source)}, later matching rows overriding earlier ones."""
+    entries: dict[str, tuple] = {}
+    for pattern, row in HYPERPARAMETERS:
+        if fnmatch.fnmatch(name, pattern):
+            entries.update(row)
+    return entries
+
+
+def fill_from_table(config, script: str):
+    """`config` with every flag of TABLE_FLAGS it has and the user left unset (None) taken from the table row of its
+    --env; returns (config, {flag: "value (source)"}) so that config.json can say which values came from the table."""
+    flags, entries = runs.flat_flags(config), hyperparameters(config.env)
+    filled = {}
+    for flag in TABLE_FLAGS:
+        key = f"alpha/{script}" if flag == "alpha" else flag
+        if flag in flags and flags[flag] is None and key in entries:
+            flags[flag], source = entries[key]
+            filled[flag] = f"{flags[flag]} ({source})"
+    return runs.make_config(type(config), **flags), filled
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -551,6 +623,11 @@ class GoalConfig:
     p_random: float = 0.3
     discount: float = 0.99
 
+    def __post_init__(self):
+        # ceil(log(u) / log(discount)) is an offset only for 0 < discount < 1: at 1 every goal would be the next state.
+        if not 0 < self.discount < 1:
+            raise UsageError(f"--discount must be in (0, 1) for geometric goal sampling, got {self.discount}")
+
 
 def to_device(part: dict[str, np.ndarray]):
     """Move a split onto the accelerator once (pass it into jitted functions as an argument, never close over it)."""
@@ -558,12 +635,13 @@ def to_device(part: dict[str, np.ndarray]):
 
 
 def sample_batch(key, data, data_size, batch_size: int, goals: Literal["none", "value", "actor"],
-                 goal_config: GoalConfig = GoalConfig(), online=None):
+                 goal_config: GoalConfig = GoalConfig(), online=None, actor_p_random: float = 0.0):
     """Draw `batch_size` transitions from the first `data_size` rows (a traced int), with goals if asked.
 
     For goal-conditioned data, `goals="value"` adds `goals`, `rewards` and `masks` from OGBench's value-goal mixture;
-    `goals="actor"` adds `goals` drawn from the future of each trajectory. Goals never leave the subset: a trajectory
-    cut by the subset boundary is treated as ending there.
+    `goals="actor"` adds `goals` drawn from the future of each trajectory, or with probability `actor_p_random`
+    (--actor-p-randomgoal) from the whole subset. Goals never leave the subset: a trajectory cut by the subset
+    boundary is treated as ending there.
 
     `online` (offline-to-online, one member's `OnlineBuffer.device()` rows): its first `online["size"]` rows count as
     rows data_size, data_size + 1, ... of the same data, so a batch is drawn uniformly from the subset and the online
@@ -590,9 +668,12 @@ def sample_batch(key, data, data_size, batch_size: int, goals: Literal["none", "
         final = jnp.where(idxs >= data_size, data_size + rows("final_idxs", idxs), final)
     uniform = jax.random.uniform(k_uniform, (batch_size,))
     if goals == "actor":
-        # Uniformly among the strict future (the last state itself when there is none).
+        # Uniformly among the strict future (the last state itself when there is none), or with probability
+        # `actor_p_random` a random state of the subset (OGBench's actor_p_randomgoal).
         future = jnp.minimum(idxs + 1 + jnp.floor(uniform * (final - idxs)).astype(jnp.int32), final)
-        batch["goals"] = rows("observations", future)
+        random_goal = jax.random.randint(k_random, (batch_size,), 0, total)
+        goal_idxs = jnp.where(jax.random.uniform(k_kind, (batch_size,)) < actor_p_random, random_goal, future)
+        batch["goals"] = rows("observations", goal_idxs)
         return batch
     offset = jnp.ceil(jnp.log1p(-jax.random.uniform(k_geom, (batch_size,))) / jnp.log(goal_config.discount))
     geometric = jnp.minimum(idxs + jnp.maximum(offset.astype(jnp.int32), 1), final)
@@ -622,11 +703,10 @@ def fixed_goal_states(part: dict[str, np.ndarray], data_size: int, count: int, s
 
 def make_oracle(spec: EnvSpec) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """Return `oracle(observations [N, d], goals [N, d]) -> actions [N, a]`, deterministic, vectorised (numpy)."""
-    if spec.kind == "pointmaze":
-        return _pointmaze_oracle(spec)
-    if spec.env_id.startswith("cube-single"):
-        return _cube_single_oracle
-    raise UsageError(f"'{spec.name}' has no scripted oracle; the MSE metrics exist for pointmaze and cube-single only")
+    if not spec.has_oracle:
+        raise UsageError(f"'{spec.name}' has no optimal scripted oracle; the MSE metrics exist for pointmaze (but "
+                         "teleport, whose waypoints ignore the teleporters) and cube-single only")
+    return _pointmaze_oracle(spec) if spec.kind == "pointmaze" else _cube_single_oracle
 
 
 def _pointmaze_oracle(spec: EnvSpec):
@@ -777,10 +857,12 @@ class Evaluator:
         self.tasks = np.repeat(np.arange(1, num_eval_tasks(spec) + 1), episodes_per_task)
         self.envs = [[make_env(spec) for _ in self.tasks] for _ in range(num_members)]
         self.max_steps = 1000 if spec.family == "dmc" else self.envs[0][0].spec.max_episode_steps
+        self.alive = None  # during `evaluate`: [M, E], the episodes still running at the current step
 
     def evaluate(self, policy: Callable[[np.ndarray, np.ndarray | None], np.ndarray], seeds: list[int]) -> dict:
-        """Returns success [M, E], return [M, E], and the visited states: observations [M, E, T, d], goals
-        [M, E, d] (None without goals), actions [M, E, T, a], valid [M, E, T] (False after an episode ended)."""
+        """Returns success [M, E], return [M, E], tasks [E] (each episode's task), and the visited states: observations
+        [M, E, T, d], goals [M, E, d] (None without goals), actions [M, E, T, a], valid [M, E, T] (False after an
+        episode ended)."""
         M, E, T = self.num_members, len(self.tasks), self.max_steps
         obs, goals = [], []
         if len(seeds) != M:
@@ -797,6 +879,7 @@ class Evaluator:
         actions_taken, valid = None, np.zeros((M, E, T), bool)
         alive, success, returns = np.ones((M, E), bool), np.zeros((M, E)), np.zeros((M, E))
         for t in range(T):
+            self.alive = alive  # which episodes are running at this step: what a test-time learner may train on
             actions = np.asarray(policy(obs, goals))
             if actions_taken is None:
                 actions_taken = np.zeros((M, E, T, actions.shape[-1]), np.float32)
@@ -809,8 +892,8 @@ class Evaluator:
                 alive[m, e] = not (terminated or truncated)
             if not alive.any():
                 break
-        return dict(success=success, returns=returns, observations=visited, goals=goals, actions=actions_taken,
-                    valid=valid)
+        return dict(success=success, returns=returns, tasks=self.tasks, observations=visited, goals=goals,
+                    actions=actions_taken, valid=valid)
 
 
 def reset_env(spec: EnvSpec, env, task: int, seed: int):
@@ -893,8 +976,12 @@ class OracleProbe:
 
 
 def rollout_metrics(rollout: dict, probe: OracleProbe, prefix: str = "") -> dict[str, np.ndarray]:
-    """Per-member success, return and evaluation MSE of an `Evaluator.evaluate` rollout, names prefixed."""
+    """Per-member success, return and evaluation MSE of an `Evaluator.evaluate` rollout, names prefixed; with several
+    evaluation tasks also each task's success (`task<k>_success`, OGBench's per-task numbers)."""
     metrics = {"success": rollout["success"].mean(1), "return": rollout["returns"].mean(1), **probe.eval(rollout)}
+    tasks = np.unique(rollout["tasks"])
+    if len(tasks) > 1:
+        metrics.update({f"task{t}_success": rollout["success"][:, rollout["tasks"] == t].mean(1) for t in tasks})
     return {prefix + k: v for k, v in metrics.items()}
 
 

@@ -131,8 +131,8 @@ class Harness:
     """Steps per jitted training chunk; metrics are logged once per chunk."""
     eval_interval: int = 100_000
     """Steps between evaluations (a multiple of --log-interval); the last step is always evaluated."""
-    eval_episodes: int = 5
-    """Evaluation episodes per evaluation task (OGBench goal-conditioned envs have 5 tasks)."""
+    eval_episodes: int | None = None
+    """Evaluation episodes per evaluation task; default: the table in envs.py (the reference's 50; 10 for one task)."""
     mse_samples: int = 2048
     """States sampled once from the policy subset and from the validation split for the train / val MSE."""
     checkpoint_interval: int = 0
@@ -277,7 +277,7 @@ class RunFolder:
     `resume_step`: continue an interrupted run from that resume state (metrics after it are dropped); None: start
     afresh, forgetting anything an earlier attempt left in the folder."""
 
-    def __init__(self, path: str, config: dict, resume_step: int | None = None):
+    def __init__(self, path: str, config: dict, resume_step: int | None = None, from_table: dict | None = None):
         self.path = Path(path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -303,7 +303,9 @@ class RunFolder:
         else:
             shutil.rmtree(self.path / RESUME_DIR, ignore_errors=True)
         (self.path / "failure.json").unlink(missing_ok=True)  # an earlier attempt's, if any
-        write_json_atomic(self.path / "config.json", dict(config=config, versions=package_versions()))
+        # from_table: which flags the user left unset and the dataset's row of envs.HYPERPARAMETERS filled, from where
+        write_json_atomic(self.path / "config.json", dict(config=config, from_table=from_table or {},
+                                                          versions=package_versions()))
         self._metrics = open(metrics, "a" if resume_step is not None else "w")
 
     def log(self, records: list[dict]) -> None:
@@ -397,10 +399,11 @@ class Members:
 
     `seeds`, `settings` (per member, sizes resolved to transition counts) and `arrays` (the per-member fields the
     jitted update takes) describe the members; `log`, `checkpoint` and `finish` route per-member data to the folders.
-    `train_size`: transitions in the training split (the largest data size).
+    `train_size`: transitions in the training split (the largest data size); `from_table`: the flags filled from the
+    dataset's row of envs.HYPERPARAMETERS (config.json records them).
     """
 
-    def __init__(self, config, script: str, train_size: int):
+    def __init__(self, config, script: str, train_size: int, from_table: dict | None = None):
         flags = flat_flags(config)
         fields = [f for f in MEMBER_FIELDS if f in flags]
         if flags.get("members_file"):
@@ -435,7 +438,7 @@ class Members:
         if flags.get("resume"):
             common = set.intersection(*(set(resume_steps(Path(d))) for d in groups))
             self.resume_step = max(common) if common else None
-        self.folders = [(RunFolder(out_dir, standalone[out_dir], self.resume_step), ms)
+        self.folders = [(RunFolder(out_dir, standalone[out_dir], self.resume_step, from_table), ms)
                         for out_dir, ms in groups.items()]
         self._last_finite: list[dict] = []
 
@@ -528,8 +531,8 @@ class Run(Members):
     `evaluate(step)` returns per-member metric arrays ({"success": [M], ...}); `run.progress` is what a resume state
     restores (SfBC's policy counts its sampling keys there)."""
 
-    def __init__(self, config, script: str, train_size: int):
-        super().__init__(config, script, train_size)
+    def __init__(self, config, script: str, train_size: int, from_table: dict | None = None):
+        super().__init__(config, script, train_size, from_table)
         self.config, self.harness, self.script = config, config.harness, script
         self.total_steps = config.steps + self.online_steps
         interval = self.harness.resume_interval

@@ -54,12 +54,13 @@ PRESETS: dict[str, dict] = {
         envs=("pointmaze-medium-navigate-v0",), scripts=("iql_ddpgbc",), value_sizes=(10_000, 90_000),
         policy_sizes=(10_000, 90_000), ddpgbc_alphas=(0.3,), seeds=(0,), steps=10_000, pack=4,
         dataset_dir="data/quickstart", generate_episodes=100,
-        script_args=("--hidden-dims", "256", "256", "--log-interval", "1000", "--eval-interval", "5000")),
-    "matrix": dict(  # the paper's grid: 4 x 4 sizes, 4 seeds, the extractors' alpha grids, 1M steps
+        # OURS for the CPU budget: batch 256 (the reference's 1024 costs 4x per update) and 5 episodes per task
+        script_args=("--hidden-dims", "256", "256", "--batch-size", "256", "--eval-episodes", "5", "--log-interval",
+                     "1000", "--eval-interval", "5000")),
+    "matrix": dict(  # the paper's grid: 4 x 4 sizes, 4 seeds, each dataset's alpha grids (the table), 1M steps
         envs=("pointmaze-large-navigate-v0", "cube-single-play-v0"), scripts=tuple(SCRIPTS[:-1]),
         value_sizes=(100_000, 200_000, 500_000, 1_000_000), policy_sizes=(100_000, 200_000, 500_000, 1_000_000),
-        awr_alphas=(0.3, 1.0, 3.0, 10.0), ddpgbc_alphas=(0.003, 0.03, 0.3, 3.0), seeds=(0, 1, 2, 3),
-        steps=1_000_000, dataset_dir="data/matrix", generate_episodes=1_200),  # 1.2k episodes: 1.08M to train on
+        table_alphas=True, seeds=(0, 1, 2, 3), steps=1_000_000, dataset_dir="data/matrix", generate_episodes=1_200),
     "coverage": dict(  # narrow vs high-coverage data of equal size (0.9M training transitions each), same methods
         envs=("pointmaze-large-navigate-v0", "pointmaze-large-explore-v0", "cube-single-play-v0",
               "cube-single-noisy-v0"), scripts=("iql_ddpgbc", "sarsa_ddpgbc", "bc"),
@@ -76,7 +77,8 @@ PRESETS: dict[str, dict] = {
 }
 DEFAULTS = dict(envs=("pointmaze-medium-navigate-v0",), scripts=("iql_ddpgbc",), value_sizes=(None,),
                 policy_sizes=(None,), awr_alphas=(), ddpgbc_alphas=(), seeds=(0,), steps=1_000_000, online_steps=0,
-                pack=1, dataset_dir=envs.DEFAULT_DATASET_DIR, generate_episodes=None, script_args=())
+                pack=1, dataset_dir=envs.DEFAULT_DATASET_DIR, generate_episodes=None, table_alphas=False,
+                script_args=())
 
 
 @dataclasses.dataclass
@@ -201,14 +203,19 @@ def resolve(args: Args, script_args: list[str]) -> dict:
     return settings
 
 
+def table_alphas(env: str, script: str) -> tuple:
+    """The alpha grid of the dataset's row of envs.HYPERPARAMETERS for the script's extractor; () for one without."""
+    return envs.hyperparameters(env).get(f"alphas/{script.split('_')[-1]}", ((), ""))[0]
+
+
 def plan(settings: dict) -> list[Run]:
     """Every run of the grid, in a stable order (env, script, value size, policy size, alpha, seed)."""
     runs = []
     size_name = lambda s: "all" if s is None else str(s)  # noqa: E731
     for env in settings["envs"]:
         for script in settings["scripts"]:
-            extractor = script.split("_")[-1]
-            alphas = settings.get(f"{extractor}_alphas", ()) or (None,)
+            alphas = settings.get(f"{script.split('_')[-1]}_alphas", ()) or (  # a preset may take the table's grid
+                table_alphas(env, script) if settings["table_alphas"] else ()) or (None,)
             value_sizes = (None,) if script == "bc" else settings["value_sizes"]
             for value in value_sizes:
                 for policy in settings["policy_sizes"]:
@@ -460,6 +467,14 @@ def describe(settings: dict, runs: list[Run], procs: list[Process], dataset_line
              f"(up to {settings['pack']} runs each), "
              f"{len(pending) * (settings['steps'] + settings['online_steps']):,} member-updates"]
     lines += [f"  dataset {line}" for line in dataset_lines]
+    for env in settings["envs"]:  # what the scripts take from the table for the flags the sweep leaves unset
+        row = envs.hyperparameters(env)
+        grids = [f"{e} {' '.join(f'{a:g}' for a in table_alphas(env, e))}" for e in ("awr", "ddpgbc")
+                 if settings["table_alphas"] and not settings[f"{e}_alphas"]
+                 and any(s.endswith(e) for s in settings["scripts"])]
+        lines.append(f"  {env} from envs.HYPERPARAMETERS: discount {row['discount'][0]:g} ({row['discount'][1]})"
+                     + (f"; alpha grids {', '.join(grids)} ({row['alphas/ddpgbc'][1]}; AWR: the paper's)" if grids
+                        else ""))
     counts: dict[tuple[str, str], int] = {}
     for run in pending:
         counts[(run.env, run.script)] = counts.get((run.env, run.script), 0) + 1

@@ -48,6 +48,14 @@ def ttt_loss(actor_params, anchor_actions, params, obs, goals, q_value: Callable
     return q_loss + alpha * 0.5 * ((mu - anchor_actions) ** 2).sum(-1).mean()
 
 
+def sample_visited(key, valid, filled, count: int):
+    """`count` buffer rows drawn uniformly among the states of episodes that were still running when stored (`valid`),
+    or among all `filled` rows while there is none (a copy whose episodes all ended acts for nobody)."""
+    rows = jnp.arange(valid.shape[0])
+    eligible = valid | (~valid.any() & (rows < filled))
+    return jax.random.choice(key, rows, (count,), p=eligible / eligible.sum())
+
+
 class TestTime:
     """One test-time `method` ("opex" or "ttt") for one script: `policy(params, seeds, step)` returns the batched
     callable the Evaluator steps the environments with (obs [M, E, d], goals [M, E, g] | None -> actions [M, E, a]).
@@ -55,7 +63,8 @@ class TestTime:
     opex  act with the script's rule, then `opex_actions` on the frozen Q (SfBC: from the chosen candidate).
     ttt   a copy of the actor per episode (`--ttt-reset episode`) or one per member shared by its episodes, which
           run in lockstep (`never`: kept for the whole evaluation). At every environment step the visited state
-          is written to the copy's fixed-size device buffer, the copy takes `--ttt-steps-per-env-step` Adam steps
+          of a running episode is written to the copy's fixed-size device buffer (finished episodes' frozen last
+          states are not: `Evaluator.alive` says which run), the copy takes `--ttt-steps-per-env-step` Adam steps
           of `ttt_loss` on `--ttt-batch-size` states drawn from its buffer, and then acts. The trained parameters
           are never modified: each evaluation starts from fresh copies.
     Keys derive from (member seed, training step) only, so a member's test-time episodes do not depend on packing.
@@ -63,7 +72,7 @@ class TestTime:
 
     def __init__(self, harness: runs.QHarness, evaluator: envs.Evaluator, method: str, act: Callable,
                  q_value: Callable, mean_action: Callable):
-        self.method = method
+        self.method, self.evaluator = method, evaluator
         episodes = len(evaluator.tasks)
         self.copies = episodes if harness.ttt_reset == "episode" else 1
         self.per_copy = episodes // self.copies  # environments each copy acts in
@@ -75,7 +84,7 @@ class TestTime:
             return opex_actions(lambda a: q_value(params, obs, goals, a), actions, harness.opex_beta,
                                 harness.opex_steps, harness.opex_normalize)
 
-        def ttt_step(carry, params, obs, goals, key):
+        def ttt_step(carry, params, obs, goals, alive, key):
             """One environment step of one member: store the visited states, train every copy, act."""
             # Acting uses `key` itself as OPEX does, so with one copy SfBC draws the candidates the plain rule draws.
             k_train = jax.random.fold_in(key, 1)
@@ -84,13 +93,15 @@ class TestTime:
             obs_c, goals_c = split(obs), split(goals)
             store = lambda buffer, new: jax.lax.dynamic_update_slice(buffer, new, (0, carry["filled"], 0))  # noqa
             buffers = {"obs": store(carry["obs"], obs_c), "goals": None if goals is None else store(carry["goals"],
-                                                                                                  goals_c)}
+                                                                                                  goals_c),
+                       "valid": jax.lax.dynamic_update_slice(carry["valid"], alive.reshape(self.copies, -1),
+                                                             (0, carry["filled"]))}
             filled = carry["filled"] + self.per_copy
 
-            def train_copy(actor, opt_state, buffer_obs, buffer_goals, key):
+            def train_copy(actor, opt_state, buffer_obs, buffer_goals, valid, key):
                 def gradient_step(inner, key):
                     actor, opt_state = inner
-                    rows = jax.random.randint(key, (harness.ttt_batch_size,), 0, filled)
+                    rows = sample_visited(key, valid, filled, harness.ttt_batch_size)
                     s, g = buffer_obs[rows], None if buffer_goals is None else buffer_goals[rows]
                     anchor = mean_action(params["actor"], s, g)  # the pre-trained policy's actions on those states
                     grads = jax.grad(ttt_loss)(actor, anchor, params, s, g, q_value, mean_action, harness.ttt_alpha)
@@ -101,7 +112,8 @@ class TestTime:
                 return jax.lax.scan(gradient_step, (actor, opt_state), keys)[0]
 
             actors, opt_states = jax.vmap(train_copy)(carry["actor"], carry["opt_state"], buffers["obs"],
-                                                      buffers["goals"], jax.random.split(k_train, self.copies))
+                                                      buffers["goals"], buffers["valid"],
+                                                      jax.random.split(k_train, self.copies))
             actions = jax.vmap(lambda actor, o, g, k: act({**params, "actor": actor}, o, g, k))(
                 actors, obs_c, goals_c, k_act)
             carry = {"actor": actors, "opt_state": opt_states, **buffers, "filled": filled}
@@ -113,7 +125,7 @@ class TestTime:
             return {"actor": actors, "opt_state": jax.vmap(optimizer.init)(actors),
                     "obs": jnp.zeros((self.copies, self.slots, obs_dim)),
                     "goals": None if goal_dim is None else jnp.zeros((self.copies, self.slots, goal_dim)),
-                    "filled": jnp.zeros((), jnp.int32)}
+                    "valid": jnp.zeros((self.copies, self.slots), bool), "filled": jnp.zeros((), jnp.int32)}
 
         self._opex = jax.jit(jax.vmap(opex_act))
         self._ttt_step = jax.jit(jax.vmap(ttt_step), donate_argnums=(0,))
@@ -134,7 +146,9 @@ class TestTime:
                 return self._opex(params, obs, goals, step_keys())
             if carry is None:
                 carry = self._ttt_init(params, obs.shape[-1], None if goals is None else goals.shape[-1])
-            carry, actions = self._ttt_step(carry, params, obs, goals, step_keys())
+            alive = getattr(self.evaluator, "alive", None)  # None: every episode runs
+            alive = np.ones(obs.shape[:2], bool) if alive is None else np.asarray(alive, bool)
+            carry, actions = self._ttt_step(carry, params, obs, goals, alive, step_keys())
             return actions
 
         return policy

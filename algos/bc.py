@@ -1,9 +1,10 @@
 """Behaviour cloning (BC): the imitation baseline every value x extractor pair is compared against, in one file.
 
 What it learns
-  A Gaussian policy pi = N(mu(s[, g]), diag(std^2)) (tanh mean, learned state-independent std) fitted to the dataset's
-  actions:  L_pi = -E[ log pi(a | s[, g]) ].  On goal-conditioned data the goal is a future state of the same
-  trajectory (OGBench's actor goals), i.e. goal-conditioned BC. The agent acts with the mean.
+  A Gaussian policy pi = N(mu(s[, g]), I) (unbounded mean, std fixed at 1: the reference's GCBC) fitted to the
+  dataset's actions:  L_pi = -E[ log pi(a | s[, g]) ] = E[ 0.5 ||mu(s[, g]) - a||^2 ] + const.  On goal-conditioned data
+  the goal is a future state of the same trajectory (OGBench's actor goals), i.e. goal-conditioned BC. The agent acts
+  with clip(mu, -1, 1).
 
 Knobs that matter
   --policy-data-size: the transitions it clones (a prefix of the seeded trajectory order); there is no value function,
@@ -14,12 +15,11 @@ Knobs that matter
 
 Easy to get wrong
   On goal-conditioned data the goal must be a future state of the same trajectory (what the action was heading
-  for), never a random state. And with a learned std, -log pi is not the squared error: compare BC with the other
-  scripts by `policy_mse_to_data` and the oracle MSEs, which every script logs, not by its loss.
+  for), never a random state. Compare BC with the other scripts by `policy_mse_to_data` and the oracle MSEs, which
+  every script logs, not by its loss (whose constant depends on the action dimension).
 
-Reading guide: `# ALGO LOGIC` marks the algorithm (config, networks, losses, update); `# HARNESS` marks shared plumbing
-a reader may skip (envs.py: data, evaluation; runs.py: run folders, logs, resume; testtime.py: OPEX / TTT).
-Run `python algos/bc.py --help` for every flag.
+Reading guide: `# ALGO LOGIC` marks the algorithm; `# HARNESS`, shared plumbing to skip (envs.py: data, evaluation;
+runs.py: run folders, logs, resume; testtime.py: OPEX / TTT). `python algos/bc.py --help`: every flag.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Config:
     """Seed of the trajectory permutation and the 10% validation hold-out (shared by all members)."""
     steps: int = 1_000_000
     """Gradient steps."""
-    batch_size: int = 256
+    batch_size: int = 1024
     """Transitions per batch."""
     hidden_dims: tuple[int, ...] = (512, 512, 512)
     """Hidden layer widths of the policy MLP."""
@@ -70,6 +70,8 @@ class Config:
     """Representation of observations and goals the policy sees: none (raw) or warp (x + 0.9/w sin(w x), invertible)."""
     obs_transform_frequency: float = 1.0
     """w of --obs-transform warp, in inverse observation units (> 0); larger folds the state space more finely."""
+    actor_p_randomgoal: float | None = None
+    """Share of goals drawn at random (the rest: the trajectory's future states); default: the table."""
     harness: runs.HarnessFlags = dataclasses.field(default_factory=runs.Harness)
     """HARNESS: logging, evaluation, run folders, resume (runs.Harness; flags flattened)."""
 
@@ -82,18 +84,22 @@ def validate(config: Config) -> None:
         (config.batch_size >= 1, "--batch-size must be >= 1"),
         (len(config.hidden_dims) >= 1 and min(config.hidden_dims) >= 1, "--hidden-dims needs positive widths"),
         (config.obs_transform_frequency > 0, "--obs-transform-frequency must be > 0"),
+        (config.actor_p_randomgoal is None or 0 <= config.actor_p_randomgoal <= 1,
+         "--actor-p-randomgoal must be in [0, 1]"),
     ])
     config.harness.validate(config.steps)
 
 
-# ALGO LOGIC: networks, textbook MLPs with LayerNorm; parameters are pytrees (lists of dicts) ------------------------
-def mlp_init(key, sizes: tuple[int, ...]) -> list[dict]:
+# ALGO LOGIC: networks, textbook MLPs as in the reference; parameters are pytrees (lists of dicts) ------------------
+def mlp_init(key, sizes: tuple[int, ...], layer_norm: bool = True, final_scale: float = 1.0) -> list[dict]:
+    """Glorot-uniform weights (the output layer's variance x final_scale), zero biases, LayerNorm if `layer_norm`."""
     params = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         key, sub = jax.random.split(key)
-        limit = math.sqrt(6.0 / (fan_in + fan_out))  # Glorot uniform
+        last = i == len(sizes) - 2
+        limit = math.sqrt(6.0 * (final_scale if last else 1.0) / (fan_in + fan_out))
         layer = {"w": jax.random.uniform(sub, (fan_in, fan_out), minval=-limit, maxval=limit), "b": jnp.zeros(fan_out)}
-        if i < len(sizes) - 2:  # hidden layers get LayerNorm
+        if layer_norm and not last:
             layer["scale"], layer["shift"] = jnp.ones(fan_out), jnp.zeros(fan_out)
         params.append(layer)
     return params
@@ -106,24 +112,23 @@ def layer_norm(x, scale, shift, eps: float = 1e-6):
 
 
 def mlp_apply(params: list[dict], x):
+    """Dense -> GELU -> LayerNorm (where the network has it) per hidden layer, the reference's order; linear output."""
     for layer in params[:-1]:
-        x = jax.nn.gelu(layer_norm(x @ layer["w"] + layer["b"], layer["scale"], layer["shift"]))
+        x = jax.nn.gelu(x @ layer["w"] + layer["b"])
+        if "scale" in layer:
+            x = layer_norm(x, layer["scale"], layer["shift"])
     return x @ params[-1]["w"] + params[-1]["b"]
 
 
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-
-
 def actor_fn(params, obs, goals):
-    """Gaussian policy: (mean in [-1, 1], log std [a]); the std is learned and state-independent."""
-    mean = jnp.tanh(mlp_apply(params["net"], _inputs(obs, goals)))
-    return mean, jnp.clip(params["log_std"], LOG_STD_MIN, LOG_STD_MAX)
+    """The mean of the Gaussian policy N(mu(s[, g]), I): unbounded, std fixed at 1, no tanh (the reference's); the agent
+    acts with clip(mu, -1, 1)."""
+    return mlp_apply(params, _inputs(obs, goals))
 
 
-def gaussian_log_prob(mean, log_std, actions):
-    """log N(actions; mean, diag(exp(log_std)^2)), summed over action dimensions."""
-    z = (actions - mean) * jnp.exp(-log_std)
-    return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+def gaussian_log_prob(mean, actions):
+    """log N(actions; mean, I), summed over action dimensions: a squared error up to a constant."""
+    return (-0.5 * (actions - mean) ** 2 - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
 def transform_observations(x, kind: str, frequency: float):
@@ -139,16 +144,15 @@ def _inputs(obs, goals):
 
 
 def init_params(key, obs_dim: int, goal_dim: int, action_dim: int, hidden_dims: tuple[int, ...]) -> dict:
-    return {"actor": {"net": mlp_init(key, (obs_dim + goal_dim, *hidden_dims, action_dim)),
-                      "log_std": jnp.zeros(action_dim)}}
+    return {"actor": mlp_init(key, (obs_dim + goal_dim, *hidden_dims, action_dim), layer_norm=False, final_scale=0.01)}
 
 
 # ALGO LOGIC: the loss, returning (loss, info) -----------------------------------------------------------------------
 def bc_actor_loss(actor_params, batch):
-    mean, log_std = actor_fn(actor_params, batch["observations"], batch.get("goals"))
-    log_prob = gaussian_log_prob(mean, log_std, batch["actions"])
+    mean = actor_fn(actor_params, batch["observations"], batch.get("goals"))
+    log_prob = gaussian_log_prob(mean, batch["actions"])
     loss = -log_prob.mean()
-    info = {"actor_loss": loss, "actor_bc_log_prob": log_prob.mean(), "actor_std_mean": jnp.exp(log_std).mean(),
+    info = {"actor_loss": loss, "actor_bc_log_prob": log_prob.mean(),
             "policy_mse_to_data": ((mean - batch["actions"]) ** 2).mean()}
     return loss, info
 
@@ -157,12 +161,8 @@ def bc_actor_loss(actor_params, batch):
 def init_state(key, obs_dim, goal_dim, action_dim, config: Config) -> dict:
     k_params, k_train = jax.random.split(key)
     params = init_params(k_params, obs_dim, goal_dim, action_dim, config.hidden_dims)
-    return {"params": params, "opt_state": make_optimizer(config).init(params), "key": k_train,
+    return {"params": params, "opt_state": optax.adam(config.lr).init(params), "key": k_train,
             "step": jnp.zeros((), jnp.int32)}
-
-
-def make_optimizer(config: Config):
-    return optax.adam(config.lr)
 
 
 def update(state, data, member, config: Config, goal_conditioned: bool):
@@ -170,7 +170,8 @@ def update(state, data, member, config: Config, goal_conditioned: bool):
     program trains every data size of a sweep."""
     key, k_batch = jax.random.split(state["key"])
     batch = envs.sample_batch(k_batch, data, member["policy_data_size"], config.batch_size,
-                              "actor" if goal_conditioned else "none")
+                              "actor" if goal_conditioned else "none",
+                              actor_p_random=config.actor_p_randomgoal)
     # The policy learns on the transformed representation (the actions, and so the loss, are unchanged).
     for key_name in ("observations", "goals"):
         if key_name in batch:
@@ -178,7 +179,7 @@ def update(state, data, member, config: Config, goal_conditioned: bool):
                                                      config.obs_transform_frequency)
     params = state["params"]
     (_, info), grad = jax.value_and_grad(bc_actor_loss, has_aux=True)(params["actor"], batch)
-    updates, opt_state = make_optimizer(config).update({"actor": grad}, state["opt_state"], params)
+    updates, opt_state = optax.adam(config.lr).update({"actor": grad}, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     return {"params": params, "opt_state": opt_state, "key": key, "step": state["step"] + 1}, info
 
@@ -200,18 +201,19 @@ def make_train_chunk(config: Config, goal_conditioned: bool):
 def act(params, obs, goals, key, obs_transform: str = "none", frequency: float = 1.0):
     """The action rule: the policy's mean on the --obs-transform representation of the raw observations and goals."""
     transform = lambda x: transform_observations(x, obs_transform, frequency)  # noqa: E731
-    return actor_fn(params["actor"], transform(obs), transform(goals))[0]
+    return jnp.clip(actor_fn(params["actor"], transform(obs), transform(goals)), -1.0, 1.0)
 
 
 # The training loop (HARNESS calls: runs.Run keeps the run folders, logs, resume states and result.json) -------------
 def main(config: Config) -> list[dict]:
     validate(config)
     spec = envs.parse_env(config.env)
+    config, from_table = envs.fill_from_table(config, SCRIPT)  # unset flags: the dataset's row of the table
     train, val = envs.split_dataset(envs.load_dataset(spec, config.dataset_dir), config.split_seed)
     gc, h = spec.goal_conditioned, config.harness
     obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]
     # Members: --num-seeds seeds in one run folder, or scaling.py's --members-file (seeds, policy data sizes).
-    run = runs.Run(config, SCRIPT, len(train["actions"]))
+    run = runs.Run(config, SCRIPT, len(train["actions"]), from_table)
     states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim if gc else 0, action_dim, config))(run.keys())
     device_data, train_chunk = envs.to_device(train), make_train_chunk(config, gc)
     bc_act = functools.partial(act, obs_transform=config.obs_transform, frequency=config.obs_transform_frequency)

@@ -7,7 +7,8 @@ What it learns
       L_Q = E_ij[ BCE(l_ij, 1(i = j)) ],  for each of a two-member ensemble (phi_k, psi_k).
     AWR needs a baseline, so a state-only V(s, g) = phi_V(s) . psi_V(g) / sqrt(d) is trained the same way on the same
     pairs. Both are log-density ratios (log Q, log V). No TD, no target networks.
-  Policy (AWR, Gaussian policy pi = N(mu(s, g), diag(std^2)), tanh mean, learned state-independent std):
+  Policy (AWR, Gaussian policy pi = N(mu(s, g), I): unbounded mean, std fixed at 1, as the reference's; acts with
+    clip(mu, -1, 1)):
     L_pi = -E[ min(exp(alpha * (min_k Q_k(s, a, g) - V(s, g))), 100) * log pi(a|s, g) ]
 
 Knobs that matter
@@ -22,9 +23,8 @@ Easy to get wrong
   constant of the actor's loss and is clipped at 100. CRL needs goals: on a singletask or dm_control environment
   the script exits 2.
 
-Reading guide: `# ALGO LOGIC` marks the algorithm (config, networks, losses, update); `# HARNESS` marks shared plumbing
-a reader may skip (envs.py: data, evaluation; runs.py: run folders, logs, resume; testtime.py: OPEX / TTT).
-Run `python algos/crl_awr.py --help` for every flag.
+Reading guide: `# ALGO LOGIC` marks the algorithm; `# HARNESS`, shared plumbing to skip (envs.py: data, evaluation;
+runs.py: run folders, logs, resume; testtime.py: OPEX / TTT). `python algos/crl_awr.py --help`: every flag.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Config:
     """Seed of the trajectory permutation and the 10% validation hold-out (shared by all members)."""
     steps: int = 1_000_000
     """Gradient steps (each updates critic, V and actor once)."""
-    batch_size: int = 256
+    batch_size: int = 1024
     """Transitions per batch, for the value batch and the policy batch alike."""
     hidden_dims: tuple[int, ...] = (512, 512, 512)
     """Hidden layer widths of every MLP (phi, psi of the critic and of V, actor)."""
@@ -74,10 +74,12 @@ class Config:
     """Width of the contrastive representations phi(s, a) and psi(g)."""
     lr: float = 3e-4
     """Adam learning rate of all networks."""
-    alpha: float = 3.0
-    """AWR inverse temperature (OURS as a default; the paper sweeps {0.3, 1, 3, 10} per environment)."""
-    discount: float = 0.99
-    """Discount of the geometric offset at which the critic's positive goals are drawn."""
+    alpha: float | None = None
+    """AWR inverse temperature (default: the table in envs.py; the paper sweeps {0.3, 1, 3, 10} per environment)."""
+    discount: float | None = None
+    """Discount of the geometric offset of the critic's positive goals; default: the table in envs.py."""
+    actor_p_randomgoal: float | None = None
+    """Share of actor goals drawn at random (the rest: the trajectory's future states); default: the table."""
     harness: runs.QHarnessFlags = dataclasses.field(default_factory=runs.QHarness)
     """HARNESS: logging, evaluation, test time, online, run folders, resume (runs.QHarness; flags flattened)."""
 
@@ -89,21 +91,25 @@ def validate(config: Config) -> None:
         (config.steps >= 1, "--steps must be >= 1"),
         (config.batch_size >= 1, "--batch-size must be >= 1"),
         (len(config.hidden_dims) >= 1 and min(config.hidden_dims) >= 1, "--hidden-dims needs positive widths"),
-        (config.alpha >= 0, "--alpha must be >= 0"),
-        (0 < config.discount < 1, "--discount must be in (0, 1) (the geometric goal offset needs it below 1)"),
+        (config.alpha is None or config.alpha >= 0, "--alpha must be >= 0"),
+        (config.discount is None or 0 < config.discount < 1, "--discount must be in (0, 1) (geometric goal offsets)"),
         (config.latent_dim >= 1, "--latent-dim must be >= 1"),
+        (config.actor_p_randomgoal is None or 0 <= config.actor_p_randomgoal <= 1,
+         "--actor-p-randomgoal must be in [0, 1]"),
     ])
     config.harness.validate(config.steps)
 
 
-# ALGO LOGIC: networks, textbook MLPs with LayerNorm; parameters are pytrees (lists of dicts) ------------------------
-def mlp_init(key, sizes: tuple[int, ...]) -> list[dict]:
+# ALGO LOGIC: networks, textbook MLPs as in the reference; parameters are pytrees (lists of dicts) ------------------
+def mlp_init(key, sizes: tuple[int, ...], layer_norm: bool = True, final_scale: float = 1.0) -> list[dict]:
+    """Glorot-uniform weights (the output layer's variance x final_scale), zero biases, LayerNorm if `layer_norm`."""
     params = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         key, sub = jax.random.split(key)
-        limit = math.sqrt(6.0 / (fan_in + fan_out))  # Glorot uniform
+        last = i == len(sizes) - 2
+        limit = math.sqrt(6.0 * (final_scale if last else 1.0) / (fan_in + fan_out))
         layer = {"w": jax.random.uniform(sub, (fan_in, fan_out), minval=-limit, maxval=limit), "b": jnp.zeros(fan_out)}
-        if i < len(sizes) - 2:  # hidden layers get LayerNorm
+        if layer_norm and not last:
             layer["scale"], layer["shift"] = jnp.ones(fan_out), jnp.zeros(fan_out)
         params.append(layer)
     return params
@@ -116,8 +122,11 @@ def layer_norm(x, scale, shift, eps: float = 1e-6):
 
 
 def mlp_apply(params: list[dict], x):
+    """Dense -> GELU -> LayerNorm (where the network has it) per hidden layer, the reference's order; linear output."""
     for layer in params[:-1]:
-        x = jax.nn.gelu(layer_norm(x @ layer["w"] + layer["b"], layer["scale"], layer["shift"]))
+        x = jax.nn.gelu(x @ layer["w"] + layer["b"])
+        if "scale" in layer:
+            x = layer_norm(x, layer["scale"], layer["shift"])
     return x @ params[-1]["w"] + params[-1]["b"]
 
 
@@ -146,19 +155,15 @@ def value_fn(params, obs, goals):
     return (phi * psi).sum(-1)[0] / math.sqrt(phi.shape[-1])
 
 
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-
-
 def actor_fn(params, obs, goals):
-    """Gaussian policy: (mean in [-1, 1], log std [a]); the std is learned and state-independent."""
-    mean = jnp.tanh(mlp_apply(params["net"], jnp.concatenate([obs, goals], -1)))
-    return mean, jnp.clip(params["log_std"], LOG_STD_MIN, LOG_STD_MAX)
+    """The mean of the Gaussian policy N(mu(s[, g]), I): unbounded, std fixed at 1, no tanh (the reference's); the agent
+    acts with clip(mu, -1, 1)."""
+    return mlp_apply(params, jnp.concatenate([obs, goals], -1))
 
 
-def gaussian_log_prob(mean, log_std, actions):
-    """log N(actions; mean, diag(exp(log_std)^2)), summed over action dimensions."""
-    z = (actions - mean) * jnp.exp(-log_std)
-    return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+def gaussian_log_prob(mean, actions):
+    """log N(actions; mean, I), summed over action dimensions: a squared error up to a constant."""
+    return (-0.5 * (actions - mean) ** 2 - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
 def init_params(key, obs_dim: int, goal_dim: int, action_dim: int, hidden_dims: tuple[int, ...],
@@ -170,8 +175,7 @@ def init_params(key, obs_dim: int, goal_dim: int, action_dim: int, hidden_dims: 
                    "psi": ensemble(k_psi, (goal_dim, *hidden_dims, latent_dim))},
         "value": {"phi": ensemble(k_v_phi, (obs_dim, *hidden_dims, latent_dim), 1),
                   "psi": ensemble(k_v_psi, (goal_dim, *hidden_dims, latent_dim), 1)},
-        "actor": {"net": mlp_init(k_actor, (obs_dim + goal_dim, *hidden_dims, action_dim)),
-                  "log_std": jnp.zeros(action_dim)},
+        "actor": mlp_init(k_actor, (obs_dim + goal_dim, *hidden_dims, action_dim), layer_norm=False, final_scale=0.01),
     }
 
 
@@ -213,12 +217,12 @@ def awr_actor_loss(actor_params, value_params, critic_params, batch, alpha):
     advantage = q - v
     # The weight is a constant of this loss (Q and V are frozen here); clipping keeps a few transitions from dominating.
     weight = jnp.minimum(jnp.exp(alpha * advantage), AWR_MAX_WEIGHT)
-    mean, log_std = actor_fn(actor_params, batch["observations"], batch["goals"])
-    log_prob = gaussian_log_prob(mean, log_std, batch["actions"])
+    mean = actor_fn(actor_params, batch["observations"], batch["goals"])
+    log_prob = gaussian_log_prob(mean, batch["actions"])
     loss = -(jax.lax.stop_gradient(weight) * log_prob).mean()
     info = {"actor_loss": loss, "actor_advantage_mean": advantage.mean(), "awr_weight_mean": weight.mean(),
             "awr_weight_clipped_fraction": (weight >= AWR_MAX_WEIGHT).mean(), "actor_bc_log_prob": log_prob.mean(),
-            "actor_std_mean": jnp.exp(log_std).mean(), "policy_mse_to_data": ((mean - batch["actions"]) ** 2).mean()}
+            "policy_mse_to_data": ((mean - batch["actions"]) ** 2).mean()}
     return loss, info
 
 
@@ -226,12 +230,8 @@ def awr_actor_loss(actor_params, value_params, critic_params, batch, alpha):
 def init_state(key, obs_dim, goal_dim, action_dim, config: Config) -> dict:
     k_params, k_train = jax.random.split(key)
     params = init_params(k_params, obs_dim, goal_dim, action_dim, config.hidden_dims, config.latent_dim)
-    return {"params": params, "opt_state": make_optimizer(config).init(params), "key": k_train,
+    return {"params": params, "opt_state": optax.adam(config.lr).init(params), "key": k_train,
             "step": jnp.zeros((), jnp.int32)}
-
-
-def make_optimizer(config: Config):
-    return optax.adam(config.lr)
 
 
 def update(state, data, member, config: Config, goal_conditioned: bool = True, online=None):
@@ -245,7 +245,7 @@ def update(state, data, member, config: Config, goal_conditioned: bool = True, o
     value_batch = envs.sample_batch(k_value_batch, data, member["value_data_size"], config.batch_size, "value",
                                     critic_goals, online=online)
     policy_batch = envs.sample_batch(k_policy_batch, data, member["policy_data_size"], config.batch_size, "actor",
-                                     online=online)
+                                     online=online, actor_p_random=config.actor_p_randomgoal)
     params = state["params"]
     (_, c_info), c_grad = jax.value_and_grad(contrastive_critic_loss, has_aux=True)(params["critic"], value_batch)
     (_, v_info), v_grad = jax.value_and_grad(contrastive_value_loss, has_aux=True)(params["value"], value_batch)
@@ -253,7 +253,7 @@ def update(state, data, member, config: Config, goal_conditioned: bool = True, o
     (_, a_info), a_grad = jax.value_and_grad(awr_actor_loss, has_aux=True)(
         params["actor"], params["value"], params["critic"], policy_batch, member["alpha"])
     grads = {"critic": c_grad, "value": v_grad, "actor": a_grad}
-    updates, opt_state = make_optimizer(config).update(grads, state["opt_state"], params)
+    updates, opt_state = optax.adam(config.lr).update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     new_state = {"params": params, "opt_state": opt_state, "key": key, "step": state["step"] + 1}
     return new_state, {**c_info, **v_info, **a_info}
@@ -275,8 +275,8 @@ def make_train_chunk(config: Config, goal_conditioned: bool = True):
 
 
 def act(params, obs, goals, key):
-    """The action rule: the policy's mean action (`key` unused; SfBC's rule samples)."""
-    return actor_fn(params["actor"], obs, goals)[0]
+    """The action rule: the policy's mean, clipped to the action box (`key` unused; SfBC's rule samples)."""
+    return jnp.clip(actor_fn(params["actor"], obs, goals), -1.0, 1.0)
 
 
 def q_value(params, obs, goals, actions):
@@ -285,8 +285,8 @@ def q_value(params, obs, goals, actions):
 
 
 def mean_action(actor_params, obs, goals):
-    """What TTT fine-tunes: the policy's mean action from actor parameters."""
-    return actor_fn(actor_params, obs, goals)[0]
+    """What TTT fine-tunes: the action the policy takes, from actor parameters."""
+    return jnp.clip(actor_fn(actor_params, obs, goals), -1.0, 1.0)
 
 
 # The training loop (HARNESS calls: runs.Run keeps the run folders, logs, resume states and result.json) -------------
@@ -296,11 +296,12 @@ def main(config: Config) -> list[dict]:
     if not spec.goal_conditioned:
         raise runs.UsageError(f"{SCRIPT} needs a goal-conditioned environment (CRL's critic is a function of goals), "
                               f"and {config.env} has none; use iql_awr or sarsa_awr for it")
+    config, from_table = envs.fill_from_table(config, SCRIPT)  # unset flags: the dataset's row of the table
     train, val = envs.split_dataset(envs.load_dataset(spec, config.dataset_dir), config.split_seed)
     h = config.harness
     obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]
     # Members: --num-seeds seeds in one run folder, or scaling.py's --members-file (seeds, data sizes, alphas).
-    run = runs.Run(config, SCRIPT, len(train["actions"]))
+    run = runs.Run(config, SCRIPT, len(train["actions"]), from_table)
     states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim, action_dim, config))(run.keys())
     device_data, train_chunk = envs.to_device(train), make_train_chunk(config, True)
     batched_act = jax.jit(jax.vmap(act, in_axes=(0, 0, 0, None)))

@@ -6,8 +6,8 @@ What it learns
     the same trajectory, the B x B logits l_ij = Q(s_i, a_i, g_j) are labelled 1 on the diagonal, 0 elsewhere:
       L_Q = E_ij[ BCE(l_ij, 1(i = j)) ],  for each of a two-member ensemble (phi_k, psi_k).
     The optimal logit is log of the discounted future-state density ratio, so Q here is a log-Q. No TD, no target.
-  Policy (DDPG+BC, deterministic tanh policy mu):
-    L_pi = -E[ min_k Q_k(s, mu(s), g) ] / stopgrad(E|Q|) + alpha * E[ 0.5 * ||mu(s, g) - a||^2 ]
+  Policy (DDPG+BC; the policy's mean mu is unbounded, Q is evaluated at, and the agent acts with, clip(mu, -1, 1)):
+    L_pi = -E[ min_k Q_k(s, clip(mu(s, g)), g) ] / stopgrad(E|Q|) + alpha * E[ 0.5 * ||mu(s, g) - a||^2 ]
 
 Knobs that matter
   --alpha: the paper sweeps {0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10}; small alpha trusts Q, large alpha clones.
@@ -20,9 +20,8 @@ Easy to get wrong
   a few states dominate. The negatives are the other goals of the batch, so batches must mix trajectories (they do:
   indices are drawn uniformly). CRL needs goals: on a singletask or dm_control environment the script exits 2.
 
-Reading guide: `# ALGO LOGIC` marks the algorithm (config, networks, losses, update); `# HARNESS` marks shared plumbing
-a reader may skip (envs.py: data, evaluation; runs.py: run folders, logs, resume; testtime.py: OPEX / TTT).
-Run `python algos/crl_ddpgbc.py --help` for every flag.
+Reading guide: `# ALGO LOGIC` marks the algorithm; `# HARNESS`, shared plumbing to skip (envs.py: data, evaluation;
+runs.py: run folders, logs, resume; testtime.py: OPEX / TTT). `python algos/crl_ddpgbc.py --help`: every flag.
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ class Config:
     """Seed of the trajectory permutation and the 10% validation hold-out (shared by all members)."""
     steps: int = 1_000_000
     """Gradient steps (each updates critic and actor once)."""
-    batch_size: int = 256
+    batch_size: int = 1024
     """Transitions per batch, for the value batch and the policy batch alike."""
     hidden_dims: tuple[int, ...] = (512, 512, 512)
     """Hidden layer widths of every MLP (phi, psi, actor)."""
@@ -72,10 +71,12 @@ class Config:
     """Width of the contrastive representations phi(s, a) and psi(g)."""
     lr: float = 3e-4
     """Adam learning rate of all networks."""
-    alpha: float = 0.1
-    """DDPG+BC behaviour-cloning weight (OGBench's CRL default; the paper sweeps it per environment)."""
-    discount: float = 0.99
-    """Discount of the geometric offset at which the critic's positive goals are drawn."""
+    alpha: float | None = None
+    """DDPG+BC behaviour-cloning weight (default: the table in envs.py; the paper sweeps it per environment)."""
+    discount: float | None = None
+    """Discount of the geometric offset of the critic's positive goals; default: the table in envs.py."""
+    actor_p_randomgoal: float | None = None
+    """Share of actor goals drawn at random (the rest: the trajectory's future states); default: the table."""
     harness: runs.QHarnessFlags = dataclasses.field(default_factory=runs.QHarness)
     """HARNESS: logging, evaluation, test time, online, run folders, resume (runs.QHarness; flags flattened)."""
 
@@ -87,21 +88,25 @@ def validate(config: Config) -> None:
         (config.steps >= 1, "--steps must be >= 1"),
         (config.batch_size >= 1, "--batch-size must be >= 1"),
         (len(config.hidden_dims) >= 1 and min(config.hidden_dims) >= 1, "--hidden-dims needs positive widths"),
-        (config.alpha >= 0, "--alpha must be >= 0"),
-        (0 < config.discount < 1, "--discount must be in (0, 1) (the geometric goal offset needs it below 1)"),
+        (config.alpha is None or config.alpha >= 0, "--alpha must be >= 0"),
+        (config.discount is None or 0 < config.discount < 1, "--discount must be in (0, 1) (geometric goal offsets)"),
         (config.latent_dim >= 1, "--latent-dim must be >= 1"),
+        (config.actor_p_randomgoal is None or 0 <= config.actor_p_randomgoal <= 1,
+         "--actor-p-randomgoal must be in [0, 1]"),
     ])
     config.harness.validate(config.steps)
 
 
-# ALGO LOGIC: networks, textbook MLPs with LayerNorm; parameters are pytrees (lists of dicts) ------------------------
-def mlp_init(key, sizes: tuple[int, ...]) -> list[dict]:
+# ALGO LOGIC: networks, textbook MLPs as in the reference; parameters are pytrees (lists of dicts) ------------------
+def mlp_init(key, sizes: tuple[int, ...], layer_norm: bool = True, final_scale: float = 1.0) -> list[dict]:
+    """Glorot-uniform weights (the output layer's variance x final_scale), zero biases, LayerNorm if `layer_norm`."""
     params = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         key, sub = jax.random.split(key)
-        limit = math.sqrt(6.0 / (fan_in + fan_out))  # Glorot uniform
+        last = i == len(sizes) - 2
+        limit = math.sqrt(6.0 * (final_scale if last else 1.0) / (fan_in + fan_out))
         layer = {"w": jax.random.uniform(sub, (fan_in, fan_out), minval=-limit, maxval=limit), "b": jnp.zeros(fan_out)}
-        if i < len(sizes) - 2:  # hidden layers get LayerNorm
+        if layer_norm and not last:
             layer["scale"], layer["shift"] = jnp.ones(fan_out), jnp.zeros(fan_out)
         params.append(layer)
     return params
@@ -114,8 +119,11 @@ def layer_norm(x, scale, shift, eps: float = 1e-6):
 
 
 def mlp_apply(params: list[dict], x):
+    """Dense -> GELU -> LayerNorm (where the network has it) per hidden layer, the reference's order; linear output."""
     for layer in params[:-1]:
-        x = jax.nn.gelu(layer_norm(x @ layer["w"] + layer["b"], layer["scale"], layer["shift"]))
+        x = jax.nn.gelu(x @ layer["w"] + layer["b"])
+        if "scale" in layer:
+            x = layer_norm(x, layer["scale"], layer["shift"])
     return x @ params[-1]["w"] + params[-1]["b"]
 
 
@@ -139,8 +147,9 @@ def critic_fn(params, obs, goals, actions):
 
 
 def actor_fn(params, obs, goals):
-    """Deterministic action mu(s, g) in [-1, 1]."""
-    return jnp.tanh(mlp_apply(params, jnp.concatenate([obs, goals], -1)))
+    """The policy's mean mu(s[, g]), unbounded (the reference's Gaussian with fixed std 1 and no tanh); the agent acts
+    with clip(mu, -1, 1), and Q is evaluated there."""
+    return mlp_apply(params, jnp.concatenate([obs, goals], -1))
 
 
 def init_params(key, obs_dim: int, goal_dim: int, action_dim: int, hidden_dims: tuple[int, ...],
@@ -150,7 +159,7 @@ def init_params(key, obs_dim: int, goal_dim: int, action_dim: int, hidden_dims: 
     return {
         "critic": {"phi": ensemble(k_phi, (obs_dim + action_dim, *hidden_dims, latent_dim)),
                    "psi": ensemble(k_psi, (goal_dim, *hidden_dims, latent_dim))},
-        "actor": mlp_init(k_actor, (obs_dim + goal_dim, *hidden_dims, action_dim)),
+        "actor": mlp_init(k_actor, (obs_dim + goal_dim, *hidden_dims, action_dim), layer_norm=False, final_scale=0.01),
     }
 
 
@@ -181,9 +190,9 @@ def contrastive_critic_loss(critic_params, batch):
 
 def ddpgbc_actor_loss(actor_params, critic_params, batch, alpha):
     mu = actor_fn(actor_params, batch["observations"], batch["goals"])
-    q = critic_fn(critic_params, batch["observations"], batch["goals"], mu).min(0)
+    q = critic_fn(critic_params, batch["observations"], batch["goals"], jnp.clip(mu, -1.0, 1.0)).min(0)
     # Normalising by the (stop-gradient) mean |Q| makes alpha independent of the reward scale.
-    q_loss = -q.mean() / jax.lax.stop_gradient(jnp.abs(q).mean() + 1e-8)
+    q_loss = -q.mean() / jax.lax.stop_gradient(jnp.abs(q).mean() + 1e-6)
     bc_loss = 0.5 * ((mu - batch["actions"]) ** 2).sum(-1).mean()  # = -log N(a; mu, I) + const
     loss = q_loss + alpha * bc_loss
     info = {"actor_loss": loss, "actor_q_loss": q_loss, "actor_bc_loss": bc_loss,
@@ -196,12 +205,8 @@ def ddpgbc_actor_loss(actor_params, critic_params, batch, alpha):
 def init_state(key, obs_dim, goal_dim, action_dim, config: Config) -> dict:
     k_params, k_train = jax.random.split(key)
     params = init_params(k_params, obs_dim, goal_dim, action_dim, config.hidden_dims, config.latent_dim)
-    return {"params": params, "opt_state": make_optimizer(config).init(params), "key": k_train,
+    return {"params": params, "opt_state": optax.adam(config.lr).init(params), "key": k_train,
             "step": jnp.zeros((), jnp.int32)}
-
-
-def make_optimizer(config: Config):
-    return optax.adam(config.lr)
 
 
 def update(state, data, member, config: Config, goal_conditioned: bool = True, online=None):
@@ -215,14 +220,14 @@ def update(state, data, member, config: Config, goal_conditioned: bool = True, o
     value_batch = envs.sample_batch(k_value_batch, data, member["value_data_size"], config.batch_size, "value",
                                     critic_goals, online=online)
     policy_batch = envs.sample_batch(k_policy_batch, data, member["policy_data_size"], config.batch_size, "actor",
-                                     online=online)
+                                     online=online, actor_p_random=config.actor_p_randomgoal)
     params = state["params"]
     (_, c_info), c_grad = jax.value_and_grad(contrastive_critic_loss, has_aux=True)(params["critic"], value_batch)
     # The actor's gradient is taken with respect to the actor's parameters only: the critics stay fixed inside it.
     (_, a_info), a_grad = jax.value_and_grad(ddpgbc_actor_loss, has_aux=True)(
         params["actor"], params["critic"], policy_batch, member["alpha"])
     grads = {"critic": c_grad, "actor": a_grad}
-    updates, opt_state = make_optimizer(config).update(grads, state["opt_state"], params)
+    updates, opt_state = optax.adam(config.lr).update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     return {"params": params, "opt_state": opt_state, "key": key, "step": state["step"] + 1}, {**c_info, **a_info}
 
@@ -243,8 +248,8 @@ def make_train_chunk(config: Config, goal_conditioned: bool = True):
 
 
 def act(params, obs, goals, key):
-    """The action rule: the deterministic policy's action (`key` unused; SfBC's rule samples)."""
-    return actor_fn(params["actor"], obs, goals)
+    """The action rule: the policy's mean, clipped to the action box (`key` unused; SfBC's rule samples)."""
+    return jnp.clip(actor_fn(params["actor"], obs, goals), -1.0, 1.0)
 
 
 def q_value(params, obs, goals, actions):
@@ -252,7 +257,9 @@ def q_value(params, obs, goals, actions):
     return critic_fn(params["critic"], obs, goals, actions).min(0)
 
 
-mean_action = actor_fn  # what TTT fine-tunes: the policy's mean action from actor parameters
+def mean_action(actor_params, obs, goals):
+    """What TTT fine-tunes: the action the policy takes, from actor parameters."""
+    return jnp.clip(actor_fn(actor_params, obs, goals), -1.0, 1.0)
 
 
 # The training loop (HARNESS calls: runs.Run keeps the run folders, logs, resume states and result.json) -------------
@@ -262,11 +269,12 @@ def main(config: Config) -> list[dict]:
     if not spec.goal_conditioned:
         raise runs.UsageError(f"{SCRIPT} needs a goal-conditioned environment (CRL's critic is a function of goals), "
                               f"and {config.env} has none; use iql_ddpgbc or sarsa_ddpgbc for it")
+    config, from_table = envs.fill_from_table(config, SCRIPT)  # unset flags: the dataset's row of the table
     train, val = envs.split_dataset(envs.load_dataset(spec, config.dataset_dir), config.split_seed)
     h = config.harness
     obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]
     # Members: --num-seeds seeds in one run folder, or scaling.py's --members-file (seeds, data sizes, alphas).
-    run = runs.Run(config, SCRIPT, len(train["actions"]))
+    run = runs.Run(config, SCRIPT, len(train["actions"]), from_table)
     states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim, action_dim, config))(run.keys())
     device_data, train_chunk = envs.to_device(train), make_train_chunk(config, True)
     batched_act = jax.jit(jax.vmap(act, in_axes=(0, 0, 0, None)))

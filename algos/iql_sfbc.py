@@ -19,9 +19,8 @@ Easy to get wrong
   policy's std must be learned: candidates drawn with a fixed unit std on a [-1, 1] action box are mostly clipped.
   `--tau` is the Polyak rate of the targets; the expectile is `--expectile`.
 
-Reading guide: `# ALGO LOGIC` marks the algorithm (config, networks, losses, update); `# HARNESS` marks shared plumbing
-a reader may skip (envs.py: data, evaluation; runs.py: run folders, logs, resume; testtime.py: OPEX / TTT).
-Run `python algos/iql_sfbc.py --help` for every flag.
+Reading guide: `# ALGO LOGIC` marks the algorithm; `# HARNESS`, shared plumbing to skip (envs.py: data, evaluation;
+runs.py: run folders, logs, resume; testtime.py: OPEX / TTT). `python algos/iql_sfbc.py --help`: every flag.
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ class Config:
     """Seed of the trajectory permutation and the 10% validation hold-out (shared by all members)."""
     steps: int = 1_000_000
     """Gradient steps (each updates value, critic and actor once)."""
-    batch_size: int = 256
+    batch_size: int = 1024
     """Transitions per batch, for the value batch and the policy batch alike."""
     hidden_dims: tuple[int, ...] = (512, 512, 512)
     """Hidden layer widths of every MLP (value, twin critics, actor)."""
@@ -72,8 +71,10 @@ class Config:
     """Adam learning rate of all networks."""
     num_samples: int = 32
     """Candidate actions sampled from the BC policy per action; the one with the highest min_i Q_i is taken."""
-    discount: float = 0.99
-    """Discount factor (also the geometric goal-offset discount of goal sampling)."""
+    discount: float | None = None
+    """Discount factor (also the geometric goal-offset discount of goal sampling); default: the table in envs.py."""
+    actor_p_randomgoal: float | None = None
+    """Share of actor goals drawn at random (the rest: the trajectory's future states); default: the table."""
     expectile: float = 0.9
     """IQL expectile tau in (0, 1); 0.5 gives SARSA."""
     tau: float = 0.005
@@ -90,21 +91,25 @@ def validate(config: Config) -> None:
         (config.batch_size >= 1, "--batch-size must be >= 1"),
         (len(config.hidden_dims) >= 1 and min(config.hidden_dims) >= 1, "--hidden-dims needs positive widths"),
         (config.num_samples >= 1, "--num-samples must be >= 1"),
-        (0 < config.discount <= 1, "--discount must be in (0, 1]"),
+        (config.discount is None or 0 < config.discount < 1, "--discount must be in (0, 1) (geometric goal offsets)"),
         (0 < config.expectile < 1, "--expectile must be in (0, 1)"),
         (0 < config.tau <= 1, "--tau must be in (0, 1]"),
+        (config.actor_p_randomgoal is None or 0 <= config.actor_p_randomgoal <= 1,
+         "--actor-p-randomgoal must be in [0, 1]"),
     ])
     config.harness.validate(config.steps)
 
 
-# ALGO LOGIC: networks, textbook MLPs with LayerNorm; parameters are pytrees (lists of dicts) ------------------------
-def mlp_init(key, sizes: tuple[int, ...]) -> list[dict]:
+# ALGO LOGIC: networks, textbook MLPs as in the reference; parameters are pytrees (lists of dicts) ------------------
+def mlp_init(key, sizes: tuple[int, ...], layer_norm: bool = True, final_scale: float = 1.0) -> list[dict]:
+    """Glorot-uniform weights (the output layer's variance x final_scale), zero biases, LayerNorm if `layer_norm`."""
     params = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         key, sub = jax.random.split(key)
-        limit = math.sqrt(6.0 / (fan_in + fan_out))  # Glorot uniform
+        last = i == len(sizes) - 2
+        limit = math.sqrt(6.0 * (final_scale if last else 1.0) / (fan_in + fan_out))
         layer = {"w": jax.random.uniform(sub, (fan_in, fan_out), minval=-limit, maxval=limit), "b": jnp.zeros(fan_out)}
-        if i < len(sizes) - 2:  # hidden layers get LayerNorm
+        if layer_norm and not last:
             layer["scale"], layer["shift"] = jnp.ones(fan_out), jnp.zeros(fan_out)
         params.append(layer)
     return params
@@ -117,8 +122,11 @@ def layer_norm(x, scale, shift, eps: float = 1e-6):
 
 
 def mlp_apply(params: list[dict], x):
+    """Dense -> GELU -> LayerNorm (where the network has it) per hidden layer, the reference's order; linear output."""
     for layer in params[:-1]:
-        x = jax.nn.gelu(layer_norm(x @ layer["w"] + layer["b"], layer["scale"], layer["shift"]))
+        x = jax.nn.gelu(x @ layer["w"] + layer["b"])
+        if "scale" in layer:
+            x = layer_norm(x, layer["scale"], layer["shift"])
     return x @ params[-1]["w"] + params[-1]["b"]
 
 
@@ -133,13 +141,11 @@ def critic_fn(params, obs, goals, actions):
     return jax.vmap(lambda p: mlp_apply(p, x)[..., 0])(params)
 
 
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-
-
 def actor_fn(params, obs, goals):
-    """Gaussian policy: (mean in [-1, 1], log std [a]); the std is learned and state-independent."""
-    mean = jnp.tanh(mlp_apply(params["net"], _inputs(obs, goals)))
-    return mean, jnp.clip(params["log_std"], LOG_STD_MIN, LOG_STD_MAX)
+    """The BC Gaussian policy: (unbounded mean, log std [a]), no tanh; the std is learned and state-independent (OURS:
+    the reference's fixed std 1 would spread the candidates over the whole action box)."""
+    mean = mlp_apply(params["net"], _inputs(obs, goals))
+    return mean, jnp.clip(params["log_std"], -5.0, 2.0)  # the reference's bounds
 
 
 def gaussian_log_prob(mean, log_std, actions):
@@ -157,7 +163,8 @@ def init_params(key, obs_dim: int, goal_dim: int, action_dim: int, hidden_dims: 
     state_dim = obs_dim + goal_dim
     critic = jax.vmap(lambda k: mlp_init(k, (state_dim + action_dim, *hidden_dims, 1)))(jax.random.split(k_critic))
     return {"value": mlp_init(k_value, (state_dim, *hidden_dims, 1)), "critic": critic,
-            "actor": {"net": mlp_init(k_actor, (state_dim, *hidden_dims, action_dim)),
+            "actor": {"net": mlp_init(k_actor, (state_dim, *hidden_dims, action_dim),
+                                       layer_norm=False, final_scale=0.01),
                       "log_std": jnp.zeros(action_dim)}}
 
 
@@ -213,12 +220,8 @@ def init_state(key, obs_dim, goal_dim, action_dim, config: Config) -> dict:
     params = init_params(k_params, obs_dim, goal_dim, action_dim, config.hidden_dims)
     # The target starts as a copy (a distinct buffer: the training state is donated to each jitted chunk).
     target_critic = jax.tree_util.tree_map(jnp.copy, params["critic"])
-    return {"params": params, "target_critic": target_critic, "opt_state": make_optimizer(config).init(params),
+    return {"params": params, "target_critic": target_critic, "opt_state": optax.adam(config.lr).init(params),
             "key": k_train, "step": jnp.zeros((), jnp.int32)}
-
-
-def make_optimizer(config: Config):
-    return optax.adam(config.lr)
 
 
 def update(state, data, member, config: Config, goal_conditioned: bool, online=None):
@@ -230,7 +233,8 @@ def update(state, data, member, config: Config, goal_conditioned: bool, online=N
                                     "value" if goal_conditioned else "none", envs.GoalConfig(discount=config.discount),
                                     online=online)
     policy_batch = envs.sample_batch(k_policy_batch, data, member["policy_data_size"], config.batch_size,
-                                     "actor" if goal_conditioned else "none", online=online)
+                                     "actor" if goal_conditioned else "none",
+                                     online=online, actor_p_random=config.actor_p_randomgoal)
     params = state["params"]
     (_, v_info), v_grad = jax.value_and_grad(value_loss, has_aux=True)(
         params["value"], state["target_critic"], value_batch, config.expectile)
@@ -239,7 +243,7 @@ def update(state, data, member, config: Config, goal_conditioned: bool, online=N
     # The policy is plain behaviour cloning on its own subset; Q enters only at action time (sfbc_action).
     (_, a_info), a_grad = jax.value_and_grad(bc_actor_loss, has_aux=True)(params["actor"], policy_batch)
     grads = {"value": v_grad, "critic": c_grad, "actor": a_grad}
-    updates, opt_state = make_optimizer(config).update(grads, state["opt_state"], params)
+    updates, opt_state = optax.adam(config.lr).update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     target = jax.tree_util.tree_map(lambda t, p: (1 - config.tau) * t + config.tau * p, state["target_critic"],
                                     params["critic"])
@@ -274,19 +278,20 @@ def q_value(params, obs, goals, actions):
 
 
 def mean_action(actor_params, obs, goals):
-    """What TTT fine-tunes: the policy's mean action from actor parameters."""
-    return actor_fn(actor_params, obs, goals)[0]
+    """What TTT fine-tunes: the policy's mean action, clipped to the action box, from actor parameters."""
+    return jnp.clip(actor_fn(actor_params, obs, goals)[0], -1.0, 1.0)
 
 
 # The training loop (HARNESS calls: runs.Run keeps the run folders, logs, resume states and result.json) -------------
 def main(config: Config) -> list[dict]:
     validate(config)
     spec = envs.parse_env(config.env)
+    config, from_table = envs.fill_from_table(config, SCRIPT)  # unset flags: the dataset's row of the table
     train, val = envs.split_dataset(envs.load_dataset(spec, config.dataset_dir), config.split_seed)
     gc, h = spec.goal_conditioned, config.harness
     obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]
     # Members: --num-seeds seeds in one run folder, or scaling.py's --members-file (seeds, data sizes, alphas).
-    run = runs.Run(config, SCRIPT, len(train["actions"]))
+    run = runs.Run(config, SCRIPT, len(train["actions"]), from_table)
     states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim if gc else 0, action_dim, config))(run.keys())
     device_data, train_chunk = envs.to_device(train), make_train_chunk(config, gc)
     sfbc_act = functools.partial(act, num_samples=config.num_samples)

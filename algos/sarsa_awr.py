@@ -4,7 +4,8 @@ What it learns
   Value (SARSA: IQL's losses at expectile 0.5, i.e. the behaviour policy's value; in-sample, dataset actions only):
     L_V = E[ |tau - 1(Qbar - V < 0)| (Qbar - V)^2 ],  Qbar = min(Q1_target, Q2_target)(s, a),  expectile tau
     L_Q = sum_i E[ (r + discount * mask * V(s') - Q_i(s, a))^2 ],  targets Polyak-averaged with rate 0.005
-  Policy (AWR, Gaussian policy pi = N(mu(s), diag(std^2)), tanh mean, learned state-independent std):
+  Policy (AWR, Gaussian policy pi = N(mu(s), I): unbounded mean, std fixed at 1, as the reference's; acts with
+    clip(mu, -1, 1)):
     L_pi = -E[ min(exp(alpha * (min_i Q_i(s, a) - V(s))), 100) * log pi(a|s) ]   (advantage-weighted cloning)
 
 Knobs that matter
@@ -19,9 +20,8 @@ Easy to get wrong
   leave the span of the data's actions, which is why it extracts less from the same Q than DDPG+BC (PAPER.md).
   `--tau` is the Polyak rate of the targets; the expectile is fixed at 0.5.
 
-Reading guide: `# ALGO LOGIC` marks the algorithm (config, networks, losses, update); `# HARNESS` marks shared plumbing
-a reader may skip (envs.py: data, evaluation; runs.py: run folders, logs, resume; testtime.py: OPEX / TTT).
-Run `python algos/sarsa_awr.py --help` for every flag.
+Reading guide: `# ALGO LOGIC` marks the algorithm; `# HARNESS`, shared plumbing to skip (envs.py: data, evaluation;
+runs.py: run folders, logs, resume; testtime.py: OPEX / TTT). `python algos/sarsa_awr.py --help`: every flag.
 """
 
 from __future__ import annotations
@@ -64,16 +64,18 @@ class Config:
     """Seed of the trajectory permutation and the 10% validation hold-out (shared by all members)."""
     steps: int = 1_000_000
     """Gradient steps (each updates value, critic and actor once)."""
-    batch_size: int = 256
+    batch_size: int = 1024
     """Transitions per batch, for the value batch and the policy batch alike."""
     hidden_dims: tuple[int, ...] = (512, 512, 512)
     """Hidden layer widths of every MLP (value, twin critics, actor)."""
     lr: float = 3e-4
     """Adam learning rate of all networks."""
-    alpha: float = 3.0
-    """AWR inverse temperature (OURS as a default; the paper sweeps {0.3, 1, 3, 10} per environment)."""
-    discount: float = 0.99
-    """Discount factor (also the geometric goal-offset discount of goal sampling)."""
+    alpha: float | None = None
+    """AWR inverse temperature (default: the table in envs.py; the paper sweeps {0.3, 1, 3, 10} per environment)."""
+    discount: float | None = None
+    """Discount factor (also the geometric goal-offset discount of goal sampling); default: the table in envs.py."""
+    actor_p_randomgoal: float | None = None
+    """Share of actor goals drawn at random (the rest: the trajectory's future states); default: the table."""
     tau: float = 0.005
     """Polyak rate of the target critics."""
     harness: runs.QHarnessFlags = dataclasses.field(default_factory=runs.QHarness)
@@ -87,21 +89,25 @@ def validate(config: Config) -> None:
         (config.steps >= 1, "--steps must be >= 1"),
         (config.batch_size >= 1, "--batch-size must be >= 1"),
         (len(config.hidden_dims) >= 1 and min(config.hidden_dims) >= 1, "--hidden-dims needs positive widths"),
-        (config.alpha >= 0, "--alpha must be >= 0"),
-        (0 < config.discount <= 1, "--discount must be in (0, 1]"),
+        (config.alpha is None or config.alpha >= 0, "--alpha must be >= 0"),
+        (config.discount is None or 0 < config.discount < 1, "--discount must be in (0, 1) (geometric goal offsets)"),
         (0 < config.tau <= 1, "--tau must be in (0, 1]"),
+        (config.actor_p_randomgoal is None or 0 <= config.actor_p_randomgoal <= 1,
+         "--actor-p-randomgoal must be in [0, 1]"),
     ])
     config.harness.validate(config.steps)
 
 
-# ALGO LOGIC: networks, textbook MLPs with LayerNorm; parameters are pytrees (lists of dicts) ------------------------
-def mlp_init(key, sizes: tuple[int, ...]) -> list[dict]:
+# ALGO LOGIC: networks, textbook MLPs as in the reference; parameters are pytrees (lists of dicts) ------------------
+def mlp_init(key, sizes: tuple[int, ...], layer_norm: bool = True, final_scale: float = 1.0) -> list[dict]:
+    """Glorot-uniform weights (the output layer's variance x final_scale), zero biases, LayerNorm if `layer_norm`."""
     params = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         key, sub = jax.random.split(key)
-        limit = math.sqrt(6.0 / (fan_in + fan_out))  # Glorot uniform
+        last = i == len(sizes) - 2
+        limit = math.sqrt(6.0 * (final_scale if last else 1.0) / (fan_in + fan_out))
         layer = {"w": jax.random.uniform(sub, (fan_in, fan_out), minval=-limit, maxval=limit), "b": jnp.zeros(fan_out)}
-        if i < len(sizes) - 2:  # hidden layers get LayerNorm
+        if layer_norm and not last:
             layer["scale"], layer["shift"] = jnp.ones(fan_out), jnp.zeros(fan_out)
         params.append(layer)
     return params
@@ -114,8 +120,11 @@ def layer_norm(x, scale, shift, eps: float = 1e-6):
 
 
 def mlp_apply(params: list[dict], x):
+    """Dense -> GELU -> LayerNorm (where the network has it) per hidden layer, the reference's order; linear output."""
     for layer in params[:-1]:
-        x = jax.nn.gelu(layer_norm(x @ layer["w"] + layer["b"], layer["scale"], layer["shift"]))
+        x = jax.nn.gelu(x @ layer["w"] + layer["b"])
+        if "scale" in layer:
+            x = layer_norm(x, layer["scale"], layer["shift"])
     return x @ params[-1]["w"] + params[-1]["b"]
 
 
@@ -130,19 +139,15 @@ def critic_fn(params, obs, goals, actions):
     return jax.vmap(lambda p: mlp_apply(p, x)[..., 0])(params)
 
 
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-
-
 def actor_fn(params, obs, goals):
-    """Gaussian policy: (mean in [-1, 1], log std [a]); the std is learned and state-independent."""
-    mean = jnp.tanh(mlp_apply(params["net"], _inputs(obs, goals)))
-    return mean, jnp.clip(params["log_std"], LOG_STD_MIN, LOG_STD_MAX)
+    """The mean of the Gaussian policy N(mu(s[, g]), I): unbounded, std fixed at 1, no tanh (the reference's); the agent
+    acts with clip(mu, -1, 1)."""
+    return mlp_apply(params, _inputs(obs, goals))
 
 
-def gaussian_log_prob(mean, log_std, actions):
-    """log N(actions; mean, diag(exp(log_std)^2)), summed over action dimensions."""
-    z = (actions - mean) * jnp.exp(-log_std)
-    return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+def gaussian_log_prob(mean, actions):
+    """log N(actions; mean, I), summed over action dimensions: a squared error up to a constant."""
+    return (-0.5 * (actions - mean) ** 2 - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
 def _inputs(obs, goals):
@@ -154,8 +159,7 @@ def init_params(key, obs_dim: int, goal_dim: int, action_dim: int, hidden_dims: 
     state_dim = obs_dim + goal_dim
     critic = jax.vmap(lambda k: mlp_init(k, (state_dim + action_dim, *hidden_dims, 1)))(jax.random.split(k_critic))
     return {"value": mlp_init(k_value, (state_dim, *hidden_dims, 1)), "critic": critic,
-            "actor": {"net": mlp_init(k_actor, (state_dim, *hidden_dims, action_dim)),
-                      "log_std": jnp.zeros(action_dim)}}
+            "actor": mlp_init(k_actor, (state_dim, *hidden_dims, action_dim), layer_norm=False, final_scale=0.01)}
 
 
 # ALGO LOGIC: losses, each returning (loss, info) --------------------------------------------------------------------
@@ -189,12 +193,12 @@ def awr_actor_loss(actor_params, value_params, critic_params, batch, alpha):
     advantage = q - v
     # The weight is a constant of this loss (Q and V are frozen here); clipping keeps a few transitions from dominating.
     weight = jnp.minimum(jnp.exp(alpha * advantage), AWR_MAX_WEIGHT)
-    mean, log_std = actor_fn(actor_params, batch["observations"], batch.get("goals"))
-    log_prob = gaussian_log_prob(mean, log_std, batch["actions"])
+    mean = actor_fn(actor_params, batch["observations"], batch.get("goals"))
+    log_prob = gaussian_log_prob(mean, batch["actions"])
     loss = -(jax.lax.stop_gradient(weight) * log_prob).mean()
     info = {"actor_loss": loss, "actor_advantage_mean": advantage.mean(), "awr_weight_mean": weight.mean(),
             "awr_weight_clipped_fraction": (weight >= AWR_MAX_WEIGHT).mean(), "actor_bc_log_prob": log_prob.mean(),
-            "actor_std_mean": jnp.exp(log_std).mean(), "policy_mse_to_data": ((mean - batch["actions"]) ** 2).mean()}
+            "policy_mse_to_data": ((mean - batch["actions"]) ** 2).mean()}
     return loss, info
 
 
@@ -204,12 +208,8 @@ def init_state(key, obs_dim, goal_dim, action_dim, config: Config) -> dict:
     params = init_params(k_params, obs_dim, goal_dim, action_dim, config.hidden_dims)
     # The target starts as a copy (a distinct buffer: the training state is donated to each jitted chunk).
     target_critic = jax.tree_util.tree_map(jnp.copy, params["critic"])
-    return {"params": params, "target_critic": target_critic, "opt_state": make_optimizer(config).init(params),
+    return {"params": params, "target_critic": target_critic, "opt_state": optax.adam(config.lr).init(params),
             "key": k_train, "step": jnp.zeros((), jnp.int32)}
-
-
-def make_optimizer(config: Config):
-    return optax.adam(config.lr)
 
 
 def update(state, data, member, config: Config, goal_conditioned: bool, online=None):
@@ -221,7 +221,8 @@ def update(state, data, member, config: Config, goal_conditioned: bool, online=N
                                     "value" if goal_conditioned else "none", envs.GoalConfig(discount=config.discount),
                                     online=online)
     policy_batch = envs.sample_batch(k_policy_batch, data, member["policy_data_size"], config.batch_size,
-                                     "actor" if goal_conditioned else "none", online=online)
+                                     "actor" if goal_conditioned else "none",
+                                     online=online, actor_p_random=config.actor_p_randomgoal)
     params = state["params"]
     (_, v_info), v_grad = jax.value_and_grad(value_loss, has_aux=True)(
         params["value"], state["target_critic"], value_batch, EXPECTILE)
@@ -231,7 +232,7 @@ def update(state, data, member, config: Config, goal_conditioned: bool, online=N
     (_, a_info), a_grad = jax.value_and_grad(awr_actor_loss, has_aux=True)(
         params["actor"], params["value"], params["critic"], policy_batch, member["alpha"])
     grads = {"value": v_grad, "critic": c_grad, "actor": a_grad}
-    updates, opt_state = make_optimizer(config).update(grads, state["opt_state"], params)
+    updates, opt_state = optax.adam(config.lr).update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     target = jax.tree_util.tree_map(lambda t, p: (1 - config.tau) * t + config.tau * p, state["target_critic"],
                                     params["critic"])
@@ -256,8 +257,8 @@ def make_train_chunk(config: Config, goal_conditioned: bool):
 
 
 def act(params, obs, goals, key):
-    """The action rule: the policy's mean action (`key` unused; SfBC's rule samples)."""
-    return actor_fn(params["actor"], obs, goals)[0]
+    """The action rule: the policy's mean, clipped to the action box (`key` unused; SfBC's rule samples)."""
+    return jnp.clip(actor_fn(params["actor"], obs, goals), -1.0, 1.0)
 
 
 def q_value(params, obs, goals, actions):
@@ -266,19 +267,20 @@ def q_value(params, obs, goals, actions):
 
 
 def mean_action(actor_params, obs, goals):
-    """What TTT fine-tunes: the policy's mean action from actor parameters."""
-    return actor_fn(actor_params, obs, goals)[0]
+    """What TTT fine-tunes: the action the policy takes, from actor parameters."""
+    return jnp.clip(actor_fn(actor_params, obs, goals), -1.0, 1.0)
 
 
 # The training loop (HARNESS calls: runs.Run keeps the run folders, logs, resume states and result.json) -------------
 def main(config: Config) -> list[dict]:
     validate(config)
     spec = envs.parse_env(config.env)
+    config, from_table = envs.fill_from_table(config, SCRIPT)  # unset flags: the dataset's row of the table
     train, val = envs.split_dataset(envs.load_dataset(spec, config.dataset_dir), config.split_seed)
     gc, h = spec.goal_conditioned, config.harness
     obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]
     # Members: --num-seeds seeds in one run folder, or scaling.py's --members-file (seeds, data sizes, alphas).
-    run = runs.Run(config, SCRIPT, len(train["actions"]))
+    run = runs.Run(config, SCRIPT, len(train["actions"]), from_table)
     states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim if gc else 0, action_dim, config))(run.keys())
     device_data, train_chunk = envs.to_device(train), make_train_chunk(config, gc)
     batched_act = jax.jit(jax.vmap(act, in_axes=(0, 0, 0, None)))

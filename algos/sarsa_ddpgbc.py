@@ -4,8 +4,8 @@ What it learns
   Value (SARSA: IQL's losses at expectile 0.5, i.e. the behaviour policy's value; in-sample, dataset actions only):
     L_V = E[ |tau - 1(Qbar - V < 0)| (Qbar - V)^2 ],  Qbar = min(Q1_target, Q2_target)(s, a),  expectile tau
     L_Q = sum_i E[ (r + discount * mask * V(s') - Q_i(s, a))^2 ],  targets Polyak-averaged with rate 0.005
-  Policy (DDPG+BC, deterministic tanh policy mu):
-    L_pi = -E[ min_i Q_i(s, mu(s)) ] / stopgrad(E|Q|) + alpha * E[ 0.5 * ||mu(s) - a||^2 ]
+  Policy (DDPG+BC; the policy's mean mu is unbounded, Q is evaluated at, and the agent acts with, clip(mu, -1, 1)):
+    L_pi = -E[ min_i Q_i(s, clip(mu(s))) ] / stopgrad(E|Q|) + alpha * E[ 0.5 * ||mu(s) - a||^2 ]
     The BC term is -log pi(a|s) of a unit-std Gaussian up to a constant, so alpha means what it means in the paper.
 
 Knobs that matter
@@ -18,9 +18,8 @@ Easy to get wrong
   so value learning never depends on the policy. And the Q normalisation is stop-gradient, or the actor learns to
   shrink |Q| instead of raising Q. `--tau` is the Polyak rate of the targets; the expectile is fixed at 0.5.
 
-Reading guide: `# ALGO LOGIC` marks the algorithm (config, networks, losses, update); `# HARNESS` marks shared plumbing
-a reader may skip (envs.py: data, evaluation; runs.py: run folders, logs, resume; testtime.py: OPEX / TTT).
-Run `python algos/sarsa_ddpgbc.py --help` for every flag.
+Reading guide: `# ALGO LOGIC` marks the algorithm; `# HARNESS`, shared plumbing to skip (envs.py: data, evaluation;
+runs.py: run folders, logs, resume; testtime.py: OPEX / TTT). `python algos/sarsa_ddpgbc.py --help`: every flag.
 """
 
 from __future__ import annotations
@@ -63,16 +62,18 @@ class Config:
     """Seed of the trajectory permutation and the 10% validation hold-out (shared by all members)."""
     steps: int = 1_000_000
     """Gradient steps (each updates value, critic and actor once)."""
-    batch_size: int = 256
+    batch_size: int = 1024
     """Transitions per batch, for the value batch and the policy batch alike."""
     hidden_dims: tuple[int, ...] = (512, 512, 512)
     """Hidden layer widths of every MLP (value, twin critics, actor)."""
     lr: float = 3e-4
     """Adam learning rate of all networks."""
-    alpha: float = 0.3
-    """DDPG+BC behaviour-cloning weight (OURS as a default; the paper sweeps it per environment)."""
-    discount: float = 0.99
-    """Discount factor (also the geometric goal-offset discount of goal sampling)."""
+    alpha: float | None = None
+    """DDPG+BC behaviour-cloning weight (default: the table in envs.py; the paper sweeps it per environment)."""
+    discount: float | None = None
+    """Discount factor (also the geometric goal-offset discount of goal sampling); default: the table in envs.py."""
+    actor_p_randomgoal: float | None = None
+    """Share of actor goals drawn at random (the rest: the trajectory's future states); default: the table."""
     tau: float = 0.005
     """Polyak rate of the target critics."""
     harness: runs.QHarnessFlags = dataclasses.field(default_factory=runs.QHarness)
@@ -86,21 +87,25 @@ def validate(config: Config) -> None:
         (config.steps >= 1, "--steps must be >= 1"),
         (config.batch_size >= 1, "--batch-size must be >= 1"),
         (len(config.hidden_dims) >= 1 and min(config.hidden_dims) >= 1, "--hidden-dims needs positive widths"),
-        (config.alpha >= 0, "--alpha must be >= 0"),
-        (0 < config.discount <= 1, "--discount must be in (0, 1]"),
+        (config.alpha is None or config.alpha >= 0, "--alpha must be >= 0"),
+        (config.discount is None or 0 < config.discount < 1, "--discount must be in (0, 1) (geometric goal offsets)"),
         (0 < config.tau <= 1, "--tau must be in (0, 1]"),
+        (config.actor_p_randomgoal is None or 0 <= config.actor_p_randomgoal <= 1,
+         "--actor-p-randomgoal must be in [0, 1]"),
     ])
     config.harness.validate(config.steps)
 
 
-# ALGO LOGIC: networks, textbook MLPs with LayerNorm; parameters are pytrees (lists of dicts) ------------------------
-def mlp_init(key, sizes: tuple[int, ...]) -> list[dict]:
+# ALGO LOGIC: networks, textbook MLPs as in the reference; parameters are pytrees (lists of dicts) ------------------
+def mlp_init(key, sizes: tuple[int, ...], layer_norm: bool = True, final_scale: float = 1.0) -> list[dict]:
+    """Glorot-uniform weights (the output layer's variance x final_scale), zero biases, LayerNorm if `layer_norm`."""
     params = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         key, sub = jax.random.split(key)
-        limit = math.sqrt(6.0 / (fan_in + fan_out))  # Glorot uniform
+        last = i == len(sizes) - 2
+        limit = math.sqrt(6.0 * (final_scale if last else 1.0) / (fan_in + fan_out))
         layer = {"w": jax.random.uniform(sub, (fan_in, fan_out), minval=-limit, maxval=limit), "b": jnp.zeros(fan_out)}
-        if i < len(sizes) - 2:  # hidden layers get LayerNorm
+        if layer_norm and not last:
             layer["scale"], layer["shift"] = jnp.ones(fan_out), jnp.zeros(fan_out)
         params.append(layer)
     return params
@@ -113,8 +118,11 @@ def layer_norm(x, scale, shift, eps: float = 1e-6):
 
 
 def mlp_apply(params: list[dict], x):
+    """Dense -> GELU -> LayerNorm (where the network has it) per hidden layer, the reference's order; linear output."""
     for layer in params[:-1]:
-        x = jax.nn.gelu(layer_norm(x @ layer["w"] + layer["b"], layer["scale"], layer["shift"]))
+        x = jax.nn.gelu(x @ layer["w"] + layer["b"])
+        if "scale" in layer:
+            x = layer_norm(x, layer["scale"], layer["shift"])
     return x @ params[-1]["w"] + params[-1]["b"]
 
 
@@ -130,8 +138,9 @@ def critic_fn(params, obs, goals, actions):
 
 
 def actor_fn(params, obs, goals):
-    """Deterministic action mu(s[, g]) in [-1, 1]."""
-    return jnp.tanh(mlp_apply(params, _inputs(obs, goals)))
+    """The policy's mean mu(s[, g]), unbounded (the reference's Gaussian with fixed std 1 and no tanh); the agent acts
+    with clip(mu, -1, 1), and Q is evaluated there."""
+    return mlp_apply(params, _inputs(obs, goals))
 
 
 def _inputs(obs, goals):
@@ -143,7 +152,7 @@ def init_params(key, obs_dim: int, goal_dim: int, action_dim: int, hidden_dims: 
     state_dim = obs_dim + goal_dim
     critic = jax.vmap(lambda k: mlp_init(k, (state_dim + action_dim, *hidden_dims, 1)))(jax.random.split(k_critic))
     return {"value": mlp_init(k_value, (state_dim, *hidden_dims, 1)), "critic": critic,
-            "actor": mlp_init(k_actor, (state_dim, *hidden_dims, action_dim))}
+            "actor": mlp_init(k_actor, (state_dim, *hidden_dims, action_dim), layer_norm=False, final_scale=0.01)}
 
 
 # ALGO LOGIC: losses, each returning (loss, info) --------------------------------------------------------------------
@@ -170,9 +179,9 @@ def critic_loss(critic_params, value_params, batch, discount):
 
 def ddpgbc_actor_loss(actor_params, critic_params, batch, alpha):
     mu = actor_fn(actor_params, batch["observations"], batch.get("goals"))
-    q = critic_fn(critic_params, batch["observations"], batch.get("goals"), mu).min(0)
+    q = critic_fn(critic_params, batch["observations"], batch.get("goals"), jnp.clip(mu, -1.0, 1.0)).min(0)
     # Normalising by the (stop-gradient) mean |Q| makes alpha independent of the reward scale.
-    q_loss = -q.mean() / jax.lax.stop_gradient(jnp.abs(q).mean() + 1e-8)
+    q_loss = -q.mean() / jax.lax.stop_gradient(jnp.abs(q).mean() + 1e-6)
     bc_loss = 0.5 * ((mu - batch["actions"]) ** 2).sum(-1).mean()  # = -log N(a; mu, I) + const
     loss = q_loss + alpha * bc_loss
     info = {"actor_loss": loss, "actor_q_loss": q_loss, "actor_bc_loss": bc_loss,
@@ -187,12 +196,8 @@ def init_state(key, obs_dim, goal_dim, action_dim, config: Config) -> dict:
     params = init_params(k_params, obs_dim, goal_dim, action_dim, config.hidden_dims)
     # The target starts as a copy (a distinct buffer: the training state is donated to each jitted chunk).
     target_critic = jax.tree_util.tree_map(jnp.copy, params["critic"])
-    return {"params": params, "target_critic": target_critic, "opt_state": make_optimizer(config).init(params),
+    return {"params": params, "target_critic": target_critic, "opt_state": optax.adam(config.lr).init(params),
             "key": k_train, "step": jnp.zeros((), jnp.int32)}
-
-
-def make_optimizer(config: Config):
-    return optax.adam(config.lr)
 
 
 def update(state, data, member, config: Config, goal_conditioned: bool, online=None):
@@ -204,7 +209,8 @@ def update(state, data, member, config: Config, goal_conditioned: bool, online=N
                                     "value" if goal_conditioned else "none", envs.GoalConfig(discount=config.discount),
                                     online=online)
     policy_batch = envs.sample_batch(k_policy_batch, data, member["policy_data_size"], config.batch_size,
-                                     "actor" if goal_conditioned else "none", online=online)
+                                     "actor" if goal_conditioned else "none",
+                                     online=online, actor_p_random=config.actor_p_randomgoal)
     params = state["params"]
     (_, v_info), v_grad = jax.value_and_grad(value_loss, has_aux=True)(
         params["value"], state["target_critic"], value_batch, EXPECTILE)
@@ -214,7 +220,7 @@ def update(state, data, member, config: Config, goal_conditioned: bool, online=N
     (_, a_info), a_grad = jax.value_and_grad(ddpgbc_actor_loss, has_aux=True)(
         params["actor"], params["critic"], policy_batch, member["alpha"])
     grads = {"value": v_grad, "critic": c_grad, "actor": a_grad}
-    updates, opt_state = make_optimizer(config).update(grads, state["opt_state"], params)
+    updates, opt_state = optax.adam(config.lr).update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     target = jax.tree_util.tree_map(lambda t, p: (1 - config.tau) * t + config.tau * p, state["target_critic"],
                                     params["critic"])
@@ -239,8 +245,8 @@ def make_train_chunk(config: Config, goal_conditioned: bool):
 
 
 def act(params, obs, goals, key):
-    """The action rule: the deterministic policy's action (`key` unused; SfBC's rule samples)."""
-    return actor_fn(params["actor"], obs, goals)
+    """The action rule: the policy's mean, clipped to the action box (`key` unused; SfBC's rule samples)."""
+    return jnp.clip(actor_fn(params["actor"], obs, goals), -1.0, 1.0)
 
 
 def q_value(params, obs, goals, actions):
@@ -248,18 +254,21 @@ def q_value(params, obs, goals, actions):
     return critic_fn(params["critic"], obs, goals, actions).min(0)
 
 
-mean_action = actor_fn  # what TTT fine-tunes: the policy's mean action from actor parameters
+def mean_action(actor_params, obs, goals):
+    """What TTT fine-tunes: the action the policy takes, from actor parameters."""
+    return jnp.clip(actor_fn(actor_params, obs, goals), -1.0, 1.0)
 
 
 # The training loop (HARNESS calls: runs.Run keeps the run folders, logs, resume states and result.json) -------------
 def main(config: Config) -> list[dict]:
     validate(config)
     spec = envs.parse_env(config.env)
+    config, from_table = envs.fill_from_table(config, SCRIPT)  # unset flags: the dataset's row of the table
     train, val = envs.split_dataset(envs.load_dataset(spec, config.dataset_dir), config.split_seed)
     gc, h = spec.goal_conditioned, config.harness
     obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]
     # Members: --num-seeds seeds in one run folder, or scaling.py's --members-file (seeds, data sizes, alphas).
-    run = runs.Run(config, SCRIPT, len(train["actions"]))
+    run = runs.Run(config, SCRIPT, len(train["actions"]), from_table)
     states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim if gc else 0, action_dim, config))(run.keys())
     device_data, train_chunk = envs.to_device(train), make_train_chunk(config, gc)
     batched_act = jax.jit(jax.vmap(act, in_axes=(0, 0, 0, None)))

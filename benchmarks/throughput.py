@@ -221,8 +221,8 @@ def run(args: Args) -> dict:
     if min(args.members) < 1 or args.chunk < 1 or args.repeats < 1 or args.reference_steps < 0:
         raise runs.UsageError("--members, --chunk and --repeats must be >= 1 and --reference-steps >= 0")
     algo = importlib.import_module(f"algos.{args.script}")
-    config = runs.make_config(algo.Config, hidden_dims=args.hidden_dims, batch_size=args.batch_size,
-                              log_interval=args.chunk)
+    config, _ = envs.fill_from_table(runs.make_config(algo.Config, hidden_dims=args.hidden_dims,
+                                                      batch_size=args.batch_size, log_interval=args.chunk), args.script)
     train = synthetic_split(args)
     data = envs.to_device(train)
     device = jax.devices()[0]

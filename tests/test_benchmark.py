@@ -6,10 +6,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 from conftest import ROOT, run_script
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import envs  # noqa: E402
+import runs  # noqa: E402
 import throughput  # noqa: E402
 
 
@@ -56,7 +58,7 @@ def test_bad_script_exits_2():
 def test_flops_per_update_are_counted_by_hand_on_bc():
     import algos.bc as algo
 
-    config = algo.Config(hidden_dims=(16, 16), batch_size=8)
+    config = envs.fill_from_table(algo.Config(hidden_dims=(16, 16), batch_size=8), "bc")[0]
     state = algo.init_state(jax.random.PRNGKey(0), 2, 2, 2, config)
     data = envs.to_device(throughput.synthetic_split(throughput.Args(dataset_size=400)))
     fields = {k: v[0] for k, v in throughput.member_fields(algo, 1, 400).items()}
@@ -68,3 +70,19 @@ def test_flops_per_update_are_counted_by_hand_on_bc():
     result = throughput.run(throughput.Args(script="bc", hidden_dims=(16, 16), batch_size=8, members=(1,), chunk=2,
                                             repeats=1, reference_steps=0, dataset_size=400, matmul_size=64))
     assert result["matmul_flops_per_update"] == forward + backward
+
+
+def test_parity_needs_a_reference_checkout_and_consecutive_seeds(tmp_path):
+    import parity
+
+    with pytest.raises(runs.UsageError, match="has no impls/main.py"):
+        parity.check(parity.Args(ogbench_dir=str(tmp_path)))
+    (tmp_path / "impls").mkdir()
+    (tmp_path / "impls" / "main.py").write_text("")
+    parity.check(parity.Args(ogbench_dir=str(tmp_path)))
+    with pytest.raises(runs.UsageError, match="consecutive"):
+        parity.check(parity.Args(ogbench_dir=str(tmp_path), seeds=(0, 2)))
+    with pytest.raises(runs.UsageError, match="--pairs"):
+        parity.check(parity.Args(ogbench_dir=str(tmp_path), pairs=("iql_sfbc",)))
+    # the matched settings come from our table: the reference's tuned pointmaze alpha for IQL + DDPG+BC
+    assert parity.settings(parity.Args(ogbench_dir=str(tmp_path)), "iql_ddpgbc") == {"alpha": 0.003, "discount": 0.99}

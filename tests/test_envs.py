@@ -228,6 +228,60 @@ def test_oracle_solves_evaluation_tasks_closed_loop(name):
 
 
 # ---------------------------------------------------------------- names and bad input
+def test_teleport_mazes_are_not_offered_for_the_mse_metrics(capsys):
+    """pointmaze-teleport's BFS waypoints ignore the teleporters, so its oracle's labels are not optimal actions."""
+    for name in ("pointmaze-teleport-navigate-v0", "pointmaze-teleport-stitch-v0"):
+        spec = envs.parse_env(name)
+        assert not spec.has_oracle and spec.can_generate
+        with pytest.raises(runs.UsageError, match="teleport"):
+            envs.make_oracle(spec)
+    assert envs.parse_env("pointmaze-large-navigate-v0").has_oracle
+    envs._list_cli(envs.ListArgs())
+    listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "oracle" not in listed["pointmaze-teleport-navigate-v0"]
+    assert "oracle" in listed["pointmaze-medium-navigate-v0"]
+
+
+def test_geometric_goals_need_a_discount_below_one():
+    """At discount 1 the geometric offset ceil(log u / log 1) is -inf, and every value goal would be the next state."""
+    for discount in (1.0, 0.0, 1.5):
+        with pytest.raises(runs.UsageError, match="--discount must be in"):
+            envs.GoalConfig(discount=discount)
+    assert envs.GoalConfig(discount=0.995).discount == 0.995
+
+
+def test_the_table_fills_only_the_flags_left_unset():
+    from algos import bc, crl_ddpgbc, iql_ddpgbc
+
+    config, filled = envs.fill_from_table(runs.make_config(iql_ddpgbc.Config, env="cube-single-play-v0"), "iql_ddpgbc")
+    assert (config.alpha, config.discount, config.harness.eval_episodes) == (1.0, 0.99, 50)
+    assert config.actor_p_randomgoal == 0
+    assert filled == {"alpha": "1.0 (reference)", "discount": "0.99 (reference)", "eval_episodes": "50 (reference)",
+                      "actor_p_randomgoal": "0.0 (reference)"}
+    config, filled = envs.fill_from_table(runs.make_config(iql_ddpgbc.Config, env="cube-single-play-v0", alpha=0.2,
+                                                           eval_episodes=3), "iql_ddpgbc")
+    assert (config.alpha, config.harness.eval_episodes) == (0.2, 3) and not {"alpha", "eval_episodes"} & set(filled)
+    # CRL's own tuned alpha; a giant maze's discount; stitch data's half-random actor goals, for BC too
+    fill = lambda module, env, script: envs.fill_from_table(runs.make_config(module.Config, env=env), script)[0]  # noqa
+    assert fill(crl_ddpgbc, "cube-single-play-v0", "crl_ddpgbc").alpha == 3
+    giant = envs.fill_from_table(runs.make_config(iql_ddpgbc.Config, env="pointmaze-giant-stitch-v0"), "iql_ddpgbc")[0]
+    assert (giant.alpha, giant.discount, giant.actor_p_randomgoal) == (0.003, 0.995, 0.5)
+    assert fill(bc, "antmaze-large-explore-v0", "bc").actor_p_randomgoal == 1
+
+
+def test_actor_goals_are_random_states_with_probability_actor_p_random(data_dir):
+    """--actor-p-randomgoal: that share of actor goals is any state of the subset, the rest the row's own future."""
+    train, _ = envs.split_dataset(envs.load_dataset(envs.parse_env(POINTMAZE), str(data_dir)), seed=0)
+    train = {k: v.copy() for k, v in train.items()}
+    train["observations"][:, 0] = np.arange(len(train["actions"]))  # each state says which row it is
+    data, final = envs.to_device(train), train["final_idxs"]
+    for p_random, lo, hi in ((0.0, 0.0, 0.0), (0.5, 0.4, 0.6), (1.0, 0.9, 1.0)):
+        batch = envs.sample_batch(jax.random.PRNGKey(1), data, len(final), 4000, "actor", actor_p_random=p_random)
+        rows, goals = np.asarray(batch["observations"][:, 0], int), np.asarray(batch["goals"][:, 0], int)
+        future = (goals > rows) & (goals <= final[rows]) | (goals == rows) & (rows == final[rows])
+        assert lo <= 1 - future.mean() <= hi, (p_random, future.mean())
+
+
 def test_env_names():
     gc = envs.parse_env("cube-single-play-v0")
     assert gc.goal_conditioned and gc.env_id == "cube-single-v0" and gc.has_oracle

@@ -136,7 +136,7 @@ def test_every_q_script_trains_value_and_policy_on_its_online_rows(script, data_
 
     monkeypatch.setattr(envs, "sample_batch", recording)
     algo = load(script)
-    config = algo.Config(hidden_dims=(16,), batch_size=64)
+    config = envs.fill_from_table(algo.Config(hidden_dims=(16,), batch_size=64), script)[0]
     state = algo.init_state(jax.random.PRNGKey(0), 2, 2, 2, config)
     step = jax.jit(lambda s: algo.update(s, data, member(script, data_size, data_size), config, True, online))
     for _ in range(6):

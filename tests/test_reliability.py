@@ -183,6 +183,7 @@ def test_bad_inputs_across_every_entry_point_exit_2_with_one_line(data_dir, tmp_
         (script("iql_ddpgbc", "--online-steps", "-50"), "--online-steps must be >= 0"),
         (script("crl_awr", "--online-steps", "70"), "--online-steps 70 must be a multiple of --log-interval 50"),
         (script("sarsa_awr", "--online-noise", "-0.1"), "--online-noise must be >= 0"),
+        (script("iql_ddpgbc", "--discount", "1"), "--discount must be in (0, 1)"),
         (script("bc", "--steps", "120"), "multiple of --log-interval"),
         (script("iql_ddpgbc", "--resume-interval", "70"), "--resume-interval must be 0 or a multiple"),
         (script("iql_ddpgbc", "--debug-poison-step", "-50"), "--debug-poison-step must be 0 or a multiple"),

@@ -127,11 +127,21 @@ def test_dry_run_prints_the_plan_and_touches_nothing(data_dir, tmp_path):
     assert "4 runs, 0 complete, 4 to run in 1 process (up to 4 runs each), 40,000 member-updates" in proc.stdout
     assert "would generate 100 episodes" in proc.stdout and "--members-file" in proc.stdout
     assert not sweep_dir.exists() and not (tmp_path / "no-data").exists()
-    # the paper-size preset: 9 pairs x 2 envs x 16 cells x 4 seeds x 4 alphas (AWR, DDPG+BC) or 1 (SfBC)
+    # the paper-size preset: 9 pairs x 2 envs x 16 cells x 4 seeds x the table's alpha grids: 4 for AWR (the paper's),
+    # 3 for DDPG+BC (each dataset's tuned alpha and a decade either side), 1 for SfBC; the discount from the table too
     proc = run_script("scaling.py", "--preset", "matrix", "--dataset-dir", str(tmp_path / "no-data"),
                       "--sweep-dir", str(sweep_dir), "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    assert f"{2 * 16 * 4 * 3 * (4 + 4 + 1)} runs" in proc.stdout
+    assert f"{2 * 16 * 4 * 3 * (4 + 3 + 1)} runs" in proc.stdout
+    assert ("pointmaze-large-navigate-v0 from envs.HYPERPARAMETERS: discount 0.99 (reference); alpha grids awr 0.3 1 "
+            "3 10, ddpgbc 0.0003 0.003 0.03") in proc.stdout
+    assert "cube-single-play-v0 from envs.HYPERPARAMETERS: discount 0.99 (reference); alpha grids awr 0.3 1 3 10, " \
+           "ddpgbc 0.1 1 10" in proc.stdout
+    # a flag overrides the table: the given grid, for every dataset
+    proc = run_script("scaling.py", "--preset", "matrix", "--dataset-dir", str(tmp_path / "no-data"),
+                      "--sweep-dir", str(sweep_dir), "--dry-run", "--ddpgbc-alphas", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{2 * 16 * 4 * 3 * (4 + 1 + 1)} runs" in proc.stdout and "ddpgbc 0.1 1 10" not in proc.stdout
     # plain vs OPEX vs TTT: 2 envs x 3 scripts x 4 seeds, each run evaluating all three, the seeds packed
     proc = run_script("scaling.py", "--preset", "testtime", "--dataset-dir", str(tmp_path / "no-data"),
                       "--sweep-dir", str(sweep_dir), "--dry-run")

@@ -47,7 +47,7 @@ def q_of(module, params, obs, goals, actions):
 @pytest.mark.parametrize("script", Q_SCRIPTS)
 def test_opex_raises_q_at_the_chosen_action_and_beta_0_changes_nothing(script):
     module, _, params, plain = setup(script, "opex", opex_beta=0.0)
-    *_, opex = setup(script, "opex", opex_beta=0.05, opex_steps=2)
+    *_, opex = setup(script, "opex", opex_beta=0.01, opex_steps=2)  # small steps: the first-order regime
     obs, goals = random_states(0)
     # The same keys for both: SfBC's candidates (and so OPEX's starting action) are the same.
     before = np.asarray(plain.policy(params, [0, 1], step=7)(obs, goals))
@@ -57,7 +57,9 @@ def test_opex_raises_q_at_the_chosen_action_and_beta_0_changes_nothing(script):
         np.testing.assert_allclose(before, np.asarray(mean[0] if isinstance(mean, tuple) else mean), rtol=1e-6)
     q_before, q_after = q_of(module, params, obs, goals, before), q_of(module, params, obs, goals, after)
     assert float(q_after.mean()) > float(q_before.mean())
-    assert float((q_after > q_before).mean()) >= 0.8, (q_before, q_after)
+    # where OPEX could move the action (not held at the box's edge by the clip), it moved up Q
+    moved = np.abs(after - before).max(-1) > 1e-6
+    assert moved.mean() >= 0.5 and float((q_after > q_before)[moved].mean()) >= 0.8, (q_before, q_after, moved)
     assert np.abs(after).max() <= 1.0 and not np.array_equal(after, before)
 
 
@@ -136,3 +138,26 @@ def test_bad_test_time_flags_exit_2(data_dir, tmp_path):
         proc = run_script(f"algos/{script}.py", *common, *extra)
         assert proc.returncode == 2 and message in proc.stderr, (script, proc.stderr[-1500:])
         assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").rglob("result.json"))
+
+
+@pytest.mark.parametrize("script", ["iql_ddpgbc", "crl_awr"])
+def test_ttt_shared_buffer_takes_only_states_of_running_episodes(script):
+    """--ttt-reset never: one copy per member learns from its lockstep episodes. An episode that ended keeps being
+    passed to the policy (its frozen last state), and must not enter the copy's buffer: here those states are NaN, so
+    a single one drawn into a TTT batch would turn the copy's parameters, hence every action, into NaN."""
+    module, _, params, ttt = setup(script, "ttt", ttt_lr=1e-2, ttt_steps_per_env_step=2, ttt_batch_size=8,
+                                   ttt_reset="never")
+    alive = np.ones((MEMBERS, EPISODES), bool)
+    alive[:, 0] = False  # episode 0 of every member has ended
+    ttt.evaluator.alive = alive
+    policy = ttt.policy(params, [0, 1], step=3)
+    for t in range(5):
+        obs, goals = random_states(t)
+        obs[:, 0] = np.nan
+        actions = np.asarray(policy(obs, goals))
+        assert np.isfinite(actions[:, 1:]).all(), (t, actions)  # the running episodes act on a finite copy
+    # and with every episode ended, the copy still has rows to draw (the last stored ones), never an empty draw
+    rows = testtime.sample_visited(jax.random.PRNGKey(0), jnp.zeros(6, bool), 4, 100)
+    assert set(np.asarray(rows).tolist()) <= {0, 1, 2, 3}
+    rows = testtime.sample_visited(jax.random.PRNGKey(0), jnp.array([0, 1, 0, 1, 0, 0], bool), 4, 100)
+    assert set(np.asarray(rows).tolist()) == {1, 3}
