@@ -1,0 +1,244 @@
+"""Parity with the authors' own implementation: OGBench's `impls/` and our script, on the same generated dataset with
+matched settings and several seeds, side by side.
+
+    python benchmarks/parity.py --ogbench-dir ~/src/ogbench --reference-python ~/venvs/ogbench/bin/python \\
+        --env pointmaze-medium-navigate-v0 --pairs iql_ddpgbc iql_awr --seeds 0 1 2 --steps 20000
+
+The reference is run, never copied: `<ogbench-dir>/impls/main.py` in a subprocess, with a Python that has its own
+requirements (flax, distrax, ml_collections, wandb: `pip install -e ".[parity]"`, or a venv of impls/requirements.txt),
+with HOME pointed at a work folder whose ~/.ogbench/data holds our generated dataset (so nothing is downloaded) and
+wandb disabled (a launcher wraps wandb.init; main.py itself runs unchanged). Tested with wandb 0.17 (newer releases
+reject the Settings main.py passes). Our script runs the same seeds packed in one process (--num-seeds); a run of ours
+that completed in an earlier call is reused.
+
+Matched: the dataset files, steps, batch size, hidden widths, alpha, discount, expectile (GCIQL's 0.9), evaluation
+episodes per task and seeds (as numbers: the two codes draw different random streams). Not matched, by design: the
+reference trains on the whole training file and computes validation losses on the -val file, ours holds out 10% of the
+training trajectories; the reference draws one batch for value and actor, ours a value batch and a policy batch (the
+paper's decoupling); the reference logs the TD target's mean as critic/q_mean, ours the critics' prediction.
+
+Writes a JSON file and a Markdown table (--out): overall and per-task success (mean and standard error over seeds) at
+the last step, value and critic statistics and losses at the logged steps, updates/s and wall time of each side.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # envs.py and algos/ live at the repository root
+
+import envs  # noqa: E402
+import numpy as np  # noqa: E402
+import runs  # noqa: E402
+import tyro  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+# main.py asks wandb for an online run; this launcher makes every wandb.init a disabled one (nothing leaves the
+# machine), then runs main.py unchanged.
+REFERENCE_LAUNCHER = ("import runpy, sys, wandb; init = wandb.init; "
+                      "wandb.init = lambda **kwargs: init(**{**kwargs, 'mode': 'disabled'}); "
+                      "sys.argv = ['main.py', *sys.argv[1:]]; runpy.run_path('main.py', run_name='__main__')")
+REFERENCE_AGENT = {"iql": "gciql.py", "crl": "crl.py"}  # our value learner -> the reference's agent file
+STATS = ("v_mean", "q_mean", "value_loss", "critic_loss", "actor_loss")  # ours; the reference's names below
+REFERENCE_STATS = {"v_mean": "training/value/v_mean", "q_mean": "training/critic/q_mean",
+                   "value_loss": "training/value/value_loss", "critic_loss": "training/critic/critic_loss",
+                   "actor_loss": "training/actor/actor_loss"}
+
+
+@dataclasses.dataclass
+class Args:
+    ogbench_dir: str
+    """A checkout of OGBench's repository (the folder holding impls/); never copied, only run."""
+    reference_python: str = sys.executable
+    """The Python that runs the reference (it needs flax, distrax, ml_collections and wandb)."""
+    env: str = "pointmaze-medium-navigate-v0"
+    """Dataset, generated here with the official recipe (`envs.py generate`) if the work folder lacks it."""
+    episodes: int = 100
+    """Episodes of the generated dataset (plus 10% for the -val file)."""
+    pairs: tuple[str, ...] = ("iql_ddpgbc", "iql_awr")
+    """Our scripts to compare: iql_ddpgbc, iql_awr (reference GCIQL), crl_ddpgbc, crl_awr (reference CRL)."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Seeds (consecutive: ours trains them packed)."""
+    steps: int = 20_000
+    """Gradient steps on each side."""
+    log_interval: int = 5_000
+    """Steps between the logged statistics compared."""
+    batch_size: int = 256
+    """Batch size on both sides (the reference's default is 1024)."""
+    hidden_dims: tuple[int, ...] = (256, 256)
+    """Hidden widths of every network on both sides (the reference's default is 512 512 512)."""
+    eval_episodes: int = 10
+    """Evaluation episodes per task on both sides, at the last step."""
+    alpha: float | None = None
+    """The extractor's alpha on both sides; default: our per-dataset table (envs.HYPERPARAMETERS)."""
+    work_dir: str = "parity"
+    """Folder for the dataset, both sides' run folders and logs."""
+    out: str = "docs/parity.md"
+    """Markdown report (a .json with the same stem beside it)."""
+
+
+def check(args: Args) -> None:
+    runs.check([
+        ((Path(args.ogbench_dir).expanduser() / "impls" / "main.py").exists(),
+         f"--ogbench-dir {args.ogbench_dir} has no impls/main.py; point it at a checkout of OGBench's repository"),
+        (all(p in ("iql_ddpgbc", "iql_awr", "crl_ddpgbc", "crl_awr") for p in args.pairs),
+         f"--pairs: {' '.join(args.pairs)}; choose among iql_ddpgbc iql_awr crl_ddpgbc crl_awr"),
+        (len(args.seeds) >= 1 and list(args.seeds) == list(range(args.seeds[0], args.seeds[0] + len(args.seeds))),
+         "--seeds must be consecutive (ours trains them packed)"),
+        (args.steps >= 1 and args.steps % args.log_interval == 0, "--steps must be a multiple of --log-interval"),
+    ])
+
+
+def settings(args: Args, pair: str) -> dict:
+    """The matched settings of one pair: alpha and discount from our table unless --alpha is given."""
+    row = envs.hyperparameters(args.env)
+    return {"alpha": row[f"alpha/{pair}"][0] if args.alpha is None else args.alpha, "discount": row["discount"][0]}
+
+
+def run_ours(args: Args, pair: str, data_dir: Path, out: Path) -> dict:
+    s = settings(args, pair)
+    command = [sys.executable, str(ROOT / "algos" / f"{pair}.py"), "--env", args.env, "--dataset-dir", str(data_dir),
+               "--steps", str(args.steps), "--log-interval", str(args.log_interval), "--eval-interval",
+               str(args.steps), "--hidden-dims", *map(str, args.hidden_dims), "--batch-size", str(args.batch_size),
+               "--eval-episodes", str(args.eval_episodes), "--seed", str(args.seeds[0]), "--num-seeds",
+               str(len(args.seeds)), "--alpha", repr(s["alpha"]), "--discount", repr(s["discount"]), "--out-dir",
+               str(out), "--no-progress"]
+    log, wall = out.with_suffix(".log"), out.with_suffix(".wall.json")
+    if not (out / "result.json").exists():  # a complete run of an earlier call is reused
+        log.parent.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        with open(log, "w") as f:
+            code = subprocess.run(command + ["--resume"], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        if code:
+            raise runs.UsageError(f"our {pair} failed (exit {code}); see {log}")
+        runs.write_json_atomic(wall, time.time() - start)
+    records = runs.read_metrics(out / "metrics.jsonl")
+    final = [r for r in records if r["event"] == "eval" and r["step"] == args.steps]
+    train = [r for r in records if r["event"] == "train"]
+    seconds = json.loads(wall.read_text()) if wall.exists() else json.loads((out / "result.json").read_text())[
+        "wall_seconds"]  # the process's wall time; else the training loop's, as result.json has it
+    return {"wall_seconds": seconds,
+            "success": [r["success"] for r in final],
+            "tasks": {k: [r[k] for r in final] for k in sorted(final[0]) if k.startswith("task")},
+            "stats": {step: {k: float(np.mean([r[k] for r in train if r["step"] == step and k in r]))
+                             for k in STATS if any(k in r for r in train)}
+                      for step in sorted({r["step"] for r in train})},
+            # steps/s of the one program that trains every seed at once (each step updates all of them)
+            "updates_per_second": float(np.median([r["updates_per_second"] for r in train[1:] if r["member"] == 0]
+                                                  or [math.nan]))}
+
+
+def run_reference(args: Args, pair: str, home: Path, out: Path) -> dict:
+    s = settings(args, pair)
+    value, extractor = pair.split("_")
+    impls = Path(args.ogbench_dir).expanduser().resolve() / "impls"
+    widths = f"({', '.join(map(str, args.hidden_dims))},)"
+    per_seed, start = [], time.time()
+    for seed in args.seeds:
+        save = out / f"s{seed}"
+        command = [args.reference_python, "-c", REFERENCE_LAUNCHER, f"--env_name={args.env}", f"--seed={seed}",
+                   f"--train_steps={args.steps}", f"--log_interval={args.log_interval}",
+                   f"--eval_interval={args.steps}", f"--eval_episodes={args.eval_episodes}", "--video_episodes=0",
+                   f"--save_dir={save}", "--run_group=parity", f"--agent=agents/{REFERENCE_AGENT[value]}",
+                   f"--agent.actor_loss={extractor}", f"--agent.alpha={s['alpha']}",
+                   f"--agent.batch_size={args.batch_size}", f"--agent.discount={s['discount']}",
+                   f"--agent.actor_hidden_dims={widths}", f"--agent.value_hidden_dims={widths}"]
+        environment = {**os.environ, "HOME": str(home), "WANDB_MODE": "disabled", "WANDB_ERROR_REPORTING": "false",
+                       "WANDB_SILENT": "true", "MUJOCO_GL": "egl", "PYTHONPATH": str(impls)}
+        log = out / f"s{seed}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=impls, env=environment).returncode
+        if code:
+            raise runs.UsageError(f"the reference {pair} failed (exit {code}); see {log}")
+        per_seed.append(tuple(read_csv(next(save.rglob(name))) for name in ("eval.csv", "train.csv")))
+    final = [[row for row in evals if int(row["step"]) == args.steps][0] for evals, _ in per_seed]
+    task_keys = sorted(k for k in final[0] if k.startswith("evaluation/task") and k.endswith("_success"))
+    stats = {}
+    for step in range(args.log_interval, args.steps + 1, args.log_interval):
+        rows = [[row for row in train if int(row["step"]) == step][0] for _, train in per_seed]
+        stats[step] = {ours: float(np.mean([float(r[theirs]) for r in rows]))
+                       for ours, theirs in REFERENCE_STATS.items() if rows[0].get(theirs, "") != ""}
+    epoch = [float(row["time/epoch_time"]) for _, train in per_seed for row in train[1:]]
+    return {"wall_seconds": time.time() - start,
+            "success": [float(row["evaluation/overall_success"]) for row in final],
+            "tasks": {k.split("/")[1].replace("_success", "") + "_success": [float(row[k]) for row in final]
+                      for k in task_keys},
+            "stats": stats, "updates_per_second": 1.0 / float(np.median(epoch)) if epoch else math.nan}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def mean_se(values: list[float]) -> str:
+    values = np.asarray(values, float)
+    se = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return f"{values.mean():.3f} ± {se:.3f}"
+
+
+def report(args: Args, results: dict) -> str:
+    lines = [f"# Parity with the reference implementation: {args.env}", "",
+             f"Generated with `{' '.join(['python', 'benchmarks/parity.py', *sys.argv[1:]])}` on "
+             f"{time.strftime('%Y-%m-%d')}; both sides on this machine's CPU, one after the other.", "",
+             f"Matched settings: {args.steps} steps, batch {args.batch_size}, hidden widths "
+             f"{' x '.join(map(str, args.hidden_dims))}, {args.eval_episodes} evaluation episodes per task at the last "
+             f"step, seeds {' '.join(map(str, args.seeds))}, dataset generated here ({args.episodes} episodes + 10% "
+             "for -val). Success is mean ± standard error over seeds.", ""]
+    for pair, sides in results.items():
+        s = settings(args, pair)
+        ours, ref = sides["ours"], sides["reference"]
+        lines += [f"## {pair} (alpha {s['alpha']:g}, discount {s['discount']:g})", "",
+                  "| | reference | ours |", "| --- | --- | --- |",
+                  f"| overall success | {mean_se(ref['success'])} | {mean_se(ours['success'])} |"]
+        for task in sorted(set(ref["tasks"]) | set(ours["tasks"])):
+            lines.append(f"| {task} | {mean_se(ref['tasks'][task]) if task in ref['tasks'] else '-'} | "
+                         f"{mean_se(ours['tasks'][task]) if task in ours['tasks'] else '-'} |")
+        lines += [f"| steps/s (reference: one seed; ours: all {len(args.seeds)} seeds in one program) | "
+                  f"{ref['updates_per_second']:.0f} | {ours['updates_per_second']:.0f} |",
+                  f"| wall time, all seeds (s) | {ref['wall_seconds']:.0f} | {ours['wall_seconds']:.0f} |", "",
+                  "| step | statistic | reference | ours |", "| --- | --- | --- | --- |"]
+        for step in sorted(ours["stats"]):
+            for k in STATS:
+                r, o = ref["stats"].get(step, {}).get(k), ours["stats"][step].get(k)
+                if r is not None or o is not None:
+                    fmt = lambda x: "-" if x is None else f"{x:.4g}"  # noqa: E731
+                    lines.append(f"| {step} | {k} | {fmt(r)} | {fmt(o)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(args: Args) -> dict:
+    check(args)
+    work = Path(args.work_dir).resolve()
+    home = work / "home"
+    data_dir = home / ".ogbench" / "data"  # where the reference's ogbench looks, with HOME=home
+    spec = envs.parse_env(args.env)
+    if not envs.dataset_path(spec, str(data_dir)).exists():
+        envs.generate(spec, str(data_dir), num_episodes=args.episodes)
+    results = {}
+    for pair in args.pairs:
+        print(f"{pair}: ours ...", flush=True)
+        ours = run_ours(args, pair, data_dir, work / "ours" / pair)
+        print(f"{pair}: reference ...", flush=True)
+        reference = run_reference(args, pair, home, work / "reference" / pair)
+        results[pair] = {"ours": ours, "reference": reference}
+    text = report(args, results)
+    out = Path(args.out)
+    runs.write_atomic(out, lambda f: f.write(text + "\n"))
+    runs.write_json_atomic(out.with_suffix(".json"), {"args": dataclasses.asdict(args), "results": results})
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    runs.exit_on_usage_error(lambda: main(tyro.cli(Args)))
