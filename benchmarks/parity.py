@@ -8,8 +8,9 @@ The reference is run, never copied: `<ogbench-dir>/impls/main.py` in a subproces
 requirements (flax, distrax, ml_collections, wandb: `pip install -e ".[parity]"`, or a venv of impls/requirements.txt),
 with HOME pointed at a work folder whose ~/.ogbench/data holds our generated dataset (so nothing is downloaded) and
 wandb disabled (a launcher wraps wandb.init; main.py itself runs unchanged). Tested with wandb 0.17 (newer releases
-reject the Settings main.py passes). Our script runs the same seeds packed in one process (--num-seeds); a run of ours
-that completed in an earlier call is reused.
+reject the Settings main.py passes). Our script runs the same seeds packed, --seeds-per-run at a time (--num-seeds).
+Runs that completed in an earlier call (a reference seed, a block of our seeds) are reused, so adding seeds later costs
+only the new ones.
 
 Matched: the dataset files, steps, batch size, hidden widths, alpha, discount, expectile (GCIQL's 0.9), evaluation
 episodes per task and seeds (as numbers: the two codes draw different random streams). Not matched, by design: the
@@ -17,8 +18,9 @@ reference trains on the whole training file and computes validation losses on th
 training trajectories; the reference draws one batch for value and actor, ours a value batch and a policy batch (the
 paper's decoupling); the reference logs the TD target's mean as critic/q_mean, ours the critics' prediction.
 
-Writes a JSON file and a Markdown table (--out): overall and per-task success (mean and standard error over seeds) at
-the last step, value and critic statistics and losses at the logged steps, updates/s and wall time of each side.
+Writes a JSON file and a Markdown table (--out, by default docs/parity/<env>.md): overall and per-task success (mean
+and standard error over seeds, and each seed's) at the last step, value and critic statistics and losses at the logged
+steps, updates/s and wall time of each side.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -66,7 +69,9 @@ class Args:
     pairs: tuple[str, ...] = ("iql_ddpgbc", "iql_awr")
     """Our scripts to compare: iql_ddpgbc, iql_awr (reference GCIQL), crl_ddpgbc, crl_awr (reference CRL)."""
     seeds: tuple[int, ...] = (0, 1, 2)
-    """Seeds (consecutive: ours trains them packed)."""
+    """Seeds, consecutive (ours trains them packed)."""
+    seeds_per_run: int = 3
+    """Our seeds packed into one process; blocks of this many are run folders of their own, reused once complete."""
     steps: int = 20_000
     """Gradient steps on each side."""
     log_interval: int = 5_000
@@ -80,9 +85,9 @@ class Args:
     alpha: float | None = None
     """The extractor's alpha on both sides; default: our per-dataset table (envs.HYPERPARAMETERS)."""
     work_dir: str = "parity"
-    """Folder for the dataset, both sides' run folders and logs."""
-    out: str = "docs/parity.md"
-    """Markdown report (a .json with the same stem beside it)."""
+    """Folder for the datasets, both sides' run folders and logs (one subfolder per --env)."""
+    out: str | None = None
+    """Markdown report (a .json with the same stem beside it); default docs/parity/<env>.md."""
 
 
 def check(args: Args) -> None:
@@ -94,6 +99,7 @@ def check(args: Args) -> None:
         (len(args.seeds) >= 1 and list(args.seeds) == list(range(args.seeds[0], args.seeds[0] + len(args.seeds))),
          "--seeds must be consecutive (ours trains them packed)"),
         (args.steps >= 1 and args.steps % args.log_interval == 0, "--steps must be a multiple of --log-interval"),
+        (args.seeds_per_run >= 1, "--seeds-per-run must be at least 1"),
     ])
 
 
@@ -104,36 +110,41 @@ def settings(args: Args, pair: str) -> dict:
 
 
 def run_ours(args: Args, pair: str, data_dir: Path, out: Path) -> dict:
+    """Our script on --seeds, --seeds-per-run packed in one process per block; a complete block is reused."""
     s = settings(args, pair)
-    command = [sys.executable, str(ROOT / "algos" / f"{pair}.py"), "--env", args.env, "--dataset-dir", str(data_dir),
-               "--steps", str(args.steps), "--log-interval", str(args.log_interval), "--eval-interval",
-               str(args.steps), "--hidden-dims", *map(str, args.hidden_dims), "--batch-size", str(args.batch_size),
-               "--eval-episodes", str(args.eval_episodes), "--seed", str(args.seeds[0]), "--num-seeds",
-               str(len(args.seeds)), "--alpha", repr(s["alpha"]), "--discount", repr(s["discount"]), "--out-dir",
-               str(out), "--no-progress"]
-    log, wall = out.with_suffix(".log"), out.with_suffix(".wall.json")
-    if not (out / "result.json").exists():  # a complete run of an earlier call is reused
-        log.parent.mkdir(parents=True, exist_ok=True)
-        start = time.time()
-        with open(log, "w") as f:
-            code = subprocess.run(command + ["--resume"], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-        if code:
-            raise runs.UsageError(f"our {pair} failed (exit {code}); see {log}")
-        runs.write_json_atomic(wall, time.time() - start)
-    records = runs.read_metrics(out / "metrics.jsonl")
+    records, seconds, speeds = [], 0.0, []
+    for first in range(0, len(args.seeds), args.seeds_per_run):
+        block = args.seeds[first:first + args.seeds_per_run]
+        folder = out / f"s{block[0]}-{block[-1]}"
+        command = [sys.executable, str(ROOT / "algos" / f"{pair}.py"), "--env", args.env, "--dataset-dir",
+                   str(data_dir), "--steps", str(args.steps), "--log-interval", str(args.log_interval),
+                   "--eval-interval", str(args.steps), "--hidden-dims", *map(str, args.hidden_dims), "--batch-size",
+                   str(args.batch_size), "--eval-episodes", str(args.eval_episodes), "--seed", str(block[0]),
+                   "--num-seeds", str(len(block)), "--alpha", repr(s["alpha"]), "--discount", repr(s["discount"]),
+                   "--out-dir", str(folder), "--no-progress"]
+        log, wall = folder.with_suffix(".log"), folder.with_suffix(".wall.json")
+        if not (folder / "result.json").exists():
+            log.parent.mkdir(parents=True, exist_ok=True)
+            start = time.time()
+            with open(log, "w") as f:
+                code = subprocess.run(command + ["--resume"], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+            if code:
+                raise runs.UsageError(f"our {pair} failed (exit {code}); see {log}")
+            runs.write_json_atomic(wall, time.time() - start)
+        block_records = runs.read_metrics(folder / "metrics.jsonl")
+        records += block_records
+        seconds += json.loads(wall.read_text())  # the process's wall time, start-up and evaluation included
+        speeds += [r["updates_per_second"] for r in block_records if r["event"] == "train" and r["member"] == 0][1:]
     final = [r for r in records if r["event"] == "eval" and r["step"] == args.steps]
     train = [r for r in records if r["event"] == "train"]
-    seconds = json.loads(wall.read_text()) if wall.exists() else json.loads((out / "result.json").read_text())[
-        "wall_seconds"]  # the process's wall time; else the training loop's, as result.json has it
     return {"wall_seconds": seconds,
             "success": [r["success"] for r in final],
             "tasks": {k: [r[k] for r in final] for k in sorted(final[0]) if k.startswith("task")},
             "stats": {step: {k: float(np.mean([r[k] for r in train if r["step"] == step and k in r]))
                              for k in STATS if any(k in r for r in train)}
                       for step in sorted({r["step"] for r in train})},
-            # steps/s of the one program that trains every seed at once (each step updates all of them)
-            "updates_per_second": float(np.median([r["updates_per_second"] for r in train[1:] if r["member"] == 0]
-                                                  or [math.nan]))}
+            # steps/s of one program that trains a block of seeds at once (each step updates all of them)
+            "updates_per_second": float(np.median(speeds or [math.nan]))}
 
 
 def run_reference(args: Args, pair: str, home: Path, out: Path) -> dict:
@@ -141,9 +152,9 @@ def run_reference(args: Args, pair: str, home: Path, out: Path) -> dict:
     value, extractor = pair.split("_")
     impls = Path(args.ogbench_dir).expanduser().resolve() / "impls"
     widths = f"({', '.join(map(str, args.hidden_dims))},)"
-    per_seed, start = [], time.time()
+    per_seed, seconds = [], 0.0
     for seed in args.seeds:
-        save = out / f"s{seed}"
+        save, wall = out / f"s{seed}", out / f"s{seed}.wall.json"
         command = [args.reference_python, "-c", REFERENCE_LAUNCHER, f"--env_name={args.env}", f"--seed={seed}",
                    f"--train_steps={args.steps}", f"--log_interval={args.log_interval}",
                    f"--eval_interval={args.steps}", f"--eval_episodes={args.eval_episodes}", "--video_episodes=0",
@@ -154,11 +165,17 @@ def run_reference(args: Args, pair: str, home: Path, out: Path) -> dict:
         environment = {**os.environ, "HOME": str(home), "WANDB_MODE": "disabled", "WANDB_ERROR_REPORTING": "false",
                        "WANDB_SILENT": "true", "MUJOCO_GL": "egl", "PYTHONPATH": str(impls)}
         log = out / f"s{seed}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as f:
-            code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=impls, env=environment).returncode
-        if code:
-            raise runs.UsageError(f"the reference {pair} failed (exit {code}); see {log}")
+        if not wall.exists():  # a seed that completed in an earlier call is reused
+            shutil.rmtree(save, ignore_errors=True)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            start = time.time()
+            with open(log, "w") as f:
+                code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=impls,
+                                      env=environment).returncode
+            if code:
+                raise runs.UsageError(f"the reference {pair} failed (exit {code}); see {log}")
+            runs.write_json_atomic(wall, time.time() - start)
+        seconds += json.loads(wall.read_text())
         per_seed.append(tuple(read_csv(next(save.rglob(name))) for name in ("eval.csv", "train.csv")))
     final = [[row for row in evals if int(row["step"]) == args.steps][0] for evals, _ in per_seed]
     task_keys = sorted(k for k in final[0] if k.startswith("evaluation/task") and k.endswith("_success"))
@@ -168,7 +185,7 @@ def run_reference(args: Args, pair: str, home: Path, out: Path) -> dict:
         stats[step] = {ours: float(np.mean([float(r[theirs]) for r in rows]))
                        for ours, theirs in REFERENCE_STATS.items() if rows[0].get(theirs, "") != ""}
     epoch = [float(row["time/epoch_time"]) for _, train in per_seed for row in train[1:]]
-    return {"wall_seconds": time.time() - start,
+    return {"wall_seconds": seconds,
             "success": [float(row["evaluation/overall_success"]) for row in final],
             "tasks": {k.split("/")[1].replace("_success", "") + "_success": [float(row[k]) for row in final]
                       for k in task_keys},
@@ -189,7 +206,8 @@ def mean_se(values: list[float]) -> str:
 def report(args: Args, results: dict) -> str:
     lines = [f"# Parity with the reference implementation: {args.env}", "",
              f"Generated with `{' '.join(['python', 'benchmarks/parity.py', *sys.argv[1:]])}` on "
-             f"{time.strftime('%Y-%m-%d')}; both sides on this machine's CPU, one after the other.", "",
+             f"{time.strftime('%Y-%m-%d')} (runs reused from earlier calls keep their own wall times); both sides on "
+             "this machine's CPU, one run at a time.", "",
              f"Matched settings: {args.steps} steps, batch {args.batch_size}, hidden widths "
              f"{' x '.join(map(str, args.hidden_dims))}, {args.eval_episodes} evaluation episodes per task at the last "
              f"step, seeds {' '.join(map(str, args.seeds))}, dataset generated here ({args.episodes} episodes + 10% "
@@ -199,11 +217,14 @@ def report(args: Args, results: dict) -> str:
         ours, ref = sides["ours"], sides["reference"]
         lines += [f"## {pair} (alpha {s['alpha']:g}, discount {s['discount']:g})", "",
                   "| | reference | ours |", "| --- | --- | --- |",
-                  f"| overall success | {mean_se(ref['success'])} | {mean_se(ours['success'])} |"]
+                  f"| overall success | {mean_se(ref['success'])} | {mean_se(ours['success'])} |",
+                  f"| success per seed | {' '.join(f'{x:.2f}' for x in ref['success'])} | "
+                  f"{' '.join(f'{x:.2f}' for x in ours['success'])} |"]
         for task in sorted(set(ref["tasks"]) | set(ours["tasks"])):
             lines.append(f"| {task} | {mean_se(ref['tasks'][task]) if task in ref['tasks'] else '-'} | "
                          f"{mean_se(ours['tasks'][task]) if task in ours['tasks'] else '-'} |")
-        lines += [f"| steps/s (reference: one seed; ours: all {len(args.seeds)} seeds in one program) | "
+        packed = min(args.seeds_per_run, len(args.seeds))
+        lines += [f"| steps/s (reference: one seed; ours: {packed} seeds in one program) | "
                   f"{ref['updates_per_second']:.0f} | {ours['updates_per_second']:.0f} |",
                   f"| wall time, all seeds (s) | {ref['wall_seconds']:.0f} | {ours['wall_seconds']:.0f} |", "",
                   "| step | statistic | reference | ours |", "| --- | --- | --- | --- |"]
@@ -219,7 +240,7 @@ def report(args: Args, results: dict) -> str:
 
 def main(args: Args) -> dict:
     check(args)
-    work = Path(args.work_dir).resolve()
+    work = Path(args.work_dir).resolve() / args.env
     home = work / "home"
     data_dir = home / ".ogbench" / "data"  # where the reference's ogbench looks, with HOME=home
     spec = envs.parse_env(args.env)
@@ -233,7 +254,8 @@ def main(args: Args) -> dict:
         reference = run_reference(args, pair, home, work / "reference" / pair)
         results[pair] = {"ours": ours, "reference": reference}
     text = report(args, results)
-    out = Path(args.out)
+    out = Path(args.out or ROOT / "docs" / "parity" / f"{args.env}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
     runs.write_atomic(out, lambda f: f.write(text + "\n"))
     runs.write_json_atomic(out.with_suffix(".json"), {"args": dataclasses.asdict(args), "results": results})
     print(text)

@@ -7,7 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import ROOT, run_script
+from conftest import POINTMAZE, ROOT, run_script
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import envs  # noqa: E402
@@ -86,3 +86,66 @@ def test_parity_needs_a_reference_checkout_and_consecutive_seeds(tmp_path):
         parity.check(parity.Args(ogbench_dir=str(tmp_path), pairs=("iql_sfbc",)))
     # the matched settings come from our table: the reference's tuned pointmaze alpha for IQL + DDPG+BC
     assert parity.settings(parity.Args(ogbench_dir=str(tmp_path)), "iql_ddpgbc") == {"alpha": 0.003, "discount": 0.99}
+
+
+FAKE_REFERENCE = '''#!{python}
+"""Stands in for `python -c LAUNCHER` + OGBench's impls/main.py: writes the CSVs main.py writes, counts its calls."""
+import csv, sys
+from pathlib import Path
+flags = dict(a[2:].split("=", 1) for a in sys.argv[3:])  # argv: -c LAUNCHER --name=value ...
+seed, steps, interval = int(flags["seed"]), int(flags["train_steps"]), int(flags["log_interval"])
+folder = Path(flags["save_dir"]) / flags["run_group"] / "sd000_fake"
+folder.mkdir(parents=True)
+with open(Path({calls!r}), "a") as f:
+    f.write(flags["seed"] + "\\n")
+with open(folder / "train.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["step", "training/value/v_mean", "training/critic/q_mean", "training/value/value_loss",
+                "training/critic/critic_loss", "training/actor/actor_loss", "time/epoch_time"])
+    for step in range(interval, steps + 1, interval):
+        w.writerow([step, -step - seed, -step, 0.5, 0.25, 1.0, 0.01])
+with open(folder / "eval.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["step", "evaluation/overall_success", *(f"evaluation/task{{k}}_success" for k in range(1, 6))])
+    w.writerow([steps, seed / 10, *(seed / 10 for _ in range(5))])
+'''
+
+
+@pytest.mark.slow
+def test_parity_runs_both_sides_in_blocks_and_reuses_completed_runs(tmp_path, data_dir):
+    """The real tool on a stand-in reference (same command line and CSV files as OGBench's main.py) and our real
+    script: both sides per seed, ours in blocks of --seeds-per-run, the table from their files, nothing rerun."""
+    import shutil
+
+    import parity
+
+    calls = tmp_path / "reference_calls.txt"
+    (tmp_path / "ogbench" / "impls").mkdir(parents=True)
+    (tmp_path / "ogbench" / "impls" / "main.py").write_text("")
+    fake = tmp_path / "reference_python"
+    fake.write_text(FAKE_REFERENCE.format(python=sys.executable, calls=str(calls)))
+    fake.chmod(0o755)
+    # the tool's dataset folder, filled with the session's small dataset (so nothing is generated here)
+    data = tmp_path / "work" / POINTMAZE / "home" / ".ogbench" / "data"
+    data.mkdir(parents=True)
+    for f in data_dir.glob(f"{POINTMAZE}*"):
+        shutil.copy(f, data)
+    args = parity.Args(ogbench_dir=str(tmp_path / "ogbench"), reference_python=str(fake), env=POINTMAZE,
+                       pairs=("iql_ddpgbc",), seeds=(4, 5), seeds_per_run=1, steps=2, log_interval=1,
+                       hidden_dims=(16,), batch_size=8, eval_episodes=1, work_dir=str(tmp_path / "work"),
+                       out=str(tmp_path / "parity.md"))
+    results = parity.main(args)["iql_ddpgbc"]
+    assert calls.read_text().split() == ["4", "5"]
+    assert sorted(p.name for p in (tmp_path / "work" / POINTMAZE / "ours" / "iql_ddpgbc").iterdir()
+                  if p.is_dir()) == ["s4-4", "s5-5"]
+    reference, ours = results["reference"], results["ours"]
+    assert reference["success"] == [0.4, 0.5] and reference["tasks"]["task3_success"] == [0.4, 0.5]
+    assert reference["stats"][2]["v_mean"] == -6.5  # the mean over seeds of -step - seed
+    assert len(ours["success"]) == 2 and sorted(ours["tasks"]) == sorted(reference["tasks"])
+    assert set(ours["stats"]) == {1, 2} and set(ours["stats"][2]) == set(parity.STATS)
+    table = (tmp_path / "parity.md").read_text()
+    assert "| overall success | 0.450 ± 0.050 |" in table and "| success per seed | 0.40 0.50 |" in table
+    # a second call reruns nothing on either side and writes the same numbers
+    again = parity.main(args)["iql_ddpgbc"]
+    assert calls.read_text().split() == ["4", "5"]
+    assert again["ours"]["success"] == ours["success"] and again["reference"] == reference
