@@ -842,57 +842,99 @@ def num_eval_tasks(spec: EnvSpec) -> int:
     return 5 if spec.goal_conditioned else 1
 
 
-class Evaluator:
-    """Steps `num_members * episodes` environments in lockstep; the policy is called once per step for all of them.
+# Environments stepped at once by one evaluation, all members together (--eval-envs): a manipulation env holds 35-165
+# MB (cube-single 163 MB measured on this CPU), so 250 cube episodes at once take 40 GB; a maze or dm_control env 1-2.
+EVAL_ENVS = {"cube": 16, "scene": 16, "puzzle": 16}
+EVAL_ENVS_OTHERWISE = 256
 
-    `evaluate(policy, seeds)` runs `episodes_per_task` episodes of every evaluation task for every member; member m's
-    start states and goals come from `seeds[m]` alone (numpy's and each env's generator are reseeded from it), so a
-    member meets the same episodes whether it trains alone or packed with others.
+
+def default_eval_envs(spec: EnvSpec) -> int:
+    return EVAL_ENVS.get(spec.kind, EVAL_ENVS_OTHERWISE)
+
+
+class Evaluator:
+    """Runs `episodes_per_task` episodes of every evaluation task for every member, in waves: each wave steps `wave`
+    episodes per member (at most `max_envs` environments in all, default `default_eval_envs`) in lockstep, and the
+    policy is called once per step for all of them with obs [M, wave, d]; a last, shorter wave is padded with copies
+    that are never stepped.
+
+    Member m's start states and goals come from `seeds[m]` alone (each env is reseeded per episode; numpy's global
+    generator, from which OGBench draws start and goal noise, runs one stream per member across its resets), so a
+    member meets the same episodes whether it trains alone or packed, and whatever the wave size. One exception,
+    OGBench's own: a manipulation goal's arm pose (its proprioceptive part) follows two settling steps of actions
+    drawn from an action space OGBench builds anew, unseeded, at each access; the objects' part is seeded.
     """
 
-    def __init__(self, spec: EnvSpec, num_members: int, episodes_per_task: int):
+    def __init__(self, spec: EnvSpec, num_members: int, episodes_per_task: int, max_envs: int | None = None):
         if episodes_per_task < 1:
             raise UsageError(f"--eval-episodes must be >= 1, got {episodes_per_task}")
+        max_envs = default_eval_envs(spec) if max_envs is None else max_envs
+        if max_envs < 1:
+            raise UsageError(f"--eval-envs must be >= 1, got {max_envs}")
         self.spec, self.num_members = spec, num_members
         self.tasks = np.repeat(np.arange(1, num_eval_tasks(spec) + 1), episodes_per_task)
-        self.envs = [[make_env(spec) for _ in self.tasks] for _ in range(num_members)]
+        self.wave = max(1, min(len(self.tasks), max_envs // num_members))  # episodes per member per wave
+        self.waves = -(-len(self.tasks) // self.wave)
+        self.envs = [[make_env(spec) for _ in range(self.wave)] for _ in range(num_members)]
         self.max_steps = 1000 if spec.family == "dmc" else self.envs[0][0].spec.max_episode_steps
-        self.alive = None  # during `evaluate`: [M, E], the episodes still running at the current step
+        self.alive = None  # during `evaluate`: [M, wave], the episodes of this wave still running at the current step
+        self.wave_index = None  # during `evaluate`: which wave runs (a test-time method may start afresh at each)
 
     def evaluate(self, policy: Callable[[np.ndarray, np.ndarray | None], np.ndarray], seeds: list[int]) -> dict:
         """Returns success [M, E], return [M, E], tasks [E] (each episode's task), and the visited states: observations
         [M, E, T, d], goals [M, E, d] (None without goals), actions [M, E, T, a], valid [M, E, T] (False after an
         episode ended)."""
-        M, E, T = self.num_members, len(self.tasks), self.max_steps
-        obs, goals = [], []
+        M, E, T, W = self.num_members, len(self.tasks), self.max_steps, self.wave
         if len(seeds) != M:
             raise ValueError(f"{len(seeds)} seeds for {M} members")
-        for m, seed in enumerate(seeds):
-            np.random.seed(seed)  # OGBench draws start and goal noise from numpy's global generator
-            for e, task in enumerate(self.tasks):
-                o, g = reset_env(self.spec, self.envs[m][e], task, seed * 10007 + e)
-                obs.append(o)
-                goals.append(g)
-        obs = np.asarray(obs, np.float32).reshape(M, E, -1)
-        goals = None if goals[0] is None else np.asarray(goals, np.float32).reshape(M, E, -1)
-        visited = np.zeros((M, E, T, obs.shape[-1]), np.float32)
-        actions_taken, valid = None, np.zeros((M, E, T), bool)
-        alive, success, returns = np.ones((M, E), bool), np.zeros((M, E)), np.zeros((M, E))
-        for t in range(T):
-            self.alive = alive  # which episodes are running at this step: what a test-time learner may train on
-            actions = np.asarray(policy(obs, goals))
-            if actions_taken is None:
-                actions_taken = np.zeros((M, E, T, actions.shape[-1]), np.float32)
-            visited[:, :, t], actions_taken[:, :, t], valid[:, :, t] = obs, actions, alive
-            for m, e in zip(*np.nonzero(alive)):
-                o, reward, terminated, truncated, succeeded = step_env(self.spec, self.envs[m][e], actions[m, e])
-                obs[m, e] = o
-                returns[m, e] += reward
-                success[m, e] = max(success[m, e], succeeded)
-                alive[m, e] = not (terminated or truncated)
-            if not alive.any():
-                break
-        return dict(success=success, returns=returns, tasks=self.tasks, observations=visited, goals=goals,
+        streams = []  # numpy's global generator, one stream per member, continued across its waves
+        for seed in seeds:
+            np.random.seed(seed)
+            streams.append(np.random.get_state())
+        visited = goals_all = actions_taken = None
+        valid = np.zeros((M, E, T), bool)
+        success, returns = np.zeros((M, E)), np.zeros((M, E))
+        for w in range(self.waves):
+            episodes = list(range(w * W, min((w + 1) * W, E)))
+            obs, goals = [], []
+            for m, seed in enumerate(seeds):
+                np.random.set_state(streams[m])
+                for j in range(W):  # padding slots (past the last episode) repeat the last one and never step
+                    if j < len(episodes):
+                        e = episodes[j]
+                        o, g = reset_env(self.spec, self.envs[m][j], self.tasks[e], seed * 10007 + e)
+                    obs.append(o)
+                    goals.append(g)
+                streams[m] = np.random.get_state()
+            obs = np.asarray(obs, np.float32).reshape(M, W, -1)
+            goals = None if goals[0] is None else np.asarray(goals, np.float32).reshape(M, W, -1)
+            if visited is None:
+                visited = np.zeros((M, E, T, obs.shape[-1]), np.float32)
+                goals_all = None if goals is None else np.zeros((M, E, goals.shape[-1]), np.float32)
+            if goals is not None:
+                goals_all[:, episodes] = goals[:, :len(episodes)]
+            alive = np.zeros((M, W), bool)
+            alive[:, :len(episodes)] = True
+            self.wave_index = w
+            for t in range(T):
+                self.alive = alive  # which episodes are running at this step: what a test-time learner may train on
+                actions = np.asarray(policy(obs, goals))
+                if actions_taken is None:
+                    actions_taken = np.zeros((M, E, T, actions.shape[-1]), np.float32)
+                n = len(episodes)
+                visited[:, episodes, t], actions_taken[:, episodes, t] = obs[:, :n], actions[:, :n]
+                valid[:, episodes, t] = alive[:, :n]
+                for m, j in zip(*np.nonzero(alive)):
+                    o, reward, terminated, truncated, succeeded = step_env(self.spec, self.envs[m][j], actions[m, j])
+                    e = episodes[j]
+                    obs[m, j] = o
+                    returns[m, e] += reward
+                    success[m, e] = max(success[m, e], succeeded)
+                    alive[m, j] = not (terminated or truncated)
+                if not alive.any():
+                    break
+        self.alive = self.wave_index = None
+        return dict(success=success, returns=returns, tasks=self.tasks, observations=visited, goals=goals_all,
                     actions=actions_taken, valid=valid)
 
 

@@ -61,8 +61,9 @@ class TestTime:
     callable the Evaluator steps the environments with (obs [M, E, d], goals [M, E, g] | None -> actions [M, E, a]).
 
     opex  act with the script's rule, then `opex_actions` on the frozen Q (SfBC: from the chosen candidate).
-    ttt   a copy of the actor per episode (`--ttt-reset episode`) or one per member shared by its episodes, which
-          run in lockstep (`never`: kept for the whole evaluation). At every environment step the visited state
+    ttt   a copy of the actor per episode (`--ttt-reset episode`: fresh at each of the Evaluator's waves) or one per
+          member shared by its episodes (`never`: kept for the whole evaluation, across waves; the episodes of a
+          wave run in lockstep, the waves one after the other). At every environment step the visited state
           of a running episode is written to the copy's fixed-size device buffer (finished episodes' frozen last
           states are not: `Evaluator.alive` says which run), the copy takes `--ttt-steps-per-env-step` Adam steps
           of `ttt_loss` on `--ttt-batch-size` states drawn from its buffer, and then acts. The trained parameters
@@ -73,10 +74,12 @@ class TestTime:
     def __init__(self, harness: runs.QHarness, evaluator: envs.Evaluator, method: str, act: Callable,
                  q_value: Callable, mean_action: Callable):
         self.method, self.evaluator = method, evaluator
-        episodes = len(evaluator.tasks)
-        self.copies = episodes if harness.ttt_reset == "episode" else 1
+        episodes = evaluator.wave  # per member, stepped together
+        self.per_episode = harness.ttt_reset == "episode"
+        self.copies = episodes if self.per_episode else 1
         self.per_copy = episodes // self.copies  # environments each copy acts in
-        self.slots = evaluator.max_steps * self.per_copy  # buffer rows per copy: every state it can visit
+        # buffer rows per copy, every state it can visit: one wave's (episode), every wave's (never)
+        self.slots = evaluator.max_steps * self.per_copy * (1 if self.per_episode else evaluator.waves)
         optimizer = optax.adam(harness.ttt_lr)
 
         def opex_act(params, obs, goals, key):
@@ -135,15 +138,17 @@ class TestTime:
         """A fresh test-time policy for one evaluation of the members' current `params` ([M]-stacked pytree)."""
         keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), step))(jnp.asarray(seeds))
         calls = itertools.count()
-        carry = None
+        carry, wave = None, None
 
         def step_keys():
             return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, next(calls))
 
         def policy(obs, goals):
-            nonlocal carry
+            nonlocal carry, wave
             if self.method == "opex":
                 return self._opex(params, obs, goals, step_keys())
+            if self.per_episode and self.evaluator.wave_index != wave:  # per-episode copies start afresh each wave
+                carry, wave = None, self.evaluator.wave_index
             if carry is None:
                 carry = self._ttt_init(params, obs.shape[-1], None if goals is None else goals.shape[-1])
             alive = getattr(self.evaluator, "alive", None)  # None: every episode runs

@@ -227,6 +227,39 @@ def test_oracle_solves_evaluation_tasks_closed_loop(name):
         assert out["observations"].shape[-1] == out["goals"].shape[-1]
 
 
+@pytest.mark.parametrize("name,members,episodes,max_envs", [(POINTMAZE, 2, 2, 6), ("cube-single-play-v0", 1, 1, 2)])
+def test_evaluation_in_waves_gives_the_numbers_of_one_wave(name, members, episodes, max_envs):
+    """Fewer environments than episodes (a manipulation env holds ~160 MB): the episodes run in waves on reused
+    environments, the last wave padded, with the same starts, goals, actions and results as all at once."""
+    spec = envs.parse_env(name)
+    oracle = envs.make_oracle(spec)
+    calls = []
+
+    def policy(obs, goals):
+        calls.append(obs.shape[:2])
+        flat = obs.reshape(-1, obs.shape[-1])
+        return oracle(flat, goals.reshape(len(flat), -1)).reshape(*obs.shape[:2], -1)
+
+    waves = envs.Evaluator(spec, members, episodes, max_envs)
+    total = members * episodes * envs.num_eval_tasks(spec)
+    assert waves.wave == max_envs // members and waves.waves > 1 and len(waves.envs[0]) == waves.wave
+    assert total % max_envs != 0  # the last wave is padded
+    split = waves.evaluate(policy, seeds=list(range(3, 3 + members)))
+    assert set(calls) == {(members, waves.wave)} and waves.alive is None
+    at_once = envs.Evaluator(spec, members, episodes, max_envs=total).evaluate(policy, list(range(3, 3 + members)))
+    assert at_once["success"].mean() >= 0.5  # the oracle solves them: the episodes really ran
+    for key in ("success", "returns", "tasks", "valid"):
+        np.testing.assert_array_equal(split[key], at_once[key], err_msg=key)
+    # OGBench's manipulation goals: the cube is placed from the seed, the arm moved by two steps of actions drawn
+    # from an action space OGBench builds anew (unseeded) at each access, so only the cube's part is reproducible
+    seeded = slice(0, None) if spec.kind == "pointmaze" else slice(18, None)
+    np.testing.assert_array_equal(split["goals"][..., seeded], at_once["goals"][..., seeded])
+    for key in ("observations", "actions"):  # at every step an episode ran (after it ended: not meaningful)
+        np.testing.assert_array_equal(split[key][split["valid"]], at_once[key][at_once["valid"]], err_msg=key)
+    with pytest.raises(runs.UsageError, match="--eval-envs"):
+        envs.Evaluator(spec, members, episodes, max_envs=0)
+
+
 # ---------------------------------------------------------------- names and bad input
 def test_teleport_mazes_are_not_offered_for_the_mse_metrics(capsys):
     """pointmaze-teleport's BFS waypoints ignore the teleporters, so its oracle's labels are not optimal actions."""

@@ -26,7 +26,7 @@ def setup(script, method, goal_conditioned=True, **flags):
     goal_dim = OBS_DIM if goal_conditioned else 0
     states = jax.vmap(lambda k: module.init_state(k, OBS_DIM, goal_dim, ACTION_DIM, config))(
         jax.vmap(jax.random.PRNGKey)(jnp.arange(MEMBERS)))
-    evaluator = types.SimpleNamespace(tasks=np.arange(EPISODES), max_steps=6)
+    evaluator = types.SimpleNamespace(tasks=np.arange(EPISODES), max_steps=6, wave=EPISODES, waves=1, wave_index=0)
     act = functools.partial(module.act, num_samples=config.num_samples) if script.endswith("sfbc") else module.act
     return module, config, states["params"], testtime.TestTime(config.harness, evaluator, method, act, module.q_value,
                                                                module.mean_action)
@@ -90,11 +90,14 @@ def test_ttt_adapts_only_its_copy_and_lr_0_acts_as_the_trained_policy(script, re
 def test_ttt_never_touches_the_trained_parameters_and_lr_0_equals_plain_evaluation(data_dir, tmp_path):
     """Whole runs of iql_ddpgbc: the checkpoints of a run evaluated with OPEX and TTT equal those of a plain run (TTT
     trains a copy), and so do its plain numbers; with --ttt-lr 0 TTT's numbers equal the plain ones, bit for bit
-    with one copy per member."""
+    with one copy per member. The evaluations run in waves of 2 episodes per member (the last one padded), and give
+    the numbers of one wave of all episodes."""
     common = ["--env", POINTMAZE, "--dataset-dir", str(data_dir), "--steps", "100", "--log-interval", "50",
               "--eval-interval", "100", "--hidden-dims", "16", "--batch-size", "32", "--eval-episodes", "1",
-              "--mse-samples", "64", "--num-seeds", "2", "--checkpoint-interval", "100", "--no-progress"]
-    variants = {"plain": [], "lr0-never": ["--test-time", "ttt", "--ttt-lr", "0", "--ttt-reset", "never"],
+              "--mse-samples", "64", "--num-seeds", "2", "--checkpoint-interval", "100", "--no-progress",
+              "--eval-envs", "4"]
+    variants = {"plain": [], "one-wave": ["--eval-envs", "10"],
+                "lr0-never": ["--test-time", "ttt", "--ttt-lr", "0", "--ttt-reset", "never"],
             "lr0-episode": ["--test-time", "ttt", "--ttt-lr", "0"],
             "both": ["--test-time", "opex", "ttt", "--ttt-lr", "0.01", "--ttt-steps-per-env-step", "2"]}
     results = {}
@@ -109,6 +112,8 @@ def test_ttt_never_touches_the_trained_parameters_and_lr_0_equals_plain_evaluati
         for key in runs.RESULT_METRICS:  # the plain evaluation beside it is untouched too
             assert results[name][key] == results["plain"][key], key
     assert results["plain"]["test_time"] == [] and results["both"]["test_time"] == ["opex", "ttt"]
+    for key in runs.RESULT_METRICS:  # waves of 2 episodes per member, or all 5 at once: the same numbers
+        assert results["one-wave"][key] == results["plain"][key], key
     assert not any(k.startswith(("opex_", "ttt_")) for k in results["plain"])
     for key in ("success", "return", "eval_mse"):
         assert results["lr0-never"]["ttt_" + key] == results["plain"][key], key
