@@ -262,6 +262,13 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def resume_steps(path: Path) -> list[int]:
     """Steps of the complete resume states in a run folder (temporary files are never named state_*.npz)."""
     return sorted(int(p.stem.split("_")[1]) for p in (Path(path) / RESUME_DIR).glob("state_*.npz"))
@@ -301,8 +308,10 @@ class RunFolder:
             if changed:
                 raise UsageError(f"--resume: {self.path} was started with other values of {', '.join(changed)}; "
                                  "resume with the same flags or choose another --out-dir")
-            kept = [r for r in read_metrics(metrics) if r["step"] <= resume_step]
-            write_atomic(metrics, lambda f: f.writelines(json.dumps(r) + "\n" for r in kept))
+            # the lines up to the resume state, byte for byte (a line cut by the kill is dropped)
+            kept = [line for line in metrics.read_text().splitlines(keepends=True)
+                    if line.endswith("\n") and _step_of(line) is not None and _step_of(line) <= resume_step]
+            write_atomic(metrics, lambda f: f.writelines(kept))
         else:
             shutil.rmtree(self.path / RESUME_DIR, ignore_errors=True)
         (self.path / "failure.json").unlink(missing_ok=True)  # an earlier attempt's, if any
@@ -546,9 +555,16 @@ class Run(Members):
 
     def resume(self, states, init_metrics: Callable[[], dict]):
         """Continue bit for bit from the latest resume state (device state, loop progress, metrics.jsonl up to it) if
-        --resume found one; else log the step-0 metrics. Returns the states to train on."""
+        --resume found one, and say so (a "resume" record in metrics.jsonl, a line on stderr); else log the step-0
+        metrics. Returns the states to train on."""
         states, self.progress = self.restore(states, self.progress)
-        if self.progress.step == 0:
+        where = ", ".join(str(folder.path) for folder, _ in self.folders)
+        if self.progress.step:
+            self.log(member_records("resume", self.progress.step, self.seeds, {}))
+            print(f"resumed from step {self.progress.step} of {self.total_steps} in {where}", file=sys.stderr)
+        else:
+            if self.harness.resume:
+                print(f"--resume: no resume state in {where}; starting from step 0", file=sys.stderr)
             self.log(member_records("init", 0, self.seeds, init_metrics()))
         return states
 

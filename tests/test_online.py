@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import POINTMAZE, ROOT
 from test_algos import Q_SCRIPTS, load, member
-from test_reliability import SMALL, comparable, train_steps
+from test_reliability import SMALL, comparable, resumed_at, train_steps
 
 import envs
 import runs
@@ -190,4 +190,5 @@ def test_a_run_killed_while_online_resumes_to_the_uninterrupted_numbers(data_dir
     assert runs.resume_steps(killed) == [100]  # the offline end only: no state is saved while online
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step 100 of 500" in resumed.stderr and resumed_at(killed) == [100]
     assert comparable(killed) == comparable(tmp_path / "straight")

@@ -22,8 +22,14 @@ TIMING = {"seconds", "updates_per_second"}  # the only numbers allowed to differ
 def comparable(folder: Path):
     result = json.loads((folder / "result.json").read_text())
     result.pop("wall_seconds")
-    records = [{k: v for k, v in r.items() if k not in TIMING} for r in runs.read_metrics(folder / "metrics.jsonl")]
+    records = [{k: v for k, v in r.items() if k not in TIMING} for r in runs.read_metrics(folder / "metrics.jsonl")
+               if r["event"] != "resume"]  # a resumed run says where it resumed; the numbers must not differ
     return result, records
+
+
+def resumed_at(folder: Path) -> list[int]:
+    """The steps a run resumed from, as its metrics.jsonl records them (one record per member each time)."""
+    return sorted({r["step"] for r in runs.read_metrics(folder / "metrics.jsonl") if r["event"] == "resume"})
 
 
 def train_steps(folder: Path) -> list[int]:
@@ -40,9 +46,12 @@ def test_sigkill_at_random_steps_then_resume_gives_the_uninterrupted_numbers(dat
 
     killed = tmp_path / "killed"
     rng = random.Random(0)
-    kills = 0
+    kills, expected_resumes = 0, []
     for _ in range(12):
         command = [sys.executable, str(ROOT / "algos/iql_sfbc.py"), *args, "--out-dir", str(killed), "--resume"]
+        latest = runs.resume_steps(killed)[-1] if killed.exists() and runs.resume_steps(killed) else None
+        if latest is not None:
+            expected_resumes.append(latest)
         child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if kills < 3:  # kill it somewhere after its next log line, at a random moment of the following chunk
             start = max(train_steps(killed), default=0)
@@ -53,10 +62,14 @@ def test_sigkill_at_random_steps_then_resume_gives_the_uninterrupted_numbers(dat
             if child.poll() is None:
                 child.kill()
                 kills += 1
-        child.wait(timeout=300)
+        stderr = child.communicate(timeout=300)[1]
+        if latest is not None:  # said on stderr, and the lines before the resume state kept
+            assert f"resumed from step {latest} of 600" in stderr, stderr[-2000:]
         if (killed / "result.json").exists():
             break
     assert kills == 3 and (killed / "result.json").exists()
+    # every relaunch that found a resume state continued from it (a resume that restarted from 0 logs none)
+    assert len(expected_resumes) >= 2 and resumed_at(killed) == expected_resumes
     assert not (killed / runs.RESUME_DIR).exists()  # a complete run keeps no resume state
     assert comparable(killed) == comparable(tmp_path / "straight")
     assert train_steps(killed) == [s for s in range(50, 601, 50) for _ in range(2)]
@@ -92,14 +105,21 @@ def test_resume_refuses_other_flags_and_starts_afresh_without_a_state(data_dir, 
             "--resume-interval", "50", "--out-dir", str(out)]
     proc = run_script("algos/bc.py", *base, "--debug-poison-step", "200")
     assert proc.returncode == 3 and runs.resume_steps(out) == [100, 150]
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    before = "".join(line for line in lines if json.loads(line)["step"] <= 150)
     proc = run_script("algos/bc.py", *base, "--resume", "--batch-size", "64")
     assert proc.returncode == 2 and "other values of batch_size" in proc.stderr, proc.stderr[-2000:]
     proc = run_script("algos/bc.py", *base, "--resume")  # the same flags (the hook off): from step 150 on
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resumed from step 150 of 200 in {out}" in proc.stderr, proc.stderr[-2000:]
+    after = (out / "metrics.jsonl").read_text()
+    assert after.startswith(before)  # the lines up to the resume state, byte for byte, then the resume record
+    assert json.loads(after[len(before):].splitlines()[0]) == {"event": "resume", "step": 150, "member": 0, "seed": 0}
     assert train_steps(out) == [50, 100, 150, 200] and not (out / "failure.json").exists()
-    fresh = tmp_path / "fresh"  # --resume without a resume state starts at step 0
+    fresh = tmp_path / "fresh"  # --resume without a resume state starts at step 0, and says so
     proc = run_script("algos/bc.py", *base[:-1], str(fresh), "--resume")
     assert proc.returncode == 0 and train_steps(fresh) == [50, 100, 150, 200], proc.stderr[-2000:]
+    assert "no resume state" in proc.stderr and resumed_at(fresh) == []
 
 
 def test_metrics_reader_skips_a_line_cut_by_a_kill(tmp_path):
