@@ -16,6 +16,7 @@ Nothing here knows an environment or a loss: a script hands `Run` its metrics an
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -262,6 +263,34 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+LOCK_FILE = ".lock"  # in a run folder and a sweep folder: holds the writing process's PID
+
+
+def lock_folder(path: Path, what: str):
+    """Make `path` this process's alone: an exclusive OS lock on <path>/.lock, held while the returned handle is
+    open (keep a reference) and released by the OS when the process dies, however it dies (SIGKILL included). A
+    folder another live process holds raises a UsageError naming that process, before anything is written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / LOCK_FILE, "a+")
+    except OSError as error:
+        raise UsageError(f"cannot write to {what} {path}: {error.strerror}; choose a writable folder") from error
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UsageError(f"{path} is being written by another process (PID {holder}); wait for it to end or stop "
+                         f"it, or choose another {what}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def _step_of(line: str) -> int | None:
     try:
         return json.loads(line)["step"]
@@ -288,15 +317,7 @@ class RunFolder:
     afresh, forgetting anything an earlier attempt left in the folder."""
 
     def __init__(self, path: str, config: dict, resume_step: int | None = None, from_table: dict | None = None):
-        self.path = Path(path)
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as error:
-            raise UsageError(f"cannot write to --out-dir {self.path}: {error.strerror}; choose a writable "
-                             "folder") from error
+        self.path = Path(path)  # locked by the caller (Members), which holds the lock for the process's life
         if (self.path / "result.json").exists():
             raise UsageError(f"{self.path} already holds a complete run (result.json); choose another --out-dir")
         config = json.loads(json.dumps(config))  # as config.json will hold it (tuples become lists)
@@ -445,6 +466,8 @@ class Members:
                 raise UsageError(f"members sharing out_dir {out_dir} have different settings; give each its own")
             standalone[out_dir] = {**flags, **self.settings[ms[0]], "seed": self.seeds[ms[0]], "num_seeds": len(ms),
                                    "out_dir": out_dir, "script": script}
+        # one writer per folder: every folder is locked before any is read or written (a packed process writes several)
+        self._locks = [lock_folder(Path(out_dir), "--out-dir") for out_dir in groups]
         # --resume: the latest resume state every folder has (a packed process may have died between folders)
         self.resume_step = None
         if flags.get("resume"):

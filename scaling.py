@@ -43,7 +43,7 @@ import numpy as np
 import tyro
 from tqdm import tqdm
 
-from runs import DIVERGED_EXIT, SCRIPTS, UsageError, exit_on_usage_error, write_json_atomic
+from runs import DIVERGED_EXIT, SCRIPTS, UsageError, exit_on_usage_error, lock_folder, write_json_atomic
 
 ROOT = Path(__file__).resolve().parent
 LOG_TAIL_LINES = 20
@@ -490,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     args = tyro.cli(Args, args=argv, description=__doc__)
     settings = resolve(args, script_args)
+    # one launcher per sweep folder, before it reads or writes anything there (the runs lock their own folders);
+    # held until this process ends, however it ends
+    lock = None if args.dry_run else lock_folder(Path(settings["sweep_dir"]), "--sweep-dir")  # noqa: F841
     runs = plan(settings)
     dataset_lines = prepare_datasets(settings, args.dry_run)
     pending = [run for run in runs if not run.complete]

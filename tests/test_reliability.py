@@ -2,6 +2,7 @@
 failure.json), corrupted datasets, a full disk, and a table of bad inputs across every entry point (exit 2)."""
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -230,3 +231,80 @@ def test_bad_inputs_across_every_entry_point_exit_2_with_one_line(data_dir, tmp_
         assert message in proc.stderr, (entry, message, proc.stderr[-2000:])
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
         assert not list(out.rglob("result.json")), (entry, args)  # nothing looks complete
+
+
+HOLD_LOCK = "import sys, time; sys.path.insert(0, sys.argv[1]); import runs; h = runs.lock_folder(sys.argv[2], 'x'); " \
+            "print('held', flush=True); time.sleep(600)"
+
+
+def holder(folder: Path) -> subprocess.Popen:
+    """Another live process holding `folder`'s lock, as a script or a launcher would."""
+    child = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(ROOT), str(folder)], stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+@pytest.mark.slow
+def test_one_writer_per_run_folder_a_second_process_exits_2_and_writes_nothing(data_dir, tmp_path):
+    """The user's case: a run left going in another terminal, the same command started again with --resume. The
+    second process exits 2 naming the first's PID and touches nothing; once the first dies (SIGKILL: the OS releases
+    its lock), the same command resumes."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "algos/bc.py"), *SMALL, "--dataset-dir", str(data_dir), "--steps",
+               "1000000", "--log-interval", "100", "--eval-interval", "1000000", "--resume-interval", "100",
+               "--out-dir", str(out), "--resume"]
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while len(runs.resume_steps(out)) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        before = (out / "metrics.jsonl").read_bytes()
+        second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is being written by another process (PID {first.pid})" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+        assert (out / "metrics.jsonl").read_bytes().startswith(before)  # not truncated: the first one goes on
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+    third = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        line = third.stderr.readline()
+        while line and "resumed from step" not in line:
+            line = third.stderr.readline()
+        assert "resumed from step" in line
+    finally:
+        third.kill()
+        third.wait()
+    # a packed process locks every folder before touching any: one held folder stops it, the free one stays as it was
+    free, held = tmp_path / "free", tmp_path / "held"
+    members = tmp_path / "members.json"
+    members.write_text(json.dumps([{"seed": 0, "out_dir": str(free)}, {"seed": 1, "out_dir": str(held)}]))
+    other = holder(held)
+    try:
+        proc = run_script("algos/bc.py", *SMALL, "--dataset-dir", str(data_dir), "--steps", "100",
+                          "--members-file", str(members))
+        assert proc.returncode == 2 and f"(PID {other.pid})" in proc.stderr, proc.stderr[-2000:]
+        assert sorted(p.name for p in free.iterdir()) == [runs.LOCK_FILE]
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_one_launcher_per_sweep_folder(data_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    other = holder(sweep)
+    try:
+        proc = run_script("scaling.py", "--envs", POINTMAZE, "--scripts", "bc", "--steps", "100", "--dataset-dir",
+                          str(data_dir), "--sweep-dir", str(sweep), "--no-progress")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"{sweep} is being written by another process (PID {other.pid})" in proc.stderr
+        assert sorted(p.name for p in sweep.iterdir()) == [runs.LOCK_FILE]  # no sweep.json, no run folder
+    finally:
+        other.kill()  # SIGKILL: the OS releases the lock
+        other.wait()
+    handle = runs.lock_folder(sweep, "--sweep-dir")
+    assert (sweep / runs.LOCK_FILE).read_text().strip() == str(os.getpid())
+    handle.close()
