@@ -9,6 +9,7 @@ from conftest import POINTMAZE, run_script
 
 import envs
 import runs
+import scaling
 
 
 # ---------------------------------------------------------------- generated files in the official format
@@ -208,7 +209,16 @@ def test_cube_oracle_matches_ogbench_markov_oracle():
     assert compared > 30  # steps checked before the cube was placed (47 with this seed)
 
 
-@pytest.mark.parametrize("name", [POINTMAZE, "cube-single-play-v0", "pointmaze-medium-navigate-singletask-v0"])
+def preset_oracle_envs() -> list[str]:
+    """One dataset name per environment with an oracle among every scaling.py preset (each maze size they use)."""
+    by_env = {}
+    for name in sorted({n for preset in scaling.PRESETS.values() for n in preset.get("envs", ())}):
+        if envs.parse_env(name).has_oracle:
+            by_env.setdefault(envs.parse_env(name).env_id, name)
+    return sorted(by_env.values())
+
+
+@pytest.mark.parametrize("name", [*preset_oracle_envs(), "pointmaze-medium-navigate-singletask-v0"])
 def test_oracle_solves_evaluation_tasks_closed_loop(name):
     spec = envs.parse_env(name)
     oracle, fixed = envs.make_oracle(spec), envs.task_goal(spec)
