@@ -76,13 +76,20 @@ def _children_of(sweep_dir: Path) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_killed_sweep_resumes_only_what_is_missing(data_dir, tmp_path, sig):
+    """Runs long enough to write resume states: killed after one run completed and another wrote one, the rerun
+    skips the complete runs, continues the interrupted one from its latest state and starts the others."""
     sweep_dir = tmp_path / "sweep"
-    args = sweep_args(data_dir, sweep_dir, "--workers", "1")
+    args = [*sweep_args(data_dir, sweep_dir, "--workers", "1")[:-len(TINY)], "--", "--log-interval", "50",
+            "--eval-interval", "400", "--resume-interval", "50", "--hidden-dims", "16", "--batch-size", "32",
+            "--eval-episodes", "1", "--mse-samples", "64"]
+    args[args.index("--steps") + 1] = "400"
+    folders = [sweep_dir / POINTMAZE / "iql_ddpgbc" / f"v{v}_p{p}_s0" for v in (2000, 4000) for p in (2000, 4000)]
     launcher = subprocess.Popen([sys.executable, str(ROOT / "scaling.py"), *args], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not results(sweep_dir) and time.time() < deadline:  # kill it after the first run completed
-        time.sleep(0.2)
+    interrupted = lambda: [f for f in folders if not (f / "result.json").exists() and runs.resume_steps(f)]  # noqa
+    while not (results(sweep_dir) and interrupted()) and time.time() < deadline:
+        time.sleep(0.05)
     launcher.send_signal(sig)
     launcher.wait(timeout=60)
     assert launcher.returncode == (130 if sig == signal.SIGTERM else -signal.SIGKILL)
@@ -90,6 +97,8 @@ def test_killed_sweep_resumes_only_what_is_missing(data_dir, tmp_path, sig):
     assert _children_of(sweep_dir) == [], "a run outlived its launcher"
     before = results(sweep_dir)
     assert 1 <= len(before) < 4
+    latest = {f: runs.resume_steps(f)[-1] for f in interrupted()}
+    assert latest, "no run was interrupted after writing a resume state"
     proc = run_script("scaling.py", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"skipped (already complete) {len(before)}" in proc.stdout and f"done {4 - len(before)}" in proc.stdout
@@ -97,9 +106,12 @@ def test_killed_sweep_resumes_only_what_is_missing(data_dir, tmp_path, sig):
     assert len(after) == 4 and all(after[name] == content for name, content in before.items())
     for folder in (sweep_dir / POINTMAZE / "iql_ddpgbc").iterdir():
         if folder.is_dir():  # a rerun folder holds one run's records, not the killed attempt's too
-            steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()
-                     if json.loads(line)["event"] == "train"]
-            assert steps == [50, 100], (folder, steps)
+            records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+            steps = [r["step"] for r in records if r["event"] == "train"]
+            assert steps == list(range(50, 401, 50)), (folder, steps)
+            # the interrupted runs continued from their latest state; the others never resumed
+            assert [r["step"] for r in records if r["event"] == "resume"] == ([latest[folder]] if folder in latest
+                                                                                else []), folder
 
 
 def test_failing_runs_are_recorded_retried_and_listed(data_dir, tmp_path):
