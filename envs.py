@@ -1181,10 +1181,12 @@ def _list_cli(args: ListArgs) -> None:
         print(f"{name:48s} {', '.join(n for n in notes if n)}")
 
 
-if __name__ == "__main__":
-    def main():
-        args = tyro.cli(Union[Annotated[GenerateArgs, tyro.conf.subcommand("generate")],
-                              Annotated[ListArgs, tyro.conf.subcommand("list")]])
-        (_generate_cli if isinstance(args, GenerateArgs) else _list_cli)(args)
+def main(argv: list[str] | None = None) -> None:
+    """`python envs.py generate ...` / `python envs.py list` (`argv`: the arguments, default sys.argv[1:])."""
+    args = tyro.cli(Union[Annotated[GenerateArgs, tyro.conf.subcommand("generate")],
+                          Annotated[ListArgs, tyro.conf.subcommand("list")]], args=argv)
+    (_generate_cli if isinstance(args, GenerateArgs) else _list_cli)(args)
 
+
+if __name__ == "__main__":
     exit_on_usage_error(main)

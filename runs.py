@@ -165,6 +165,9 @@ class Harness:
             (self.checkpoint_interval >= 0 and self.checkpoint_interval % self.log_interval == 0,
              "--checkpoint-interval must be 0 or a multiple of --log-interval"),
             (self.mse_samples >= 1, "--mse-samples must be >= 1"),
+            (self.eval_episodes is None or self.eval_episodes >= 1, f"--eval-episodes must be >= 1, got "
+                                                                     f"{self.eval_episodes}"),
+            (self.eval_envs is None or self.eval_envs >= 1, f"--eval-envs must be >= 1, got {self.eval_envs}"),
             (interval is None or (interval >= 0 and interval % self.log_interval == 0),
              f"--resume-interval must be 0 or a multiple of --log-interval {self.log_interval}"),
             (self.debug_poison_step >= 0 and self.debug_poison_step % self.log_interval == 0,

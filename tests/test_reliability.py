@@ -1,6 +1,7 @@
 """Runs that survive: SIGKILL + --resume ends bit for bit where an uninterrupted run ends, the NaN guard (exit 3,
 failure.json), corrupted datasets, a full disk, and a table of bad inputs across every entry point (exit 2)."""
 
+import importlib
 import json
 import os
 import random
@@ -13,7 +14,11 @@ import numpy as np
 import pytest
 from conftest import POINTMAZE, ROOT, run_script
 
+import analyze
+import envs
 import runs
+import scaling
+import tyro
 
 SMALL = ["--env", POINTMAZE, "--log-interval", "50", "--hidden-dims", "32", "--batch-size", "32",
          "--eval-episodes", "1", "--mse-samples", "64", "--no-progress"]
@@ -180,10 +185,38 @@ def corrupted_exorl(data_dir: Path, root: Path) -> list[tuple[str, str]]:
     return cases
 
 
-def test_bad_inputs_across_every_entry_point_exit_2_with_one_line(data_dir, tmp_path):
+ENTRY_POINTS = ("envs.py", *(f"algos/{name}.py" for name in runs.SCRIPTS), "scaling.py", "analyze.py")
+
+
+def run_in_process(entry: str, args: list[str], capsys) -> tuple[int, str]:
+    """(exit status, stderr) of an entry point called as its `__main__` calls it, in this process."""
+    if entry == "envs.py":
+        call = lambda: envs.main(args)  # noqa: E731
+    elif entry == "scaling.py":
+        call = lambda: sys.exit(scaling.main(args))  # noqa: E731
+    elif entry == "analyze.py":
+        call = lambda: analyze.main(tyro.cli(analyze.Args, args=args))  # noqa: E731
+    else:
+        module = importlib.import_module(entry[:-3].replace("/", "."))
+        call = lambda: module.main(tyro.cli(module.Config, args=args))  # noqa: E731
+    capsys.readouterr()
+    try:
+        runs.exit_on_usage_error(call)
+        code = 0
+    except SystemExit as stop:  # the exception (and any folder lock its frames hold) is released with this block
+        code = stop.code
+    return code, capsys.readouterr().err
+
+
+def test_bad_inputs_across_every_entry_point_exit_2_with_one_line(data_dir, tmp_path, capsys):
+    """The table below, exactly: each case exits 2 with one line holding its message and leaves nothing looking
+    complete. The first case of each entry point runs as a user runs it (a subprocess: the exit status path), the
+    others in this process (the same code, without a JAX start-up each)."""
     out = tmp_path / "out"
     not_a_folder = tmp_path / "a-file"
     not_a_folder.write_text("")
+    empty = tmp_path / "empty"
+    empty.mkdir()
     script = lambda name, *extra: (f"algos/{name}.py", [*SMALL, "--dataset-dir", str(data_dir), "--steps", "100",  # noqa: E731
                                                        "--eval-interval", "100", "--out-dir", str(out), *extra])
     sweep = lambda *extra: ("scaling.py", ["--dataset-dir", str(data_dir), "--sweep-dir", str(out), *extra])  # noqa: E731
@@ -197,17 +230,21 @@ def test_bad_inputs_across_every_entry_point_exit_2_with_one_line(data_dir, tmp_
         (script("iql_ddpgbc", "--value-data-size", "10000000"), "--value-data-size 10000000 is out of range"),
         (script("sarsa_awr", "--policy-data-size", "0"), "--policy-data-size 0 is out of range"),
         (script("iql_awr", "--alpha", "-1"), "--alpha must be >= 0"),
+        (script("crl_ddpgbc", "--alpha", "-1"), "--alpha must be >= 0"),
         (script("crl_awr", "--env", "pointmaze-medium-navigate-singletask-v0"), "needs a goal-conditioned"),
         (script("iql_sfbc", "--num-samples", "0"), "--num-samples"),
+        (script("crl_sfbc", "--num-samples", "0"), "--num-samples"),
         (script("bc", "--obs-transform-frequency", "0"), "--obs-transform-frequency must be > 0"),
         (script("sarsa_sfbc", "--test-time", "ttt", "--ttt-steps-per-env-step", "0"), "--ttt-steps-per-env-step"),
         (script("iql_ddpgbc", "--online-steps", "-50"), "--online-steps must be >= 0"),
         (script("crl_awr", "--online-steps", "70"), "--online-steps 70 must be a multiple of --log-interval 50"),
         (script("sarsa_awr", "--online-noise", "-0.1"), "--online-noise must be >= 0"),
         (script("iql_ddpgbc", "--discount", "1"), "--discount must be in (0, 1)"),
+        (script("sarsa_ddpgbc", "--discount", "0"), "--discount must be in (0, 1)"),
         (script("bc", "--steps", "120"), "multiple of --log-interval"),
         (script("iql_ddpgbc", "--resume-interval", "70"), "--resume-interval must be 0 or a multiple"),
         (script("iql_ddpgbc", "--debug-poison-step", "-50"), "--debug-poison-step must be 0 or a multiple"),
+        (script("iql_ddpgbc", "--eval-envs", "0"), "--eval-envs must be >= 1"),
         (script("iql_ddpgbc", "--out-dir", str(not_a_folder / "run")), "cannot write to --out-dir"),
         (script("iql_ddpgbc", "--members-file", str(tmp_path / "absent.json")), "cannot read --members-file"),
         (sweep("--scripts", "iql_dpgbc"), "--scripts: iql_dpgbc is not a script"),
@@ -216,21 +253,29 @@ def test_bad_inputs_across_every_entry_point_exit_2_with_one_line(data_dir, tmp_
         (sweep("--policy-sizes", "99999999"), "--policy-sizes 99999999 exceeds the"),
         (sweep("--awr-alphas", "nan"), "--awr-alphas must be finite"),
         (sweep("--retries", "-1"), "--retries >= 0"),
+        (("analyze.py", [str(tmp_path / "no-sweep")]), "no-sweep"),
+        (("analyze.py", [str(empty)]), "no run folders"),
     ]
     for folder, message in corrupted_datasets(data_dir, tmp_path):
         cases.append((script("iql_ddpgbc", "--dataset-dir", folder), message))
     for folder, message in corrupted_exorl(data_dir, tmp_path):
         cases.append((script("iql_ddpgbc", "--env", "walker-run-random", "--dataset-dir", folder), message))
-    if (ROOT / "analyze.py").exists():
-        cases += [(("analyze.py", [str(tmp_path / "no-sweep")]), "no-sweep"),
-                  (("analyze.py", [str(tmp_path)]), "no run folders")]
-    assert len(cases) >= 20
+    assert {entry for (entry, _), _ in cases} == set(ENTRY_POINTS)  # every entry point, each of its cases
+    assert len({(entry, tuple(args)) for (entry, args), _ in cases}) == len(cases) == 40  # no case twice; the
+    # count docs/reliability.md gives
+    first = set()
     for (entry, args), message in cases:
-        proc = run_script(entry, *args)
-        assert proc.returncode == 2, (entry, args[-4:], proc.stderr[-2000:])
-        assert message in proc.stderr, (entry, message, proc.stderr[-2000:])
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+        if entry not in first:
+            first.add(entry)
+            proc = run_script(entry, *args)
+            code, stderr = proc.returncode, proc.stderr
+        else:
+            code, stderr = run_in_process(entry, args, capsys)
+        assert code == 2, (entry, args[-4:], stderr[-2000:])
+        assert message in stderr, (entry, message, stderr[-2000:])
+        assert len(stderr.strip().splitlines()) == 1, stderr[-2000:]
         assert not list(out.rglob("result.json")), (entry, args)  # nothing looks complete
+        assert not list(out.rglob("config.json")), (entry, args)  # nor started: the input is checked first
 
 
 HOLD_LOCK = "import sys, time; sys.path.insert(0, sys.argv[1]); import runs; h = runs.lock_folder(sys.argv[2], 'x'); " \
