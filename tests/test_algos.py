@@ -249,14 +249,23 @@ def test_sfbc_acts_with_the_candidate_of_highest_q(script):
     assert np.any(np.abs(np.asarray(chosen) - np.asarray(mean)) > 1e-3)  # not simply the BC mean
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Known values: a two-state MDP where the behaviour policy's Q and IQL's expectile fixed point are known exactly
+# Known values: a two-state MDP where the behaviour policy's Q and IQL's expectile fixed point are known exactly,
+# and so is what each extractor makes of them
 # ----------------------------------------------------------------------------------------------------------------
 # s0 --(-1)--> end, reward 0.5;  s0 --(+1)--> s1, reward 0;  s1 --(+1)--> end, reward 1;  s1 --(-1)--> end, reward 0.
 # The data's behaviour policy picks -1 / +1 with equal probability in both states; discount 0.9. Then
 #   SARSA (tau = 0.5): V(s1) = 0.5,           Q(s0, +1) = 0.9 * 0.5 = 0.45 (the behaviour policy's value)
 #   IQL  (tau = 0.9): V(s1) = the 0.9-expectile of {0, 1} w.p. 1/2 each = 0.9, Q(s0, +1) = 0.81 (toward Q* = 0.9)
-# and Q(s0, -1) = 0.5 for both: SARSA prefers -1 in s0, IQL prefers +1.
+# and Q(s0, -1) = 0.5 for both: SARSA prefers -1 in s0, IQL prefers +1. What the extractors do with a critic Q:
+#   AWR, Gaussian N(mu, 1): mu(s) maximises sum_a w(a) log N(a; mu, 1), w(a) = exp(alpha (Q(s, a) - V(s))), so mu(s)
+#     is the w-weighted mean of the data's actions: mu(s) = tanh(alpha (Q(s, +1) - Q(s, -1)) / 2) (V cancels);
+#     positive for IQL in s0, negative for SARSA.
+#   SfBC: the BC Gaussian of the data's actions {-1, +1} has mean 0 and std 1 exactly; of 32 candidates drawn from it
+#     and clipped to [-1, 1] one lands on each bound (probability 1 - 0.84^32 > 0.99), and the argmax of Q over
+#     them is the bound where Q is higher: +1 for IQL, -1 for SARSA in s0.
+#   DDPG+BC with a small alpha: gradient ascent on Q(s, clip(mu)) from mu = 0. Q between the data's two actions is
+#     the critic's interpolation (the data never shows it), so the known value is only where it stops: a local
+#     maximum of the critic over [-1, 1] (at a bound here) and not necessarily the better action.
 
 def chain_data(copies=64):
     s0, s1, end = [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]
@@ -267,26 +276,52 @@ def chain_data(copies=64):
             "next_observations": jnp.array([r[4] for r in rows])}
 
 
-@pytest.mark.parametrize("script", ["sarsa_ddpgbc", "iql_ddpgbc", "sarsa_awr", "iql_sfbc"])
-def test_value_learning_reaches_the_known_fixed_point(script):
+CHAIN_ALPHA = {"awr": 10.0, "ddpgbc": 0.01}
+
+
+@pytest.mark.parametrize("script", ["iql_awr", "sarsa_awr", "iql_sfbc", "sarsa_sfbc", "iql_ddpgbc", "sarsa_ddpgbc"])
+def test_value_learning_and_extraction_reach_their_known_values(script):
     algo = load(script)
     data = chain_data()
-    # Batches of 1024 (the default) keep the minibatch noise of the targets below the tolerance at lr 3e-4.
-    config = runs.make_config(algo.Config, hidden_dims=(32, 32), batch_size=1024, lr=3e-4, discount=0.9, tau=0.05,
+    extractor, sarsa = script.split("_")[1], script.startswith("sarsa")
+    alpha = CHAIN_ALPHA.get(extractor, 1.0)
+    # Batches of 1024 (the default) keep the minibatch noise of the targets below the tolerance.
+    config = runs.make_config(algo.Config, hidden_dims=(32, 32), batch_size=1024, lr=1e-3, discount=0.9, tau=0.05,
                               log_interval=3000)
     state = jax.jit(lambda k: algo.init_state(k, 2, 0, 1, config))(jax.random.PRNGKey(0))
     chunk = algo.make_train_chunk(config, False)
     stacked = jax.tree_util.tree_map(lambda x: x[None], state)
-    fields = {k: jnp.asarray([v]) for k, v in member(script, len(data["actions"]), len(data["actions"])).items()}
+    fields = {k: jnp.asarray([v]) for k, v in member(script, len(data["actions"]), len(data["actions"]),
+                                                       alpha).items()}
     stacked, _ = chunk(stacked, data, fields, None)  # None: no online rows
     params = jax.tree_util.tree_map(lambda x: x[0], stacked["params"])
     obs = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     q = algo.critic_fn(params["critic"], obs, None, jnp.array([[1.0], [-1.0], [1.0], [-1.0]])).mean(0)
     v_s1 = algo.value_fn(params["value"], obs[2:3], None)[0]
-    sarsa = script.startswith("sarsa")
     expected_q = [0.45 if sarsa else 0.81, 0.5, 1.0, 0.0]
     np.testing.assert_allclose(q, expected_q, atol=0.05)  # tolerance: 0.05, a tenth of the SARSA / IQL gap
     np.testing.assert_allclose(v_s1, 0.5 if sarsa else 0.9, atol=0.05)
+
+    states = obs[::2]  # s0, s1
+    q_min = algo.critic_fn(params["critic"], obs, None, jnp.array([[1.0], [-1.0], [1.0], [-1.0]])).min(0)
+    q_plus, q_minus = q_min[::2], q_min[1::2]  # per state: the min over the critics, as the extractors use it
+    if extractor == "awr":
+        mu = algo.actor_fn(params["actor"], states, None)[:, 0]
+        np.testing.assert_allclose(mu, np.tanh(alpha * (q_plus - q_minus) / 2), atol=0.03)
+        assert (mu[0] < -0.1) if sarsa else (mu[0] > 0.5)  # SARSA's AWR leans to -1 in s0, IQL's to +1
+    elif extractor == "sfbc":
+        mean, log_std = algo.actor_fn(params["actor"], states, None)
+        np.testing.assert_allclose(mean[:, 0], 0.0, atol=0.05)
+        np.testing.assert_allclose(np.exp(log_std), 1.0, atol=0.05)
+        actions = algo.act(params, states, None, jax.random.PRNGKey(1))[:, 0]
+        # the best candidate: at (or, where Q peaks just inside, next to) the bound where Q is higher
+        np.testing.assert_allclose(actions, np.where(q_plus > q_minus, 1.0, -1.0), atol=0.02)
+        assert actions[0] == pytest.approx(-1.0 if sarsa else 1.0, abs=0.02)
+    else:
+        mu = np.clip(algo.actor_fn(params["actor"], states, None)[:, 0], -1.0, 1.0)
+        q_at = lambda a: algo.critic_fn(params["critic"], states, None, jnp.asarray(a)[:, None]).min(0)  # noqa: E731
+        assert np.all(np.abs(mu) > 0.95), mu  # at a bound of the action box ...
+        assert np.all(q_at(mu) >= q_at(mu - 0.1 * np.sign(mu))), (mu, q_at(mu))  # ... where Q is locally highest
 
 
 # ----------------------------------------------------------------------------------------------------------------
