@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import POINTMAZE, ROOT, run_script
 
+import analyze
 import runs
 
 TINY = ["--", "--log-interval", "50", "--eval-interval", "100", "--hidden-dims", "16", "--batch-size", "32",
@@ -57,6 +58,16 @@ def test_2x2_sweep_completes_packs_and_skips_complete_runs(data_dir, tmp_path):
     proc = run_script("scaling.py", *sweep_args(data_dir, alone, "--workers", "2"))
     assert proc.returncode == 0 and "skipped (already complete) 4" in proc.stdout, proc.stdout
     assert results(alone) == first
+    # analyze.py on the folders the sweep wrote: every cell of its summary is that run folder's result.json
+    analyze.main(analyze.Args(sweep_dir=str(alone), only=("table", "verdicts", "generalization"), format=("png",)))
+    summary = json.loads((alone / "analysis" / "summary.json").read_text())
+    assert summary["counts"]["complete"] == 4 and len(summary["cells"]) == 4
+    for cell in summary["cells"]:
+        saved = json.loads(first[f"{POINTMAZE}/iql_ddpgbc/v{cell['value_data_size']}_p{cell['policy_data_size']}_s0/"
+                                 "result.json"])
+        assert cell["seeds"] == saved["seeds"] == [0]
+        for key in (*runs.RESULT_METRICS, "best_success"):
+            assert cell[key]["mean"] == saved[key]["mean"] and cell[key]["n_seeds"] == 1, key
 
 
 def _children_of(sweep_dir: Path) -> list[int]:
