@@ -45,7 +45,7 @@ from ogbench.relabel_utils import relabel_dataset  # noqa: E402
 from tqdm import trange  # noqa: E402
 
 import runs  # noqa: E402
-from runs import UsageError, exit_on_usage_error, write_npz_atomic  # noqa: E402
+from runs import UsageError, exit_on_usage_error, write_atomic, write_npz_atomic  # noqa: E402
 
 DEFAULT_DATASET_DIR = "~/.ogbench/data"  # the same folder ogbench itself uses for its downloads
 
@@ -418,13 +418,27 @@ def generate(spec: EnvSpec, dataset_dir: str, num_episodes: int | None = None, m
     path = dataset_path(spec, dataset_dir)
     meta = dict(dataset=spec.dataset_name, recipe=recipe, seed=seed, train_episodes=num_train, val_episodes=num_val,
                 generator="offrl-bottlenecks envs.py (OGBench data_gen_scripts recipe)")
-    if num_val:
-        write_npz_atomic(path.with_name(f"{spec.dataset_name}-val.npz"), stack(episodes[num_train:]))
-    else:  # ogbench's loader wants a -val file beside the training file; an empty one keeps it happy
-        first = {k: v[:1] for k, v in stack(episodes).items()}
-        write_npz_atomic(path.with_name(f"{spec.dataset_name}-val.npz"), first)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
-    write_npz_atomic(path, stack(episodes[:num_train]))  # written last: its presence means the set is complete
+    # ogbench's loader wants a -val file beside the training file; without validation episodes a one-row one
+    val = stack(episodes[num_train:]) if num_val else {k: v[:1] for k, v in stack(episodes).items()}
+    # The set is staged whole (each file through its own temporary file) before any file of an earlier set is
+    # replaced, so a failed write leaves that set as it was; the training file goes last: it marks a complete set.
+    files = [(path.with_name(f"{spec.dataset_name}-val.npz"), lambda f: np.savez_compressed(f, **val)),
+             (path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=1).encode())),
+             (path, lambda f: np.savez_compressed(f, **stack(episodes[:num_train])))]
+    staged = []
+    try:
+        for final, write in files:
+            staged.append((final.with_name(f".{final.name}.staged"), final))
+            write_atomic(staged[-1][0], write, binary=True)
+        for temporary, final in staged:
+            os.replace(temporary, final)
+    except BaseException as error:
+        for temporary, _ in staged:
+            Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise UsageError(f"cannot write {path}: {error.strerror or error}; free space or choose a writable "
+                             "folder") from error
+        raise
     return path
 
 

@@ -71,6 +71,12 @@ def exit_on_usage_error(main: Callable[[], None]) -> None:
         sys.exit(DIVERGED_EXIT)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; set it straight back
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, write: Callable, binary: bool = False) -> None:
     """`write(file)` into a temporary file in the same folder, then rename it to `path`: a reader sees the old file
     or the whole new one, never half of one. A failed write (a full disk) removes the temporary file and raises a
@@ -79,6 +85,7 @@ def write_atomic(path: Path, write: Callable, binary: bool = False) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's file is private (0600); the result gets an ordinary file's mode
     except OSError as error:
         raise UsageError(f"cannot write {path}: {error.strerror}; free space or choose a writable folder") from error
     try:

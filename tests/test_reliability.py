@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -134,14 +135,107 @@ def test_metrics_reader_skips_a_line_cut_by_a_kill(tmp_path):
     assert [r["step"] for r in runs.read_metrics(path)] == [50, 100]
 
 
-def test_a_full_disk_never_leaves_a_file_looking_complete(tmp_path, monkeypatch):
-    def full(*_args, **_kwargs):
-        raise OSError(28, "No space left on device")
+def write_dataset(folder: Path) -> None:
+    envs.generate(envs.parse_env(POINTMAZE), str(folder), num_episodes=2, max_episode_steps=20, seed=0, progress=False)
 
-    monkeypatch.setattr(json, "dump", full)
-    with pytest.raises(runs.UsageError, match="No space left on device; free space"):
-        runs.write_json_atomic(tmp_path / "result.json", {"success": 1.0})
-    assert list(tmp_path.iterdir()) == []  # neither result.json nor a temporary file
+
+def write_resume_state(folder: Path) -> None:
+    folder.mkdir(exist_ok=True)
+    run = runs.RunFolder(str(folder), {"flag": 1}, resume_step=50 if runs.resume_steps(folder) else None)
+    run.save_resume(100 if runs.resume_steps(folder) else 50, {"params": np.arange(4.0)})
+
+
+def write_result(folder: Path) -> None:
+    folder.mkdir(exist_ok=True)
+    runs.RunFolder(str(folder), {"flag": 1}).finish({"success": 1.0})
+
+
+def write_sweep(folder: Path) -> None:
+    scaling.Sweep({"sweep_dir": str(folder)}, [], ["scaling.py"]).save()
+
+
+# Every durable file: (writer, the file a fault hits (its writer's last), the files it leaves, whether a second call
+# replaces the first's)
+DURABLE = {"dataset": (write_dataset, f"{POINTMAZE}.npz", (f"{POINTMAZE}.npz", f"{POINTMAZE}-val.npz",
+                                                           f"{POINTMAZE}.json"), True),
+           "resume state": (write_resume_state, "state_", ("resume/state_00000050.npz",), True),
+           "result.json": (write_result, "result.json", ("result.json",), False),
+           "sweep.json": (write_sweep, "sweep.json", ("sweep.json",), True)}
+
+
+@pytest.mark.parametrize("fault", ["write", "rename"])
+@pytest.mark.parametrize("kind", DURABLE)
+def test_a_failed_durable_write_leaves_the_previous_file_and_no_temporary(kind, fault, tmp_path, monkeypatch):
+    """A full disk at the write (the serializer fails mid-file) or at the rename of the writer's last file (a
+    dataset's training file, after its other files): a UsageError naming the file, the previous files byte for byte
+    (or none, where there is no previous one), and no temporary file."""
+    writer, target, names, replaces = DURABLE[kind]
+    folder = tmp_path / "folder"
+    if replaces:
+        writer(folder)
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} if replaces else {}
+    temporary = {}  # file descriptor -> the temporary file's path (write_atomic writes through os.fdopen(fd))
+    real_mkstemp, real_replace = tempfile.mkstemp, os.replace
+
+    def mkstemp(*args, **kwargs):
+        fd, path = real_mkstemp(*args, **kwargs)
+        temporary[fd] = path
+        return fd, path
+
+    def failing(real, where):
+        def call(*args, **kwargs):
+            if target in Path(where(args)).name:
+                raise OSError(28, "No space left on device")
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    if fault == "rename":
+        monkeypatch.setattr(os, "replace", failing(real_replace, lambda args: args[1]))
+    else:  # the file argument: json.dump(obj, f), np.savez(f, ...)
+        in_file = lambda i: lambda args: temporary.get(args[i].name, "")  # noqa: E731
+        monkeypatch.setattr(json, "dump", failing(json.dump, in_file(1)))
+        monkeypatch.setattr(np, "savez", failing(np.savez, in_file(0)))
+        monkeypatch.setattr(np, "savez_compressed", failing(np.savez_compressed, in_file(0)))
+    with pytest.raises(runs.UsageError, match="No space left on device"):
+        writer(folder)
+    monkeypatch.undo()
+    after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    bookkeeping = (runs.LOCK_FILE, "config.json", "metrics.jsonl")  # a run folder's own, rewritten on each open
+    assert {k: v for k, v in after.items() if k.name not in bookkeeping} == \
+        {k: v for k, v in before.items() if k.name not in bookkeeping}
+    assert not [p for p in after if p.name.endswith((".tmp", ".staged"))]
+    if replaces:
+        assert all(Path(name) in after for name in names)
+        mask = os.umask(0)
+        os.umask(mask)
+        # and what a write leaves has an ordinary file's mode (mkstemp's temporary file is private)
+        assert all((folder / name).stat().st_mode & 0o777 == 0o666 & ~mask for name in names)
+
+
+@pytest.mark.slow
+def test_a_script_on_a_full_disk_exits_2_with_nothing_half_written(data_dir, tmp_path):
+    """The disk simulated by a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored): the OS refuses the bytes of any
+    file past 20 kB, as a full disk would. The resume state (about 34 kB) is the first file to hit it."""
+    import resource
+    import signal
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "algos/iql_ddpgbc.py"), *SMALL, "--dataset-dir", str(data_dir),
+                           "--steps", "200", "--eval-interval", "200", "--resume-interval", "50", "--out-dir",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, preexec_fn=small_disk)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "cannot write" in proc.stderr and "state_00000050.npz" \
+        in proc.stderr, proc.stderr
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert not (out / "result.json").exists() and not [p for p in files if p.name.endswith(".tmp")]
+    assert runs.resume_steps(out) == []  # no state, rather than half of one
+    json.loads((out / "config.json").read_text())
+    assert all(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
 
 
 def corrupted_datasets(data_dir: Path, root: Path) -> list[tuple[str, str]]:
