@@ -149,3 +149,22 @@ def test_parity_runs_both_sides_in_blocks_and_reuses_completed_runs(tmp_path, da
     again = parity.main(args)["iql_ddpgbc"]
     assert calls.read_text().split() == ["4", "5"]
     assert again["ours"]["success"] == ours["success"] and again["reference"] == reference
+
+
+@pytest.mark.slow
+def test_soak_kills_a_sweep_and_finds_its_results_intact(tmp_path):
+    """The soak benchmark itself, at its smallest: a reference sweep, one SIGKILL of the soaked sweep's launcher, the
+    relaunch finishing it; the same numbers as the reference (its comparison is what the full soak relies on)."""
+    import soak
+
+    summary = soak.main(soak.Args(kills=1, steps=100, work_dir=str(tmp_path / "soak")))
+    assert summary["kills"] == 1 and summary["launches"] >= 2 and summary["runs_per_round"] == 2
+    assert summary["results_lost"] == summary["results_altered"] == summary["launches_failed"] == 0
+    assert json.loads((tmp_path / "soak" / "soak.json").read_text())["kills"] == 1
+    # and the comparison sees an altered result: one record of a soaked run changed
+    folder = soak.run_folders(tmp_path / "soak" / "soaked")[0]
+    result = json.loads((folder / "result.json").read_text())
+    result["success"]["mean"] += 0.01
+    (folder / "result.json").write_text(json.dumps(result))
+    reference = soak.run_folders(tmp_path / "soak" / "reference")[0]
+    assert soak.comparable(folder) != soak.comparable(reference)
