@@ -34,3 +34,33 @@ def run_script(script: str, *args: str, timeout: int = 600):
 
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
+
+
+def run_in_process(entry: str, args: list[str], capsys) -> tuple[int, str]:
+    """(exit status, stderr) of an entry point called in this process as its `__main__` calls it: the same code as
+    `run_script` without a JAX start-up each (`capsys`: pytest's fixture). One subprocess per entry point, in
+    tests/test_reliability.py, proves the path from the exception to the process's exit status."""
+    import importlib
+
+    import tyro
+
+    import runs
+
+    if entry == "envs.py":
+        call = lambda: envs.main(args)  # noqa: E731
+    elif entry == "scaling.py":
+        scaling = importlib.import_module("scaling")
+        call = lambda: sys.exit(scaling.main(args))  # noqa: E731
+    elif entry == "analyze.py":
+        analyze = importlib.import_module("analyze")
+        call = lambda: analyze.main(tyro.cli(analyze.Args, args=args))  # noqa: E731
+    else:
+        module = importlib.import_module(entry[:-3].replace("/", "."))
+        call = lambda: module.main(tyro.cli(module.Config, args=args))  # noqa: E731
+    capsys.readouterr()
+    try:
+        runs.exit_on_usage_error(call)
+        code = 0
+    except SystemExit as stop:  # the exception (and any folder lock its frames hold) is released with this block
+        code = stop.code
+    return code, capsys.readouterr().err

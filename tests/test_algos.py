@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import POINTMAZE, ROOT, run_script
+from conftest import POINTMAZE, ROOT, run_in_process, run_script
 
 import envs
 import runs
@@ -453,7 +453,7 @@ def test_members_file_packs_settings_into_one_program_with_a_folder_each(script,
             np.testing.assert_allclose(saved[key]["mean"], alone[key]["mean"], rtol=1e-3, atol=1e-4, err_msg=key)
 
 
-def test_bad_members_files_exit_2(data_dir, tmp_path):
+def test_bad_members_files_exit_2(data_dir, tmp_path, capsys):
     cases = [("[]", "non-empty JSON list"), ("{", "cannot read --members-file"),
              ('[{"seed": 0}]', "must have 'seed' and 'out_dir'"),
              ('[{"seed": 0, "out_dir": "x", "expectile": 0.7}]', "must have 'seed' and 'out_dir'"),
@@ -463,10 +463,10 @@ def test_bad_members_files_exit_2(data_dir, tmp_path):
               "different settings")]
     for text, message in cases:
         (tmp_path / "members.json").write_text(text.replace('"x"', json.dumps(str(tmp_path / "x"))))
-        proc = run_script("algos/iql_ddpgbc.py", "--env", POINTMAZE, "--dataset-dir", str(data_dir),
-                          "--members-file", str(tmp_path / "members.json"), "--no-progress")
-        assert proc.returncode == 2 and message in proc.stderr, (text, proc.stderr[-1000:])
-        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists(), proc.stderr
+        code, stderr = run_in_process("algos/iql_ddpgbc.py", ["--env", POINTMAZE, "--dataset-dir", str(data_dir),
+                                      "--members-file", str(tmp_path / "members.json"), "--no-progress"], capsys)
+        assert code == 2 and message in stderr, (text, stderr[-1000:])
+        assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists(), stderr
 
 
 @pytest.mark.parametrize("script", ["crl_ddpgbc", "crl_awr", "crl_sfbc"])
@@ -487,7 +487,7 @@ def test_sfbc_and_bc_runs_are_deterministic(script, data_dir, tmp_path):
         assert results[0][key] == results[1][key]
 
 
-def test_every_script_documents_every_flag_and_rejects_bad_ones(data_dir, tmp_path):
+def test_every_script_documents_every_flag_and_rejects_bad_ones(data_dir, tmp_path, capsys):
     common = ["--env", POINTMAZE, "--dataset-dir", str(data_dir), "--out-dir", str(tmp_path / "bad"), "--no-progress"]
     cases = {"iql_awr": (["--alpha", "-1"], "--alpha must be >= 0"),
              "sarsa_ddpgbc": (["--expectile", "0.9"], "--expectile"),  # SARSA has no expectile to set
@@ -495,8 +495,8 @@ def test_every_script_documents_every_flag_and_rejects_bad_ones(data_dir, tmp_pa
              "crl_awr": (["--latent-dim", "0"], "--latent-dim must be >= 1"),
              "bc": (["--value-data-size", "10"], "--value-data-size")}  # BC has no value function
     for script, (extra, message) in cases.items():
-        proc = run_script(f"algos/{script}.py", *common, *extra)
-        assert proc.returncode == 2 and message in proc.stderr, (script, proc.stderr[-1500:])
+        code, stderr = run_in_process(f"algos/{script}.py", [*common, *extra], capsys)
+        assert code == 2 and message in stderr, (script, stderr[-1500:])
         assert not (tmp_path / "bad" / "result.json").exists()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import POINTMAZE, run_script
+from conftest import POINTMAZE, run_in_process, run_script
 
 import analyze
 import runs
@@ -388,7 +388,7 @@ def test_dm_control_uses_return_and_skips_mse_plots(tmp_path, capsys):
                                                                                    round(width * analyze.DPI))
 
 
-def test_bad_inputs_exit_2_with_one_line(tmp_path):
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     unfinished = tmp_path / "unfinished" / "run"
@@ -413,14 +413,14 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
         ([str(good), "--threshold", "-1"], "--threshold must be"),
     ]
     for args, message in cases:
-        proc = run_script("analyze.py", *args, timeout=120)
-        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-2000:])
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert proc.stderr.startswith("error: ")
+        code, stderr = run_in_process("analyze.py", args, capsys)
+        assert code == 2 and message in stderr, (args, stderr[-2000:])
+        assert len(stderr.strip().splitlines()) == 1, stderr
+        assert stderr.startswith("error: ")
     # tyro rejects an unknown artefact or format itself, also with exit status 2
     for flag, bad in (("--only", "tables"), ("--format", "svg")):
-        proc = run_script("analyze.py", str(good), flag, bad, timeout=120)
-        assert proc.returncode == 2 and bad in proc.stderr, proc.stderr[-2000:]
+        code, stderr = run_in_process("analyze.py", [str(good), flag, bad], capsys)
+        assert code == 2 and bad in stderr, stderr[-2000:]
     assert not (good / "analysis").exists()
 
 

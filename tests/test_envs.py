@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import ogbench
 import pytest
-from conftest import POINTMAZE, run_script
+from conftest import POINTMAZE, run_in_process
 
 import envs
 import runs
@@ -339,14 +339,14 @@ def test_env_names():
         envs.parse_env("pointmaze-meduim-navigate-v0")
 
 
-def test_cli_bad_inputs_exit_2_with_one_line(tmp_path):
+def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     cases = [
         (["generate", "pointmaze-mediun-navigate-v0"], "unknown environment"),
         (["generate", "antmaze-large-navigate-v0", "--dataset-dir", str(tmp_path)], "needs trained expert"),
         (["generate", "walker-run", "--dataset-dir", str(tmp_path)], "generate `walker-run-random`"),
     ]
     for args, message in cases:
-        result = run_script("envs.py", *args)
-        assert result.returncode == 2, result.stderr
-        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        code, stderr = run_in_process("envs.py", args, capsys)
+        assert code == 2, stderr
+        assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert list(tmp_path.iterdir()) == []

@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from conftest import POINTMAZE, run_script
+from conftest import POINTMAZE, run_in_process, run_script
 
 import runs
 
@@ -75,7 +75,7 @@ def test_smoke_reward_based_envs(data_dir, tmp_path, env):
         _finite(result, ["train_mse", "val_mse", "eval_mse"])
 
 
-def test_bad_inputs_exit_2_with_one_line(data_dir, tmp_path):
+def test_bad_inputs_exit_2_with_one_line(data_dir, tmp_path, capsys):
     cases = [
         (["--env", "pointmaze-medium-navigat-v0"], "did you mean pointmaze-medium-navigate-v0"),
         (["--env", "cube-double-play-v0"], "python envs.py generate cube-double-play-v0"),
@@ -88,9 +88,9 @@ def test_bad_inputs_exit_2_with_one_line(data_dir, tmp_path):
         out = tmp_path / "bad"
         args = _common(out, data_dir)
         args = [a for a in args]  # the case's flags come last and win
-        proc = run_script("algos/iql_ddpgbc.py", *args, *extra)
-        assert proc.returncode == 2, (extra, proc.stderr[-2000:])
-        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        code, stderr = run_in_process("algos/iql_ddpgbc.py", [*args, *extra], capsys)
+        assert code == 2, (extra, stderr[-2000:])
+        assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
         assert not (out / "result.json").exists()
 
 

@@ -1,7 +1,6 @@
 """Runs that survive: SIGKILL + --resume ends bit for bit where an uninterrupted run ends, the NaN guard (exit 3,
 failure.json), corrupted datasets, a full disk, and a table of bad inputs across every entry point (exit 2)."""
 
-import importlib
 import json
 import os
 import random
@@ -13,13 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import POINTMAZE, ROOT, run_script
+from conftest import POINTMAZE, ROOT, run_in_process, run_script
 
-import analyze
 import envs
 import runs
 import scaling
-import tyro
 
 SMALL = ["--env", POINTMAZE, "--log-interval", "50", "--hidden-dims", "32", "--batch-size", "32",
          "--eval-episodes", "1", "--mse-samples", "64", "--no-progress"]
@@ -280,26 +277,6 @@ def corrupted_exorl(data_dir: Path, root: Path) -> list[tuple[str, str]]:
 
 
 ENTRY_POINTS = ("envs.py", *(f"algos/{name}.py" for name in runs.SCRIPTS), "scaling.py", "analyze.py")
-
-
-def run_in_process(entry: str, args: list[str], capsys) -> tuple[int, str]:
-    """(exit status, stderr) of an entry point called as its `__main__` calls it, in this process."""
-    if entry == "envs.py":
-        call = lambda: envs.main(args)  # noqa: E731
-    elif entry == "scaling.py":
-        call = lambda: sys.exit(scaling.main(args))  # noqa: E731
-    elif entry == "analyze.py":
-        call = lambda: analyze.main(tyro.cli(analyze.Args, args=args))  # noqa: E731
-    else:
-        module = importlib.import_module(entry[:-3].replace("/", "."))
-        call = lambda: module.main(tyro.cli(module.Config, args=args))  # noqa: E731
-    capsys.readouterr()
-    try:
-        runs.exit_on_usage_error(call)
-        code = 0
-    except SystemExit as stop:  # the exception (and any folder lock its frames hold) is released with this block
-        code = stop.code
-    return code, capsys.readouterr().err
 
 
 def test_bad_inputs_across_every_entry_point_exit_2_with_one_line(data_dir, tmp_path, capsys):

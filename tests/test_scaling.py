@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import POINTMAZE, ROOT, run_script
+from conftest import POINTMAZE, ROOT, run_in_process, run_script
 
 import analyze
 import runs
@@ -184,7 +184,7 @@ def test_dry_run_prints_the_plan_and_touches_nothing(data_dir, tmp_path):
     assert "--online-steps 500000" in proc.stdout
 
 
-def test_bad_inputs_exit_2(data_dir, tmp_path):
+def test_bad_inputs_exit_2(data_dir, tmp_path, capsys):
     base = ["--dataset-dir", str(data_dir), "--sweep-dir", str(tmp_path / "sweep"), "--dry-run"]
     cases = [
         (["--scripts", "iql_dpgbc"], "--scripts: iql_dpgbc is not a script"),
@@ -200,9 +200,9 @@ def test_bad_inputs_exit_2(data_dir, tmp_path):
         (["--envs", "antmaze-large-navigate-v0"], "antmaze-large-navigate-v0"),
     ]
     for extra, message in cases:
-        proc = run_script("scaling.py", *base, *extra)
-        assert proc.returncode == 2 and message in proc.stderr, (extra, proc.stderr[-2000:])
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        code, stderr = run_in_process("scaling.py", [*base, *extra], capsys)
+        assert code == 2 and message in stderr, (extra, stderr[-2000:])
+        assert len(stderr.strip().splitlines()) == 1, stderr
         assert not (tmp_path / "sweep").exists()
 
 

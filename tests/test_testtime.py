@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import POINTMAZE, run_script
+from conftest import POINTMAZE, run_in_process, run_script
 from test_algos import Q_SCRIPTS, load
 
 import runs
@@ -128,7 +128,7 @@ def test_ttt_never_touches_the_trained_parameters_and_lr_0_equals_plain_evaluati
                for r in records)
 
 
-def test_bad_test_time_flags_exit_2(data_dir, tmp_path):
+def test_bad_test_time_flags_exit_2(data_dir, tmp_path, capsys):
     common = ["--env", POINTMAZE, "--dataset-dir", str(data_dir), "--out-dir", str(tmp_path / "bad"), "--no-progress"]
     cases = [("iql_ddpgbc", ["--opex-steps", "0"], "--opex-steps must be >= 1"),
              ("sarsa_awr", ["--opex-beta", "-0.1"], "--opex-beta must be >= 0"),
@@ -140,8 +140,8 @@ def test_bad_test_time_flags_exit_2(data_dir, tmp_path):
              ("sarsa_sfbc", ["--ttt-reset", "sometimes"], "invalid choice 'sometimes'"),
              ("crl_awr", ["--test-time", "opex", "opex"], "--test-time lists a method twice")]
     for script, extra, message in cases:
-        proc = run_script(f"algos/{script}.py", *common, *extra)
-        assert proc.returncode == 2 and message in proc.stderr, (script, proc.stderr[-1500:])
+        code, stderr = run_in_process(f"algos/{script}.py", [*common, *extra], capsys)
+        assert code == 2 and message in stderr, (script, stderr[-1500:])
         assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").rglob("result.json"))
 
 
