@@ -519,6 +519,10 @@ def test_bc_obs_transform_is_invertible_and_changes_what_the_policy_learns(data_
         slopes = np.diff(y) / np.diff(x.astype(np.float64))
         assert slopes.min() > 0.09 and slopes.max() < 1.91, frequency  # strictly increasing: continuous, invertible
         assert np.abs(y - x).max() <= 0.9 / frequency + 1e-4
+        # known values: y = x + 0.9 / w at w x = pi / 2, x - 0.9 / w at 3 pi / 2, x where sin(w x) = 0
+        points = np.array([np.pi / 2, 3 * np.pi / 2, np.pi], np.float32) / frequency
+        np.testing.assert_allclose(bc.transform_observations(jnp.asarray(points), "warp", frequency),
+                                   points + np.array([0.9, -0.9, 0.0]) / frequency, atol=1e-5)
     assert bc.transform_observations(x, "none", 1.0) is x
     results = {kind: bc.main(smoke_config("bc", POINTMAZE, data_dir, tmp_path / kind, obs_transform=kind))[0]
                for kind in ("none", "warp")}

@@ -82,7 +82,11 @@ def test_ttt_adapts_only_its_copy_and_lr_0_acts_as_the_trained_policy(script, re
     # with one copy; one copy per episode samples each episode's candidates apart)
     if not (script.endswith("sfbc") and reset == "episode"):
         np.testing.assert_allclose(actions["frozen"], actions["opex0"], rtol=1e-5, atol=1e-6)
-    assert not np.allclose(actions["ttt"][-1], actions["frozen"][-1], atol=1e-4)  # training moved the copy
+    assert not np.allclose(actions["ttt"][-1], actions["frozen"][-1], atol=1e-4)  # training moved the copy ...
+    if not script.endswith("sfbc"):  # ... up the frozen Q at the states it trained on last (SfBC acts by sampling
+        obs, goals = random_states(3, goal_conditioned)  # around the mean TTT moves; ttt_loss is the same code)
+        q_ttt, q_frozen = (q_of(module, params, obs, goals, actions[name][-1]) for name in ("ttt", "frozen"))
+        assert float(q_ttt.mean()) > float(q_frozen.mean()), (q_ttt, q_frozen)
     jax.tree_util.tree_map(np.testing.assert_array_equal, saved, jax.tree_util.tree_map(np.array, params))
 
 
