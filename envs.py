@@ -3,14 +3,15 @@
 Sections, top to bottom:
   1. names      parse an environment name (OGBench dataset names, ExORL-style dm_control tasks)
   1b. table     per-dataset hyperparameters (alpha, discount, evaluation episodes, actor goals) and their sources
-  2. datasets   load a file from --dataset-dir, or generate one offline with OGBench's official recipe
+  2. datasets   load a file from --dataset-dir, download an official OGBench one on first use, or generate one
+                offline with OGBench's official recipe
   3. splits     10% of whole trajectories held out; the rest in one seeded trajectory order (nested prefixes)
   4. sampling   batches and OGBench-style goals, drawn on device inside jit
   5. oracles    the noiseless scripted expert's action for any (state, goal): pointmaze, cube-single
   6. rollouts   lockstep evaluation of a batched policy on the environment's evaluation tasks, and the
                 train / validation / evaluation MSE against the oracle (OracleProbe)
   7. online     the offline-to-online buffer: each member's environment and the transitions it collects
-  8. CLI        `python envs.py generate ...`, `python envs.py list`
+  8. CLI        `python envs.py generate ...`, `python envs.py download ...`, `python envs.py list`
 
 Run folders, exit codes and the result schema live in runs.py; OPEX and TTT in testtime.py. Bad input raises
 `runs.UsageError` with one line naming the problem and the fix; every entry point turns it into exit status 2.
@@ -27,7 +28,10 @@ import dataclasses  # noqa: E402
 import difflib  # noqa: E402
 import fnmatch  # noqa: E402
 import glob  # noqa: E402
+import http.client  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 from collections import deque  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Callable, Literal, Union  # noqa: E402
@@ -37,6 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import ogbench  # noqa: E402  (registers the OGBench environments with gymnasium)
+import ogbench.utils  # noqa: E402  (its downloader and the address it downloads from)
 import tyro  # noqa: E402
 from dm_control import suite  # noqa: E402
 from ogbench.manipspace.oracles.markov.cube_markov import CubeMarkovOracle  # noqa: E402
@@ -97,6 +102,11 @@ class EnvSpec:
         """True where a noiseless scripted expert labels any state optimally, so the three MSE metrics exist. Not for
         pointmaze-teleport: its BFS waypoints ignore the teleporters, so its labels are not the optimal actions."""
         return (self.kind == "pointmaze" and "teleport" not in self.env_id) or self.env_id.startswith("cube-single")
+
+    @property
+    def can_download(self) -> bool:
+        """True for the official OGBench datasets, which `ogbench` downloads (pointmaze explore data is OURS)."""
+        return self.family == "ogbench" and not (self.kind == "pointmaze" and self.dataset_type == "explore")
 
     @property
     def can_generate(self) -> bool:
@@ -232,7 +242,65 @@ def dataset_path(spec: EnvSpec, dataset_dir: str) -> Path:
     return root / spec.dataset_name / "buffer"
 
 
+# Downloads (official OGBench datasets, on first use). Both read when a download is due, never at import.
+NO_DOWNLOAD_VARIABLE = "OFFRL_NO_DOWNLOAD"  # set to anything but "" or "0": no download, whatever the flags (clusters)
+DATASET_URL_VARIABLE = "OGBENCH_DATASET_URL"  # a mirror of OGBench's dataset server instead of its own address
+
+
+def downloads_allowed(download: bool = True) -> bool:
+    """Whether a missing official dataset may be downloaded: the --download flag, unless OFFRL_NO_DOWNLOAD is set."""
+    return download and os.environ.get(NO_DOWNLOAD_VARIABLE, "") in ("", "0")
+
+
+def download_dataset(spec: EnvSpec, dataset_dir: str) -> Path:
+    """Download an official OGBench dataset (the training and -val files) with `ogbench`'s own downloader (its
+    progress bar), from OGBench's address or $OGBENCH_DATASET_URL, into a staging folder beside its place; check both
+    files; then move the -val file and, last, the training file into place, each by a rename: a download stopped at
+    any byte leaves nothing that loads, and a training file means a complete set. Returns the training file's path."""
+    path = dataset_path(spec, dataset_dir)
+    if not spec.can_download:
+        raise UsageError(f"'{spec.dataset_name}' is not an official OGBench dataset; nothing to download")
+    base = (os.environ.get(DATASET_URL_VARIABLE) or ogbench.utils.DATASET_URL).rstrip("/")
+    names = (f"{spec.dataset_name}-val.npz", f"{spec.dataset_name}.npz")  # the training file moves in last
+    instead = (f"generate it offline with `python envs.py generate {spec.dataset_name} --dataset-dir {dataset_dir}`, "
+               "or " if spec.can_generate else "")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".download-{spec.dataset_name}-"))
+    except OSError as error:
+        raise UsageError(f"cannot write to --dataset-dir {path.parent}: {error.strerror}; choose a writable "
+                         "folder") from error
+    original = ogbench.utils.DATASET_URL
+    try:
+        ogbench.utils.DATASET_URL = base  # read by ogbench's downloader at each call; restored below
+        ogbench.utils.download_datasets([spec.dataset_name], str(staging))
+        for name in names:
+            try:
+                check_dataset_file(staging / name, ("qpos",) if not spec.goal_conditioned else ())
+            except UsageError as error:
+                raise UsageError(f"the download of {name} from {base} is damaged ({error}); rerun to download it "
+                                 f"again, {instead}place {names[1]} and {names[0]} in {path.parent} by hand") from None
+        for name in names:
+            os.replace(staging / name, path.parent / name)
+    except (OSError, http.client.HTTPException) as error:  # no network, 404, a dropped connection, a full disk
+        reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or f"{type(error).__name__}"
+        code = f"HTTP {error.code} " if hasattr(error, "code") else ""
+        raise UsageError(f"cannot download {spec.dataset_name} from {base} ({code}{reason}); {instead}place "
+                         f"{names[1]} and {names[0]} in {path.parent} by hand, or point ${DATASET_URL_VARIABLE} "
+                         "at a mirror") from error
+    finally:
+        ogbench.utils.DATASET_URL = original
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
 def _missing_dataset_message(spec: EnvSpec, path: Path, dataset_dir: str) -> str:
+    if spec.can_download:  # downloads are off (--no-download or $OFFRL_NO_DOWNLOAD)
+        instead = (f"generate it offline with `python envs.py generate {spec.dataset_name} --dataset-dir "
+                   f"{dataset_dir}`, or " if spec.can_generate else "")
+        return (f"no dataset at {path} (--dataset-dir) and downloads are off (--no-download or "
+                f"${NO_DOWNLOAD_VARIABLE}): {instead}allow the download, or place the official files "
+                f"{spec.dataset_name}.npz and {spec.dataset_name}-val.npz there")
     if spec.can_generate:
         name = spec.dataset_name if spec.family == "ogbench" else spec.name
         return (f"no dataset at {path} (--dataset-dir): generate it offline with "
@@ -245,9 +313,13 @@ def _missing_dataset_message(spec: EnvSpec, path: Path, dataset_dir: str) -> str
             f"place the official OGBench files {spec.dataset_name}.npz and {spec.dataset_name}-val.npz there")
 
 
-def load_dataset(spec: EnvSpec, dataset_dir: str = DEFAULT_DATASET_DIR) -> dict[str, np.ndarray]:
-    """Load the whole dataset of `spec` (the official -val file, if any, is not used: splits are ours)."""
+def load_dataset(spec: EnvSpec, dataset_dir: str = DEFAULT_DATASET_DIR,
+                 download: bool = True) -> dict[str, np.ndarray]:
+    """Load the whole dataset of `spec` (the official -val file, if any, is not used: splits are ours). A missing
+    official OGBench dataset is downloaded first where `downloads_allowed(download)`."""
     path = dataset_path(spec, dataset_dir)
+    if not path.exists() and spec.can_download and downloads_allowed(download):
+        download_dataset(spec, dataset_dir)
     if not path.exists():
         raise UsageError(_missing_dataset_message(spec, path, dataset_dir))
     if spec.family == "ogbench":
@@ -1190,16 +1262,44 @@ def _list_cli(args: ListArgs) -> None:
         spec = parse_env(name)
         if args.generatable_only and not spec.can_generate:
             continue
-        notes = ["goal-conditioned" if spec.goal_conditioned else "reward-based", "oracle" if spec.has_oracle else "",
-                 "generate offline" if spec.can_generate else "download"]
+        ways = [way for way, ok in (("download", spec.can_download), ("generate offline", spec.can_generate)) if ok]
+        notes = ["goal-conditioned" if spec.goal_conditioned else "reward-based",
+                 " or ".join(ways) if ways else "ExORL's files, placed by hand",
+                 "oracle: MSE metrics" if spec.has_oracle else ""]
         print(f"{name:48s} {', '.join(n for n in notes if n)}")
 
 
+@dataclasses.dataclass
+class DownloadArgs:
+    """Download official OGBench datasets (training and -val files) into --dataset-dir, as a script does on first
+    use; a dataset already there is left alone."""
+    envs: tyro.conf.Positional[Annotated[tuple[str, ...], tyro.conf.arg(metavar="ENV")]]
+    """Dataset names, e.g. antmaze-large-navigate-v0 cube-double-play-v0."""
+    dataset_dir: str = DEFAULT_DATASET_DIR
+    """Folder to download into (ogbench's own default)."""
+
+
+def _download_cli(args: DownloadArgs) -> None:
+    specs = [parse_env(name) for name in args.envs]
+    for spec in specs:
+        if not spec.can_download:
+            raise UsageError(f"'{spec.name}' is not an official OGBench dataset; "
+                             + ("generate it with `python envs.py generate`" if spec.can_generate else
+                                "place its files by hand"))
+    if not downloads_allowed():
+        raise UsageError(f"downloads are off (${NO_DOWNLOAD_VARIABLE} is set); unset it to download")
+    for spec in specs:
+        path = dataset_path(spec, args.dataset_dir)
+        print(f"{path}: " + ("there already" if path.exists() else
+                             f"downloaded ({download_dataset(spec, args.dataset_dir).stat().st_size:,} bytes)"))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`python envs.py generate ...` / `python envs.py list` (`argv`: the arguments, default sys.argv[1:])."""
+    """`python envs.py generate|download|list ...` (`argv`: the arguments, default sys.argv[1:])."""
     args = tyro.cli(Union[Annotated[GenerateArgs, tyro.conf.subcommand("generate")],
+                          Annotated[DownloadArgs, tyro.conf.subcommand("download")],
                           Annotated[ListArgs, tyro.conf.subcommand("list")]], args=argv)
-    (_generate_cli if isinstance(args, GenerateArgs) else _list_cli)(args)
+    {GenerateArgs: _generate_cli, DownloadArgs: _download_cli, ListArgs: _list_cli}[type(args)](args)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,8 @@ class Harness:
     eval_envs: int | None = None
     """Environments stepped at once by an evaluation, all members together; more episodes run in later waves (same
     results). Default: 16 for cube, scene and puzzle (up to ~160 MB each), 256 otherwise."""
+    download: bool = True
+    """Download a missing official OGBench dataset on first use (--no-download, or OFFRL_NO_DOWNLOAD=1, forbids it)."""
     mse_samples: int = 2048
     """States sampled once from the policy subset and from the validation split for the train / val MSE."""
     checkpoint_interval: int = 0

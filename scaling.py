@@ -110,9 +110,13 @@ class Args:
     online_steps: int | None = None
     """Offline-to-online: environment steps (one update each) after --steps; scripts with a Q only. Default: 0."""
     dataset_dir: str | None = None
-    """Folder of the datasets; missing ones are generated there when envs.py can. Default: ~/.ogbench/data."""
+    """Folder of the datasets; a missing official one is downloaded there once, else generated when envs.py can.
+    Default: ~/.ogbench/data."""
     generate_episodes: int | None = None
-    """Episodes to generate for a missing dataset (default: the official recipe's count)."""
+    """Episodes to generate for a missing dataset (given: generated, never downloaded; default: the official
+    recipe's count)."""
+    download: bool = True
+    """Download missing official OGBench datasets before launching (--no-download, or OFFRL_NO_DOWNLOAD=1: never)."""
     pack: int | None = None
     """Runs of one env x script trained together in one vmapped process (one run folder each). Default: 1."""
     workers: int | None = None
@@ -175,6 +179,7 @@ def resolve(args: Args, script_args: list[str]) -> dict:
     settings = {k: given.get(k, preset.get(k, default)) for k, default in DEFAULTS.items() if k != "script_args"}
     settings["script_args"] = [*preset.get("script_args", ()), *script_args]
     settings["sweep_dir"] = args.sweep_dir or f"sweeps/{args.preset or 'custom'}"
+    settings["download"] = args.download
     for name in settings["envs"]:
         envs.parse_env(name)  # names the closest valid name on a typo
     for name in settings["scripts"]:
@@ -229,19 +234,31 @@ def plan(settings: dict) -> list[Run]:
 
 
 def prepare_datasets(settings: dict, dry_run: bool) -> list[str]:
-    """Generate missing datasets (unless dry_run) and check every size fits; returns a line per dataset."""
+    """Make every missing dataset once, before any run starts (unless dry_run): an official one is downloaded (unless
+    --generate-episodes asks for a size of its own, or downloads are off), else generated where envs.py can (also
+    when a download fails: said on stderr); then check every size fits. Returns a line per dataset."""
     lines = []
     for name in settings["envs"]:
         spec = envs.parse_env(name)
         path = envs.dataset_path(spec, settings["dataset_dir"])
         if not path.exists():
-            if not spec.can_generate:
-                envs.load_dataset(spec, settings["dataset_dir"])  # raises the message that says where to put it
+            fetch = (spec.can_download and settings["generate_episodes"] is None
+                     and envs.downloads_allowed(settings["download"]))
+            if not fetch and not spec.can_generate:
+                envs.load_dataset(spec, settings["dataset_dir"], download=False)  # raises what to do, in one line
             if dry_run:
-                lines.append(f"{name}: {path} missing; would generate {settings['generate_episodes'] or 'official'} "
-                             "episodes")
+                lines.append(f"{name}: {path} missing; would " + ("download the official files" if fetch else
+                             f"generate {settings['generate_episodes'] or 'official'} episodes"))
                 continue
-            envs.generate(spec, settings["dataset_dir"], num_episodes=settings["generate_episodes"])
+            try:
+                if fetch:
+                    envs.download_dataset(spec, settings["dataset_dir"])
+            except UsageError as error:
+                if not spec.can_generate:
+                    raise
+                print(f"{name}: {error}; generating it offline instead", file=sys.stderr)
+            if not path.exists():
+                envs.generate(spec, settings["dataset_dir"], num_episodes=settings["generate_episodes"])
         train, _ = envs.split_dataset(envs.load_dataset(spec, settings["dataset_dir"]), seed=0)
         available = len(train["actions"])
         for flag in ("value_sizes", "policy_sizes"):

@@ -276,7 +276,8 @@ def main(config: Config) -> list[dict]:
     validate(config)
     spec = envs.parse_env(config.env)
     config, from_table = envs.fill_from_table(config, SCRIPT)  # unset flags: the dataset's row of the table
-    train, val = envs.split_dataset(envs.load_dataset(spec, config.dataset_dir), config.split_seed)
+    train, val = envs.split_dataset(envs.load_dataset(spec, config.dataset_dir, download=config.harness.download),
+                                    config.split_seed)  # an official dataset is downloaded on first use
     gc, h = spec.goal_conditioned, config.harness
     obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]
     # Members: --num-seeds seeds in one run folder, or scaling.py's --members-file (seeds, data sizes, alphas).

@@ -9,6 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MUJOCO_GL", "egl")
+# Nothing at test time touches the network: no dataset is downloaded (the download tests serve files on loopback).
+os.environ["OFFRL_NO_DOWNLOAD"] = "1"
 
 import envs  # noqa: E402
 

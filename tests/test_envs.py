@@ -1,5 +1,7 @@
 """envs.py: generated files, loaders, splits, on-device sampling, oracles, evaluation, bad input."""
 
+from pathlib import Path
+
 import gymnasium
 import jax
 import numpy as np
@@ -350,3 +352,103 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
         assert code == 2, stderr
         assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- downloads (on loopback: no network at test time)
+class DatasetServer:
+    """An HTTP server on 127.0.0.1 serving official-format files from a folder, as OGBench's dataset server does;
+    `mode` makes it misbehave: "ok", "drop" (half of each body, then the connection closes), "404", "garbage"."""
+
+    def __init__(self, folder: Path):
+        import http.server
+        import threading
+
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                server.requests.append(self.path)
+                path = folder / self.path.lstrip("/")
+                if server.mode == "404" or not path.exists():
+                    self.send_error(404)
+                    return
+                body = path.read_bytes() if server.mode != "garbage" else b"not a zip file " * 2000
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:len(body) // 2] if server.mode == "drop" else body)
+                if server.mode == "drop":
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # the connection goes away half way through the body
+
+            def log_message(self, *args):
+                pass
+
+        self.mode, self.requests = "ok", []
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def dataset_server(data_dir, monkeypatch):
+    """Downloads allowed, from a loopback server holding the session's small pointmaze files."""
+    server = DatasetServer(data_dir)
+    monkeypatch.delenv(envs.NO_DOWNLOAD_VARIABLE, raising=False)
+    monkeypatch.setenv(envs.DATASET_URL_VARIABLE, server.url)
+    yield server
+    if server.mode != "no network":
+        server.close()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+def test_a_missing_official_dataset_downloads_on_first_use(dataset_server, data_dir, tmp_path, capsys):
+    spec = envs.parse_env(POINTMAZE)
+    data = envs.load_dataset(spec, str(tmp_path / "data"))  # what every script calls
+    expected = envs.load_dataset(spec, str(data_dir))
+    assert all(np.array_equal(data[k], expected[k]) for k in expected)
+    assert leftovers(tmp_path / "data") == [f"{POINTMAZE}-val.npz", f"{POINTMAZE}.npz"]  # no staging left
+    assert sorted(dataset_server.requests) == [f"/{POINTMAZE}-val.npz", f"/{POINTMAZE}.npz"]
+    envs.load_dataset(spec, str(tmp_path / "data"))  # there now: no second download
+    assert len(dataset_server.requests) == 2
+    assert envs.DATASET_URL_VARIABLE and ogbench.utils.DATASET_URL.startswith("https://")  # restored
+    # the CLI and scaling.py (before any run starts) take the same path; a sweep's generate_episodes never downloads
+    code, _ = run_in_process("envs.py", ["download", POINTMAZE, "--dataset-dir", str(tmp_path / "cli")], capsys)
+    assert code == 0 and leftovers(tmp_path / "cli") == [f"{POINTMAZE}-val.npz", f"{POINTMAZE}.npz"]
+    settings = {"envs": (POINTMAZE,), "dataset_dir": str(tmp_path / "sweep"), "generate_episodes": None,
+                "download": True, "value_sizes": (None,), "policy_sizes": (None,)}
+    [line] = scaling.prepare_datasets(settings, dry_run=False)
+    assert "training transitions" in line and len(dataset_server.requests) == 6
+
+
+@pytest.mark.parametrize("mode,message", [("drop", "damaged"), ("404", "HTTP 404"), ("garbage", "damaged"),
+                                          ("no network", "cannot download")])
+def test_a_failed_download_leaves_nothing_behind_and_says_what_to_do(dataset_server, tmp_path, monkeypatch, mode,
+                                                                     message):
+    dataset_server.mode = mode
+    if mode == "no network":  # nothing listens there: the connection is refused
+        dataset_server.close()
+        monkeypatch.setenv(envs.DATASET_URL_VARIABLE, dataset_server.url)
+    with pytest.raises(runs.UsageError, match=message) as error:
+        envs.load_dataset(envs.parse_env(POINTMAZE), str(tmp_path / "data"))
+    assert "python envs.py generate" in str(error.value) and "\n" not in str(error.value)
+    assert leftovers(tmp_path / "data") == []  # nothing that loads, no staging folder, no temporary file
+    assert dataset_server.requests or mode == "no network"  # it did try
+
+
+def test_downloads_are_off_with_the_flag_or_the_variable(dataset_server, tmp_path, monkeypatch):
+    spec = envs.parse_env("antmaze-large-navigate-v0")  # official, and not generatable here
+    with pytest.raises(runs.UsageError, match="downloads are off"):
+        envs.load_dataset(spec, str(tmp_path), download=False)  # --no-download
+    monkeypatch.setenv(envs.NO_DOWNLOAD_VARIABLE, "1")
+    with pytest.raises(runs.UsageError, match="downloads are off"):
+        envs.load_dataset(spec, str(tmp_path))
+    assert dataset_server.requests == [] and leftovers(tmp_path) == []
+    assert not envs.parse_env("pointmaze-medium-explore-v0").can_download  # OURS: nothing to download
