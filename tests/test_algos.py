@@ -470,12 +470,13 @@ def test_bad_members_files_exit_2(data_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("script", ["crl_ddpgbc", "crl_awr", "crl_sfbc"])
-def test_crl_on_a_reward_based_task_exits_2_and_says_why(script, data_dir, tmp_path):
+def test_crl_on_a_reward_based_task_exits_2_and_says_why(script, data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    proc = run_script(f"algos/{script}.py", "--env", "pointmaze-medium-navigate-singletask-v0", "--dataset-dir",
-                      str(data_dir), "--out-dir", str(out), "--no-progress")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "needs a goal-conditioned environment" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    code, stderr = run_in_process(f"algos/{script}.py", ["--env", "pointmaze-medium-navigate-singletask-v0",
+                                                         "--dataset-dir", str(data_dir), "--out-dir", str(out),
+                                                         "--no-progress"], capsys)
+    assert code == 2, stderr[-2000:]
+    assert "needs a goal-conditioned environment" in stderr and len(stderr.strip().splitlines()) == 1
     assert not out.exists()
 
 
