@@ -187,8 +187,8 @@ def run_reference(args: Args, pair: str, home: Path, out: Path) -> dict:
     epoch = [float(row["time/epoch_time"]) for _, train in per_seed for row in train[1:]]
     return {"wall_seconds": seconds,
             "success": [float(row["evaluation/overall_success"]) for row in final],
-            "tasks": {k.split("/")[1].replace("_success", "") + "_success": [float(row[k]) for row in final]
-                      for k in task_keys},
+            # evaluation/task1_horizontal_success -> task1_success, our name (OGBench adds the task's name)
+            "tasks": {k.split("/")[1].split("_")[0] + "_success": [float(row[k]) for row in final] for k in task_keys},
             "stats": stats, "updates_per_second": 1.0 / float(np.median(epoch)) if epoch else math.nan}
 
 

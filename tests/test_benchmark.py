@@ -89,7 +89,8 @@ def test_parity_needs_a_reference_checkout_and_consecutive_seeds(tmp_path):
 
 
 FAKE_REFERENCE = '''#!{python}
-"""Stands in for `python -c LAUNCHER` + OGBench's impls/main.py: writes the CSVs main.py writes, counts its calls."""
+"""Stands in for `python -c LAUNCHER` + OGBench's impls/main.py: writes the CSVs main.py writes (task columns named
+as OGBench names them, e.g. task1_horizontal), counts its calls."""
 import csv, sys
 from pathlib import Path
 flags = dict(a[2:].split("=", 1) for a in sys.argv[3:])  # argv: -c LAUNCHER --name=value ...
@@ -106,7 +107,7 @@ with open(folder / "train.csv", "w", newline="") as f:
         w.writerow([step, -step - seed, -step, 0.5, 0.25, 1.0, 0.01])
 with open(folder / "eval.csv", "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["step", "evaluation/overall_success", *(f"evaluation/task{{k}}_success" for k in range(1, 6))])
+    w.writerow(["step", "evaluation/overall_success", *(f"evaluation/task{{k}}_shape_success" for k in range(1, 6))])
     w.writerow([steps, seed / 10, *(seed / 10 for _ in range(5))])
 '''
 
