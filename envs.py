@@ -940,9 +940,9 @@ def default_eval_envs(spec: EnvSpec) -> int:
 
 class Evaluator:
     """Runs `episodes_per_task` episodes of every evaluation task for every member, in waves: each wave steps `wave`
-    episodes per member (at most `max_envs` environments in all, default `default_eval_envs`) in lockstep, and the
-    policy is called once per step for all of them with obs [M, wave, d]; a last, shorter wave is padded with copies
-    that are never stepped.
+    episodes per member (at most `max_envs` environments in all, default `default_eval_envs`, but at least one per
+    member) in lockstep, and the policy is called once per step for all of them with obs [M, wave, d]; a last,
+    shorter wave is padded with copies that are never stepped.
 
     Member m's start states and goals come from `seeds[m]` alone (each env is reseeded per episode; numpy's global
     generator, from which OGBench draws start and goal noise, runs one stream per member across its resets), so a

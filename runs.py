@@ -142,8 +142,8 @@ class Harness:
     eval_episodes: int | None = None
     """Evaluation episodes per evaluation task; default: the table in envs.py (the reference's 50; 10 for one task)."""
     eval_envs: int | None = None
-    """Environments stepped at once by an evaluation, all members together; more episodes run in later waves (same
-    results). Default: 16 for cube, scene and puzzle (up to ~160 MB each), 256 otherwise."""
+    """Environments stepped at once by an evaluation, all members together (at least one per member); more episodes
+    run in later waves (same results). Default: 16 for cube, scene and puzzle (up to ~160 MB each), 256 otherwise."""
     download: bool = True
     """Download a missing official OGBench dataset on first use (--no-download, or OFFRL_NO_DOWNLOAD=1, forbids it)."""
     mse_samples: int = 2048
