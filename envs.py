@@ -252,6 +252,13 @@ def downloads_allowed(download: bool = True) -> bool:
     return download and os.environ.get(NO_DOWNLOAD_VARIABLE, "") in ("", "0")
 
 
+def _generate_instead(spec: EnvSpec, dataset_dir: str) -> str:
+    """The offline alternative to a download, for an error message ("" where envs.py cannot generate the data)."""
+    if not spec.can_generate:
+        return ""
+    return f"generate it offline with `python envs.py generate {spec.dataset_name} --dataset-dir {dataset_dir}`, or "
+
+
 def download_dataset(spec: EnvSpec, dataset_dir: str) -> Path:
     """Download an official OGBench dataset (the training and -val files) with `ogbench`'s own downloader (its
     progress bar), from OGBench's address or $OGBENCH_DATASET_URL, into a staging folder beside its place; check both
@@ -262,8 +269,7 @@ def download_dataset(spec: EnvSpec, dataset_dir: str) -> Path:
         raise UsageError(f"'{spec.dataset_name}' is not an official OGBench dataset; nothing to download")
     base = (os.environ.get(DATASET_URL_VARIABLE) or ogbench.utils.DATASET_URL).rstrip("/")
     names = (f"{spec.dataset_name}-val.npz", f"{spec.dataset_name}.npz")  # the training file moves in last
-    instead = (f"generate it offline with `python envs.py generate {spec.dataset_name} --dataset-dir {dataset_dir}`, "
-               "or " if spec.can_generate else "")
+    instead = _generate_instead(spec, dataset_dir)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".download-{spec.dataset_name}-"))
@@ -296,8 +302,7 @@ def download_dataset(spec: EnvSpec, dataset_dir: str) -> Path:
 
 def _missing_dataset_message(spec: EnvSpec, path: Path, dataset_dir: str) -> str:
     if spec.can_download:  # downloads are off (--no-download or $OFFRL_NO_DOWNLOAD)
-        instead = (f"generate it offline with `python envs.py generate {spec.dataset_name} --dataset-dir "
-                   f"{dataset_dir}`, or " if spec.can_generate else "")
+        instead = _generate_instead(spec, dataset_dir)
         return (f"no dataset at {path} (--dataset-dir) and downloads are off (--no-download or "
                 f"${NO_DOWNLOAD_VARIABLE}): {instead}allow the download, or place the official files "
                 f"{spec.dataset_name}.npz and {spec.dataset_name}-val.npz there")
