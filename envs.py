@@ -679,9 +679,7 @@ def split_dataset(data: dict[str, np.ndarray], seed: int, val_fraction: float = 
     of its trajectory's last transition (the goal samplers stay inside a trajectory with it).
     """
     bounds = trajectory_bounds(data["terminals"])
-    order = np.random.default_rng(seed).permutation(len(bounds))
-    num_val = int(round(val_fraction * len(bounds))) if len(bounds) > 1 else 0
-    num_val = min(max(num_val, 1 if len(bounds) > 1 and val_fraction > 0 else 0), len(bounds) - 1)
+    train_ids, val_ids = split_trajectory_ids(len(bounds), seed, val_fraction)
 
     def gather(trajectory_ids):
         rows = (np.concatenate([np.arange(*bounds[t]) for t in trajectory_ids]) if len(trajectory_ids)
@@ -694,7 +692,16 @@ def split_dataset(data: dict[str, np.ndarray], seed: int, val_fraction: float = 
         part["terminals"][ends - 1] = 1.0
         return part
 
-    return gather(order[num_val:]), gather(order[:num_val])
+    return gather(train_ids), gather(val_ids)
+
+
+def split_trajectory_ids(num_trajectories: int, seed: int, val_fraction: float = 0.1):
+    """split_dataset's choice of trajectories: (training ids in their permuted order, held-out ids). Also used to
+    hand another implementation the same training trajectories (benchmarks/parity.py)."""
+    order = np.random.default_rng(seed).permutation(num_trajectories)
+    num_val = int(round(val_fraction * num_trajectories)) if num_trajectories > 1 else 0
+    num_val = min(max(num_val, 1 if num_trajectories > 1 and val_fraction > 0 else 0), num_trajectories - 1)
+    return order[num_val:], order[:num_val]
 
 
 
