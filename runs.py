@@ -20,6 +20,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -43,6 +44,7 @@ EXTRACTORS = ("awr", "ddpgbc", "sfbc")
 SCRIPTS = tuple(f"{v}_{e}" for v in VALUE_LEARNERS for e in EXTRACTORS) + ("bc",)  # the files in algos/
 TEST_TIME_METHODS = ("opex", "ttt")  # --test-time; result.json lists the ones a run evaluated under "test_time"
 RESULT_METRICS = ("success", "return", "train_mse", "val_mse", "eval_mse")  # per member in result.json
+TASK_SUCCESS = re.compile(r"task[0-9]+_success")  # per member in result.json too: one per evaluation task
 MEMBER_FIELDS = ("value_data_size", "policy_data_size", "alpha")  # what a member may vary besides its seed
 RESUME_DIR = "resume"  # inside a run folder: state_<step>.npz, the whole training state; removed on completion
 USAGE_EXIT, DIVERGED_EXIT = 2, 3  # exit status for bad input, and for a loss or parameter that became NaN / inf
@@ -670,7 +672,10 @@ def final_result(header: dict, last_eval: list[dict], best_success: np.ndarray) 
     # With --test-time, the same episodes' numbers under OPEX / TTT sit beside the plain ones (opex_success, ...).
     testtime = [f"{m}_{k}" for m in TEST_TIME_METHODS for k in RESULT_METRICS
                 if last_eval and f"{m}_{k}" in last_eval[0]]
-    per_member = {k: [r.get(k, "n/a") for r in last_eval] for k in (*RESULT_METRICS, *testtime)}
+    # ... and with several evaluation tasks each task's success (task1_success ...): analyze.py's bootstrap strata
+    tasks = sorted((k for k in (last_eval[0] if last_eval else {}) if TASK_SUCCESS.fullmatch(k)),
+                   key=lambda k: int(k[4:-8]))
+    per_member = {k: [r.get(k, "n/a") for r in last_eval] for k in (*RESULT_METRICS, *testtime, *tasks)}
     per_member["best_success"] = np.asarray(best_success).tolist()
     return {**header, **summarize(per_member)}
 
