@@ -1,6 +1,6 @@
 """scaling.py: data-scaling sweeps over environments x scripts x value sizes x policy sizes x alphas x seeds.
 
-    python scaling.py --preset quickstart                      # a 2x2 matrix on a generated pointmaze dataset
+    python scaling.py --preset quickstart                      # AWR vs DDPG+BC, 3 seeds, on generated pointmaze data
     python scaling.py --preset matrix --dry-run                # the paper-size grid: print the plan, run nothing
     python scaling.py --envs cube-single-play-v0 --scripts iql_ddpgbc sarsa_ddpgbc \\
         --value-sizes 100000 1000000 --policy-sizes 100000 1000000 --ddpgbc-alphas 0.03 0.3 --seeds 0 1 \\
@@ -50,13 +50,19 @@ LOG_TAIL_LINES = 20
 
 # Each preset fills the flags the user did not give. Sizes are transitions; "None" in a size list means all data.
 PRESETS: dict[str, dict] = {
-    "quickstart": dict(  # a 2x2 matrix that finishes on a 2-core CPU in well under 15 minutes
-        envs=("pointmaze-medium-navigate-v0",), scripts=("iql_ddpgbc",), value_sizes=(10_000, 90_000),
-        policy_sizes=(10_000, 90_000), ddpgbc_alphas=(0.3,), seeds=(0,), steps=10_000, pack=4,
-        dataset_dir="data/quickstart", generate_episodes=100,
-        # OURS for the CPU budget: batch 256 (the reference's 1024 costs 4x per update) and 5 episodes per task
+    "quickstart": dict(  # AWR vs DDPG+BC on one IQL value function, 3 seeds: ~10 minutes on a 2-core CPU
+        envs=("pointmaze-medium-navigate-v0",), scripts=("iql_awr", "iql_ddpgbc"), value_sizes=(90_000,),
+        policy_sizes=(10_000, 90_000), seeds=(0, 1, 2), steps=10_000, pack=6, dataset_dir="data/quickstart",
+        generate_episodes=100,
+        # OURS for the CPU budget: 256x256, batch 256 (the reference's 1024 costs 4x per update), 5 episodes per task
         script_args=("--hidden-dims", "256", "256", "--batch-size", "256", "--eval-episodes", "5", "--log-interval",
-                     "1000", "--eval-interval", "5000")),
+                     "1000", "--eval-interval", "10000")),
+    "cpu-study": dict(  # the paper's four claims at CPU scale (docs/results.md): at most 2 hours on 2 cores
+        envs=("pointmaze-medium-navigate-v0",), scripts=("iql_awr", "iql_ddpgbc"), value_sizes=(30_000, 270_000),
+        policy_sizes=(30_000, 270_000), seeds=(0, 1, 2), steps=20_000, pack=9, test_time_cell=True,
+        dataset_dir="data/cpu-study", generate_episodes=300,
+        script_args=("--hidden-dims", "256", "256", "--batch-size", "256", "--eval-episodes", "10", "--log-interval",
+                     "2000", "--eval-interval", "20000")),
     "matrix": dict(  # the paper's grid: 4 x 4 sizes, 4 seeds, each dataset's alpha grids (the table), 1M steps
         envs=("pointmaze-large-navigate-v0", "cube-single-play-v0"), scripts=tuple(SCRIPTS[:-1]),
         value_sizes=(100_000, 200_000, 500_000, 1_000_000), policy_sizes=(100_000, 200_000, 500_000, 1_000_000),
@@ -78,7 +84,7 @@ PRESETS: dict[str, dict] = {
 DEFAULTS = dict(envs=("pointmaze-medium-navigate-v0",), scripts=("iql_ddpgbc",), value_sizes=(None,),
                 policy_sizes=(None,), awr_alphas=(), ddpgbc_alphas=(), seeds=(0,), steps=1_000_000, online_steps=0,
                 pack=1, dataset_dir=envs.DEFAULT_DATASET_DIR, generate_episodes=None, table_alphas=False,
-                script_args=())
+                test_time_cell=False, script_args=())
 
 
 @dataclasses.dataclass
@@ -86,9 +92,10 @@ class Args:
     """Launch a data-scaling sweep. Flags after a lone `--` are passed to every script (e.g. `-- --hidden-dims 256
     256`). Flags left out come from --preset, else from the defaults shown."""
 
-    preset: Literal["quickstart", "matrix", "coverage", "testtime", "online"] | None = None
-    """A predefined sweep (see the README): quickstart (2x2 on pointmaze, minutes on a CPU), matrix (paper size),
-    coverage (narrow vs high-coverage data), testtime (plain vs OPEX vs TTT), online (offline-to-online)."""
+    preset: Literal["quickstart", "cpu-study", "matrix", "coverage", "testtime", "online"] | None = None
+    """A predefined sweep (docs/sweeps.md): quickstart (AWR vs DDPG+BC on pointmaze, 3 seeds, minutes on a CPU),
+    cpu-study (the paper's claims at CPU scale, docs/results.md), matrix (paper size), coverage (narrow vs
+    high-coverage data), testtime (plain vs OPEX vs TTT), online (offline-to-online)."""
     sweep_dir: str | None = None
     """Folder of the sweep's run folders and sweep.json; default sweeps/<preset or 'custom'>."""
     envs: tuple[str, ...] | None = None
@@ -119,6 +126,9 @@ class Args:
     """Download missing official OGBench datasets before launching (--no-download, or OFFRL_NO_DOWNLOAD=1: never)."""
     pack: int | None = None
     """Runs of one env x script trained together in one vmapped process (one run folder each). Default: 1."""
+    test_time_cell: bool | None = None
+    """Runs of the largest cell (largest value and policy sizes) also evaluate OPEX and TTT (`--test-time opex ttt`,
+    the same episodes), in processes of their own; bc has no Q and does not. Default: off."""
     workers: int | None = None
     """Processes at a time (local backend). Default: the number of GPUs, else of CPU cores."""
     retries: int = 1
@@ -146,6 +156,7 @@ class Run:
     alpha: float | None  # None: the script's default, or a script without alpha
     seed: int
     folder: Path
+    test_time: bool = False  # also evaluates OPEX and TTT (--test-time-cell)
 
     @property
     def complete(self) -> bool:
@@ -217,6 +228,8 @@ def plan(settings: dict) -> list[Run]:
     """Every run of the grid, in a stable order (env, script, value size, policy size, alpha, seed)."""
     runs = []
     size_name = lambda s: "all" if s is None else str(s)  # noqa: E731
+    largest = lambda sizes: max(sizes, key=lambda s: float("inf") if s is None else s)  # noqa: E731
+    test_time_cell = (largest(settings["value_sizes"]), largest(settings["policy_sizes"]))
     for env in settings["envs"]:
         for script in settings["scripts"]:
             alphas = settings.get(f"{script.split('_')[-1]}_alphas", ()) or (  # a preset may take the table's grid
@@ -229,7 +242,9 @@ def plan(settings: dict) -> list[Run]:
                             name = "" if script == "bc" else f"v{size_name(value)}_"
                             name += f"p{size_name(policy)}" + ("" if alpha is None else f"_a{alpha:g}") + f"_s{seed}"
                             folder = Path(settings["sweep_dir"]) / env / script / name
-                            runs.append(Run(env, script, value, policy, alpha, seed, folder))
+                            test_time = settings["test_time_cell"] and script != "bc" and (value,
+                                                                                         policy) == test_time_cell
+                            runs.append(Run(env, script, value, policy, alpha, seed, folder, test_time))
     return runs
 
 
@@ -282,23 +297,26 @@ class Process:
 
 
 def processes(pending: list[Run], settings: dict) -> list[Process]:
-    """Group pending runs into script invocations: up to --pack runs of one env x script per process."""
+    """Group pending runs into script invocations: up to --pack runs of one env x script (and test-time setting) per
+    process."""
     out, sweep = [], Path(settings["sweep_dir"])
-    groups: dict[tuple[str, str], list[Run]] = {}
+    groups: dict[tuple[str, str, bool], list[Run]] = {}
     for run in pending:
-        groups.setdefault((run.env, run.script), []).append(run)
-    for (env, script), runs in groups.items():
+        groups.setdefault((run.env, run.script, run.test_time), []).append(run)
+    for (env, script, test_time), runs in groups.items():
         for start in range(0, len(runs), settings["pack"]):
             members = runs[start:start + settings["pack"]]
             base = [sys.executable, str(ROOT / "algos" / f"{script}.py"), "--env", env, "--dataset-dir",
                     settings["dataset_dir"], "--steps", str(settings["steps"]), "--no-progress", "--resume"]
             if settings["online_steps"]:
                 base += ["--online-steps", str(settings["online_steps"])]
+            if test_time:
+                base += ["--test-time", "opex", "ttt"]
             if len(members) == 1:
                 command = base + members[0].flags()
                 log = members[0].folder / "output.log"
             else:
-                tag = f"{env}-{script}-{start // settings['pack']:04d}"
+                tag = f"{env}-{script}{'-testtime' if test_time else ''}-{start // settings['pack']:04d}"
                 members_file = sweep / "packs" / f"{tag}.json"
                 command = base + ["--members-file", str(members_file)]
                 log = sweep / "packs" / f"{tag}.log"
@@ -496,6 +514,10 @@ def describe(settings: dict, runs: list[Run], procs: list[Process], dataset_line
     for run in pending:
         counts[(run.env, run.script)] = counts.get((run.env, run.script), 0) + 1
     lines += [f"  {env} {script}: {count} runs to go" for (env, script), count in counts.items()]
+    tested = [run for run in pending if run.test_time]
+    if tested:
+        lines.append(f"  test time: {len(tested)} runs of the largest cell also evaluate OPEX and TTT "
+                     "(--test-time opex ttt), in processes of their own")
     if procs:
         lines.append("  first process: " + shlex.join(procs[0].command))
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from conftest import POINTMAZE, ROOT, run_in_process, run_script
 
 import analyze
 import runs
+import scaling
 
 TINY = ["--", "--log-interval", "50", "--eval-interval", "100", "--hidden-dims", "16", "--batch-size", "32",
         "--eval-episodes", "1", "--mse-samples", "64"]
@@ -147,9 +148,25 @@ def test_dry_run_prints_the_plan_and_touches_nothing(data_dir, tmp_path):
     proc = run_script("scaling.py", "--preset", "quickstart", "--dataset-dir", str(tmp_path / "no-data"),
                       "--sweep-dir", str(sweep_dir), "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    assert "4 runs, 0 complete, 4 to run in 1 process (up to 4 runs each), 40,000 member-updates" in proc.stdout
+    # AWR vs DDPG+BC on IQL: 2 scripts x 2 policy sizes x 3 seeds, each script's 6 runs packed in one process
+    assert "12 runs, 0 complete, 12 to run in 2 processes (up to 6 runs each), 120,000 member-updates" in proc.stdout
     assert "would generate 100 episodes" in proc.stdout and "--members-file" in proc.stdout
     assert not sweep_dir.exists() and not (tmp_path / "no-data").exists()
+    # the CPU study: 2 scripts x 2 x 2 cells x 3 seeds; the largest cell's runs also evaluate OPEX and TTT, packed
+    # apart from the others
+    proc = run_script("scaling.py", "--preset", "cpu-study", "--dataset-dir", str(tmp_path / "no-data"),
+                      "--sweep-dir", str(sweep_dir), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "24 runs, 0 complete, 24 to run in 4 processes (up to 9 runs each), 480,000 member-updates" in proc.stdout
+    assert "test time: 6 runs of the largest cell also evaluate OPEX and TTT" in proc.stdout
+    settings = scaling.resolve(scaling.Args(preset="cpu-study", sweep_dir=str(sweep_dir)), [])
+    procs = scaling.processes(scaling.plan(settings), settings)
+    tested = [p for p in procs if "--test-time" in p.command]
+    assert len(tested) == 2 and all(len(p.runs) == 3 and "--test-time opex ttt" in " ".join(p.command)
+                                    for p in tested)
+    assert {(r.value_data_size, r.policy_data_size) for p in tested for r in p.runs} == {(270_000, 270_000)}
+    assert all(not r.test_time and (r.value_data_size, r.policy_data_size) != (270_000, 270_000)
+               for p in procs if p not in tested for r in p.runs)
     # the paper-size preset: 9 pairs x 2 envs x 16 cells x 4 seeds x the table's alpha grids: 4 for AWR (the paper's),
     # 3 for DDPG+BC (each dataset's tuned alpha and a decade either side), 1 for SfBC; the discount from the table too
     proc = run_script("scaling.py", "--preset", "matrix", "--dataset-dir", str(tmp_path / "no-data"),
