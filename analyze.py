@@ -116,7 +116,7 @@ TEST_TIME_REQUIRED = ("success", "return")  # result.json has <method>_<key> for
 TEST_TIME_OPTIONAL = ("eval_mse",)  # ... and this one where the env has an oracle
 TEST_TIME_KEYS = tuple(f"{m}_{k}" for m in TEST_TIME_METHODS for k in (*TEST_TIME_REQUIRED, *TEST_TIME_OPTIONAL))
 HEADER_KEYS = ("env", "script", "seeds", "value_data_size", "policy_data_size", "alpha")
-ARTEFACTS = ("matrices", "table", "verdicts", "generalization", "testtime", "online")
+ARTEFACTS = ("matrices", "table", "verdicts", "generalization", "testtime", "online", "claims")
 ONLINE_MSES = ("train_mse", "val_mse", "eval_mse")  # drawn against online steps where the eval records have them
 METRIC_LABELS = {"success": "success rate", "return": "return", "best_success": "best success rate during training"}
 MSE_LABELS = {"train_mse": "train MSE", "val_mse": "validation MSE", "eval_mse": "evaluation MSE"}
@@ -141,7 +141,8 @@ class Args:
     """Folder for the artefacts (created); default SWEEP_DIR/analysis."""
     metric: Literal["auto", "success", "return", "best_success"] = "auto"
     """Performance: auto = success rate on OGBench, return on dm_control; best_success = best during training."""
-    only: tuple[Literal["matrices", "table", "verdicts", "generalization", "testtime", "online"], ...] = ARTEFACTS
+    only: tuple[Literal["matrices", "table", "verdicts", "generalization", "testtime", "online", "claims"],
+                ...] = ARTEFACTS
     """Artefacts to make (summary.json is always written), e.g. --only table verdicts."""
     format: tuple[Literal["png", "pdf"], ...] = ("png", "pdf")
     """Figure file formats."""
@@ -712,6 +713,72 @@ def improvement_rows(matrices: list[Matrix], boot: Bootstrap) -> list[dict]:
                     rows.append({"env": env, "metric": a.metric, "value": learner, "x": first, "y": second,
                                  **probability_of_improvement(x, y, boot)})
     return rows
+
+
+CLAIMS = {  # the paper's four claims as this sweep can test them (`claim_rows`)
+    "extraction": "DDPG+BC extracts a better policy than AWR from the same value function",
+    "data": "more policy data helps more than more value data",
+    "generalization": "the policy errs more on the states it meets at test time than on held-out dataset states",
+    "testtime": "test-time policy improvement (OPEX / TTT) raises performance",
+}
+
+
+def _call(low: float, high: float, null: float, larger_supports: bool = True) -> str:
+    """reproduced / not reproduced / inconclusive from an interval and the value meaning "no effect"."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "inconclusive (no interval: fewer than 2 seeds)"
+    if low > null:
+        return "reproduced" if larger_supports else "not reproduced"
+    if high < null:
+        return "not reproduced" if larger_supports else "reproduced"
+    return "inconclusive"
+
+
+def claim_rows(improvements: list[dict], verdicts: list[dict], generalization: dict, testtime: dict) -> list[dict]:
+    """One row per (claim, where this sweep can test it): "claim" (a CLAIMS key), "where", "evidence" (the number and
+    its interval) and "result" (reproduced at this scale / not reproduced / inconclusive, from the interval)."""
+    rows = []
+    for r in improvements:
+        if {r["x"], r["y"]} == {"awr", "ddpgbc"}:
+            flip = r["x"] == "awr"  # P(DDPG+BC > AWR) = 1 - P(AWR > DDPG+BC)
+            poi = 1 - r["poi"] if flip else r["poi"]
+            low, high = (1 - r["poi_ci"][1], 1 - r["poi_ci"][0]) if flip else r["poi_ci"]
+            rows.append({"claim": "extraction", "where": f"{r['env']} {NAMES.get(r['value'], r['value'])}",
+                         "evidence": f"P(DDPG+BC > AWR) = {poi:.2f} [{low:.2f}, {high:.2f}] over {_cells(r['strata'])}",
+                         "result": _call(low, high, 0.5)})
+    for v in verdicts:
+        if not (math.isfinite(v["policy_change"]) and math.isfinite(v["value_change"])):
+            continue
+        result = ("reproduced" if v["verdict"] == "policy-bounded" else "not reproduced"
+                  if v["verdict"] == "value-bounded" else f"inconclusive ({v['verdict']})")
+        rows.append({"claim": "data", "where": f"{v['env']} {v['script']}",
+                     "evidence": f"policy axis {_signed_interval(v['policy_change'], v['policy_ci'], v['metric'])}, "
+                                 f"value axis {_signed_interval(v['value_change'], v['value_ci'], v['metric'])}",
+                     "result": result})
+    for env, mine in sorted(generalization.items()):
+        for r in mine:
+            d = r["eval_minus_val"]
+            rows.append({"claim": "generalization", "where": f"{env} {r['script']} {online_setting(r)}",
+                         "evidence": f"evaluation - validation MSE {_signed_interval(d['mean'], d['mean_ci'], 'mse')}",
+                         "result": _call(*d["mean_ci"], 0.0)})
+    for env, mine in sorted(testtime.items()):
+        for r in mine:
+            for m in r["methods"]:
+                gain = r.get(f"{m}_gain")
+                if gain:
+                    rows.append({"claim": "testtime", "where": f"{env} {r['script']} {NAMES[m]}",
+                                 "evidence": f"{r['metric']} gain over plain "
+                                             f"{_signed_interval(gain['mean'], gain['mean_ci'], r['metric'])}",
+                                 "result": _call(*gain["mean_ci"], 0.0)})
+    return rows
+
+
+def claims_text(rows: list[dict], markdown: bool = False) -> str:
+    lines = ["| claim | where | evidence | at this scale |", "| --- | --- | --- | --- |"] if markdown else []
+    for r in rows:
+        lines.append(f"| {CLAIMS[r['claim']]} | {r['where']} | {r['evidence']} | {r['result']} |" if markdown else
+                     f"  {r['claim']}: {r['where']}: {r['evidence']} -> {r['result']}")
+    return "\n".join(lines)
 
 
 def _choose_cell(m: Matrix) -> tuple[int, int] | None:
@@ -1508,6 +1575,14 @@ def main(args: Args) -> list[Path]:
                   "training on")
         else:
             print("online: skipped, no run has online steps (result.json 'online_steps' 0 or absent)")
+    claims = claim_rows(improvements, verdicts, generalization, testtime)
+    if "claims" in args.only and claims:
+        print(f"\nthe paper's claims at this scale ({100 * args.confidence:g}% intervals):\n" + claims_text(claims))
+        written.append(_write_text(out / "claims.md", "# The paper's claims in this sweep\n\nEach row: where the "
+                                   "sweep tests a claim, the number that decides it with its interval, and the call: "
+                                   "reproduced at this scale when the interval lies on the claim's side of no "
+                                   "effect, not reproduced when on the other side, else inconclusive.\n\n"
+                                   + claims_text(claims, markdown=True) + "\n"))
     cells = []
     all_metrics = (*METRICS, *TEST_TIME_KEYS)
     values = {k: cell_values(runs, k) for k in all_metrics}
@@ -1521,7 +1596,8 @@ def main(args: Args) -> list[Path]:
                "incomplete": sweep.incomplete, "failed": sweep.failed, "diverged": sweep.diverged,
                "complete": [str(r.folder) for r in runs], "cells": cells,
                "matrices": [m.to_json() for m in matrices], "verdicts": verdicts, "table": rows,
-               "improvement": improvements, "confidence": args.confidence, "bootstrap_reps": args.bootstrap_reps,
+               "improvement": improvements, "claims": claims, "confidence": args.confidence,
+               "bootstrap_reps": args.bootstrap_reps,
                "generalization": generalization, "testtime": testtime, "online": online}
     write_json_atomic(out / "summary.json", _clean(summary))
     written.append(out / "summary.json")

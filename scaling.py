@@ -126,9 +126,9 @@ class Args:
     """Download missing official OGBench datasets before launching (--no-download, or OFFRL_NO_DOWNLOAD=1: never)."""
     pack: int | None = None
     """Runs of one env x script trained together in one vmapped process (one run folder each). Default: 1."""
-    test_time_cell: bool | None = None
+    test_time_cell: bool = False
     """Runs of the largest cell (largest value and policy sizes) also evaluate OPEX and TTT (`--test-time opex ttt`,
-    the same episodes), in processes of their own; bc has no Q and does not. Default: off."""
+    the same episodes), in processes of their own; bc has no Q and does not. On in the cpu-study preset."""
     workers: int | None = None
     """Processes at a time (local backend). Default: the number of GPUs, else of CPU cores."""
     retries: int = 1
@@ -191,6 +191,7 @@ def resolve(args: Args, script_args: list[str]) -> dict:
     settings["script_args"] = [*preset.get("script_args", ()), *script_args]
     settings["sweep_dir"] = args.sweep_dir or f"sweeps/{args.preset or 'custom'}"
     settings["download"] = args.download
+    settings["test_time_cell"] = args.test_time_cell or preset.get("test_time_cell", False)
     for name in settings["envs"]:
         envs.parse_env(name)  # names the closest valid name on a typo
     for name in settings["scripts"]:

@@ -302,7 +302,8 @@ def test_every_artefact_is_written_and_the_table_holds_the_hand_computed_means(t
     out = tmp_path / "out"
     proc = run_script("analyze.py", str(sweep), "--out", str(out), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = {"table.md", "table.csv", "table.tex", "improvement.csv", "verdicts.md", "verdicts.csv", "summary.json"}
+    names = {"table.md", "table.csv", "table.tex", "improvement.csv", "verdicts.md", "verdicts.csv", "claims.md",
+             "summary.json"}
     names |= {f"{kind}_{POINTMAZE}.{fmt}" for kind in ("matrices", "aggregate", "generalization", "testtime")
               for fmt in ("png", "pdf")}
     assert {p.name for p in out.iterdir()} == names
@@ -635,3 +636,31 @@ def test_online_is_skipped_without_online_runs_and_dm_control_draws_performance_
     assert imread(tmp_path / "analysis" / "online_walker-run.png").shape[:2] == (round(height * analyze.DPI),
                                                                                  round(width * analyze.DPI))
     assert "return 110.0 → 170.0 (+60.0 [+45.9, +74.1]) |" in (tmp_path / "analysis" / "online.md").read_text()
+
+
+def test_claims_are_called_from_their_intervals(tmp_path, capsys):
+    """A sweep built with known effects, 3 seeds a cell: DDPG+BC above AWR in every cell, only the policy axis
+    moving DDPG+BC, evaluation MSE above validation MSE (write_cell: 0.5 vs 0.2), OPEX up 0.1 and TTT down 0.1 on
+    the largest cell. Each claim gets the call its interval supports; AWR, flat, is inconclusive on the data claim."""
+    rng = np.random.default_rng(3)
+    for j, p in enumerate(SIZES[:2]):
+        for i, v in enumerate(SIZES[:2]):
+            awr = {s: 0.2 + 0.02 * rng.standard_normal() for s in range(3)}
+            ddpgbc = {s: 0.3 + 0.3 * j + 0.02 * rng.standard_normal() for s in range(3)}
+            write_cell(tmp_path, awr, script="iql_awr", v=v, p=p, alpha=3.0)
+            largest = (i, j) == (1, 1)
+            write_cell(tmp_path, ddpgbc, v=v, p=p, testtime={"opex": {s: x + 0.1 for s, x in ddpgbc.items()},
+                                                              "ttt": {s: x - 0.1 for s, x in ddpgbc.items()}}
+                       if largest else None)
+    analyze.main(analyze.Args(str(tmp_path), only=("claims",)))
+    printed = capsys.readouterr().out
+    calls = {(r["claim"], r["where"].split()[-1]): r["result"]
+             for r in json.loads((tmp_path / "analysis" / "summary.json").read_text())["claims"]}
+    assert calls[("extraction", "IQL")] == "reproduced"  # every seed pair decisive in every cell: a point at 1
+    assert "P(DDPG+BC > AWR) = 1.00 [1.00, 1.00] over 4 cells" in printed
+    assert calls[("data", "iql_ddpgbc")] == "reproduced"
+    assert calls[("data", "iql_awr")].startswith("inconclusive (flat")
+    assert calls[("generalization", "α=0.3")] == "reproduced"
+    assert calls[("testtime", "OPEX")] == "reproduced" and calls[("testtime", "TTT")] == "not reproduced"
+    assert (tmp_path / "analysis" / "claims.md").read_text().count("| reproduced |") == \
+        list(calls.values()).count("reproduced") == 5  # extraction, data (DDPG+BC), generalization x 2, OPEX
