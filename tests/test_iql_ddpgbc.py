@@ -4,6 +4,7 @@ learning. (Losses and invariants of every script: test_algos.py.)"""
 import json
 import math
 
+import numpy as np
 import pytest
 from conftest import POINTMAZE, run_in_process, run_script
 
@@ -38,6 +39,10 @@ def test_smoke_cli_three_seeds_writes_a_complete_run_folder(data_dir, tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["seeds"] == [0, 1, 2] and result["value_data_size"] == 3000
     _finite(result, ["success", "return", "train_mse", "val_mse", "eval_mse"])
+    # each evaluation task's success per member (analyze.py's bootstrap strata), and the overall success their mean
+    tasks = [f"task{t}_success" for t in range(1, 6)]
+    assert [k for k in result if k.startswith("task")] == tasks
+    assert np.allclose(np.mean([result[k]["per_member"] for k in tasks], 0), result["success"]["per_member"])
     # three members are three different networks: their MSEs differ
     assert len(set(result["train_mse"]["per_member"])) == 3
     assert len(set(result["eval_mse"]["per_member"])) == 3
