@@ -392,17 +392,26 @@ class Bootstrap:
             draws.append(s[rng.integers(0, n, (self.reps, n))])
         return draws
 
-    def interval(self, samples: np.ndarray) -> list[float]:
+    def interval(self, samples: np.ndarray, bounds: tuple[float, float] = (-math.inf, math.inf)) -> list[float]:
+        """The percentile interval, kept within the quantity's possible values (the spread can step outside them:
+        a success rate's interval never reaches below 0)."""
         tail = 50 * (1 - self.confidence)
-        return np.percentile(samples, [tail, 100 - tail]).tolist()
+        return np.clip(np.percentile(samples, [tail, 100 - tail]), *bounds).tolist()
+
+
+def value_range(metric: str) -> tuple[float, float]:
+    """The values a metric can take: [0, 1] for success rates, [0, inf) for MSEs, anything for returns."""
+    if metric.endswith("success"):
+        return 0.0, 1.0
+    return (0.0, math.inf) if metric.endswith("mse") else (-math.inf, math.inf)
 
 
 NO_INTERVAL = [math.nan, math.nan]
 
 
-def estimate(strata: list, boot: Bootstrap) -> dict:
-    """Mean and IQM of every score of every stratum, each with its interval ("mean_ci", "iqm_ci"); no interval
-    (NaN) unless every stratum has 2 runs or more."""
+def estimate(strata: list, boot: Bootstrap, bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict:
+    """Mean and IQM of every score of every stratum, each with its interval ("mean_ci", "iqm_ci") within `bounds`;
+    no interval (NaN) unless every stratum has 2 runs or more."""
     strata = [np.asarray(s, np.float64) for s in strata if len(s)]
     if not strata:
         return {"mean": math.nan, "mean_ci": NO_INTERVAL, "iqm": math.nan, "iqm_ci": NO_INTERVAL}
@@ -410,7 +419,7 @@ def estimate(strata: list, boot: Bootstrap) -> dict:
     out = {"mean": float(scores.mean()), "mean_ci": NO_INTERVAL, "iqm": float(iqm(scores)), "iqm_ci": NO_INTERVAL}
     if min(len(s) for s in strata) >= 2:
         draws = np.concatenate(boot.resample(strata), axis=1)
-        out.update(mean_ci=boot.interval(draws.mean(1)), iqm_ci=boot.interval(iqm(draws)))
+        out.update(mean_ci=boot.interval(draws.mean(1), bounds), iqm_ci=boot.interval(iqm(draws), bounds))
     return out
 
 
@@ -478,13 +487,14 @@ def cell_values(runs: list[Run], metric: str) -> dict[CellKey, dict[int, float]]
             for key in sorted(seen, key=_cell_order)}
 
 
-def stats(per_seed: dict[int, float], boot: Bootstrap, strata: list | None = None) -> dict:
+def stats(per_seed: dict[int, float], boot: Bootstrap, metric: str, strata: list | None = None) -> dict:
     """mean, std (ddof=0) and number of seeds of one cell, with `estimate`'s mean and IQM intervals over `strata`
-    (default: one stratum, the seeds' values); NaN without seeds."""
+    (default: one stratum, the seeds' values) within the metric's `value_range`; NaN without seeds."""
     values = np.asarray(list(per_seed.values()), np.float64)
     if values.size == 0:
         return {"mean": math.nan, "std": math.nan, "n_seeds": 0, **estimate([], boot)}
-    return {**estimate(strata if strata is not None else [values], boot), "mean": float(values.mean()),
+    return {**estimate(strata if strata is not None else [values], boot, value_range(metric)),
+            "mean": float(values.mean()),
             "std": float(values.std()), "n_seeds": int(values.size)}
 
 
@@ -559,7 +569,7 @@ def build_matrices(runs: list[Run], metric_by_env: dict[str, str], boot: Bootstr
                     if (env, script, v, p) in chosen:
                         alpha, per_seed = chosen[(env, script, v, p)]
                         tasks = {k: per_task[k].get((env, script, v, p, alpha), {}) for k in task_keys}
-                        s = m.estimates[i][j] = stats(per_seed, boot, task_strata(tasks, per_seed))
+                        s = m.estimates[i][j] = stats(per_seed, boot, metric, task_strata(tasks, per_seed))
                         m.mean[i, j], m.std[i, j], m.n[i, j] = s["mean"], s["std"], s["n_seeds"]
                         m.alpha[i][j], m.seeds[i][j] = alpha, per_seed
             matrices.append(m)
@@ -577,7 +587,7 @@ def performance_metric(env: str, choice: str = "auto") -> str:
     return "return" if family == "dmc" else "success"
 
 
-def pooled(cells: list[dict[int, float]], boot: Bootstrap) -> dict:
+def pooled(cells: list[dict[int, float]], boot: Bootstrap, metric: str) -> dict:
     """Average over cells: mean of the cell means; std over seeds of the per-seed average (seeds present in every
     cell, paired by id; NaN with none in common); the number of those seeds and of cells; and `estimate`'s IQM and
     intervals with the cells as strata (each cell's seeds resampled within it)."""
@@ -588,16 +598,16 @@ def pooled(cells: list[dict[int, float]], boot: Bootstrap) -> dict:
     per_seed = [float(np.mean([c[s] for c in cells])) for s in common]
     cell_means = [np.mean(list(c.values())) for c in cells]
     draws = boot.resample([np.asarray(list(c.values()), np.float64) for c in cells])
-    spread = estimate([list(c.values()) for c in cells], boot)
+    spread = estimate([list(c.values()) for c in cells], boot, value_range(metric))
     if spread["mean_ci"] is not NO_INTERVAL:  # the mean of the cell means (cells of unequal seeds weigh alike)
-        spread["mean_ci"] = boot.interval(np.mean([d.mean(1) for d in draws], axis=0))
+        spread["mean_ci"] = boot.interval(np.mean([d.mean(1) for d in draws], axis=0), value_range(metric))
     return {**spread, "mean": float(np.mean(cell_means)), "std": float(np.std(per_seed)) if per_seed else math.nan,
             "n_seeds": len(common), "cells": len(cells)}
 
 
 def matrix_average(m: Matrix, boot: Bootstrap) -> dict:
     """The matrix's average performance over its cells (see `pooled`)."""
-    return pooled([cell for row in m.seeds for cell in row], boot)
+    return pooled([cell for row in m.seeds for cell in row], boot, m.metric)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -802,7 +812,7 @@ def generalization_rows(runs: list[Run], matrices: list[Matrix], boot: Bootstrap
             continue
         i, j = ij
         key = (m.env, m.script, m.value_sizes[i], m.policy_sizes[j], m.alpha[i][j])
-        row = {k: stats(mse[k].get(key, {}), boot) for k in mse}
+        row = {k: stats(mse[k].get(key, {}), boot, k) for k in mse}
         row["eval_minus_val"] = difference_estimate([(mse["val_mse"].get(key, {}), mse["eval_mse"].get(key, {}))],
                                                     boot)
         if any(row[k]["n_seeds"] for k in mse):
@@ -831,7 +841,7 @@ def testtime_rows(runs: list[Run], metric_by_env: dict[str, str], boot: Bootstra
             for prefix in ("", *(m + "_" for m in methods)):
                 for key, always in ((base, True), ("eval_mse", False)):
                     values = cell_values(mine, prefix + key)
-                    numbers = pooled([values.get(k, {}) for k in keys], boot)
+                    numbers = pooled([values.get(k, {}) for k in keys], boot, key)
                     if always or numbers["cells"]:
                         row[prefix + key] = numbers
             for method in methods:
@@ -874,7 +884,7 @@ def online_points(curves: dict[str, dict[int, dict[int, float]]], boot: Bootstra
     """A cell's points in online-step order: {"online_step", and per quantity its stats over seeds} where a quantity
     appears at the online steps that every seed having that quantity has."""
     common = _common_steps(curves)
-    return [{"online_step": step, **{q: stats({seed: curve[step] for seed, curve in per_seed.items()}, boot)
+    return [{"online_step": step, **{q: stats({seed: curve[step] for seed, curve in per_seed.items()}, boot, q)
                                      for q, per_seed in curves.items() if step in common[q]}}
             for step in sorted(set().union(*common.values()))]
 
@@ -1590,7 +1600,7 @@ def main(args: Args) -> list[Path]:
         env, script, value, policy, alpha = key
         cell = {"env": env, "script": script, "value_data_size": value, "policy_data_size": policy, "alpha": alpha,
                 "seeds": sorted({s for k in all_metrics for s in values[k].get(key, {})})}
-        cell.update({k: stats(values[k][key], boot) for k in all_metrics if key in values[k]})
+        cell.update({k: stats(values[k][key], boot, k) for k in all_metrics if key in values[k]})
         cells.append(cell)
     summary = {"sweep_dir": str(sweep.root), "counts": sweep.counts(), "metric": metric_by_env,
                "incomplete": sweep.incomplete, "failed": sweep.failed, "diverged": sweep.diverged,

@@ -170,6 +170,10 @@ def test_iqm_and_probability_of_improvement_match_their_definitions():
     got = analyze.probability_of_improvement([[1, 2], [5, 6]], [[2, 3], [1, 1]], BOOT)
     assert got["poi"] == pytest.approx((0.125 + 1.0) / 2) and got["strata"] == 2
     assert math.isnan(analyze.probability_of_improvement([[1]], [[0, 1]], BOOT)["poi_ci"][0])  # one run: none
+    # the spread steps outside what a quantity can be; its interval does not: a success rate stays within [0, 1]
+    spread_low = 0.1 - math.sqrt(3 / 2) * 0.1  # seeds 0, 0, 0.3 spread about 0.1: the lowest draw is below 0
+    assert spread_low < 0 and analyze.stats({0: 0.0, 1: 0.0, 2: 0.3}, BOOT, "success")["mean_ci"][0] == 0.0
+    assert analyze.stats({0: 0.0, 1: 0.0, 2: 0.3}, BOOT, "return")["mean_ci"][0] == pytest.approx(spread_low)
     again = analyze.probability_of_improvement([[1, 2], [5, 6]], [[2, 3], [1, 1]], BOOT)
     assert again == got and analyze.estimate([[1, 2, 4]], BOOT) == analyze.estimate([[1, 2, 4]], BOOT)
 

@@ -148,8 +148,8 @@ def test_dry_run_prints_the_plan_and_touches_nothing(data_dir, tmp_path):
     proc = run_script("scaling.py", "--preset", "quickstart", "--dataset-dir", str(tmp_path / "no-data"),
                       "--sweep-dir", str(sweep_dir), "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    # AWR vs DDPG+BC on IQL: 2 scripts x 2 policy sizes x 3 seeds, each script's 6 runs packed in one process
-    assert "12 runs, 0 complete, 12 to run in 2 processes (up to 6 runs each), 120,000 member-updates" in proc.stdout
+    # AWR vs DDPG+BC on IQL: 2 scripts x 4 seeds on all the data, each script's 4 runs packed in one process
+    assert "8 runs, 0 complete, 8 to run in 2 processes (up to 4 runs each), 80,000 member-updates" in proc.stdout
     assert "would generate 100 episodes" in proc.stdout and "--members-file" in proc.stdout
     assert not sweep_dir.exists() and not (tmp_path / "no-data").exists()
     # the CPU study: 2 scripts x 2 x 2 cells x 3 seeds; the largest cell's runs also evaluate OPEX and TTT, packed
