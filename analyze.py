@@ -444,8 +444,8 @@ def probability_of_improvement(x: list, y: list, boot: Bootstrap) -> dict:
     point = float(np.mean([poi(a[None], b[None])[0] for a, b in pairs]))
     out = {"poi": point, "poi_ci": NO_INTERVAL, "strata": len(pairs)}
     if min(min(len(a), len(b)) for a, b in pairs) >= 2:
-        xs, ys = boot.resample([a for a, _ in pairs], 1, plain=True), boot.resample([b for _, b in pairs], 2,
-                                                                               plain=True)
+        xs = boot.resample([a for a, _ in pairs], stream=1, plain=True)
+        ys = boot.resample([b for _, b in pairs], stream=2, plain=True)
         out["poi_ci"] = boot.interval(np.mean([poi(a, b) for a, b in zip(xs, ys)], axis=0))
     return out
 
