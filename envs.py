@@ -3,8 +3,8 @@
 Sections, top to bottom:
   1. names      parse an environment name (OGBench dataset names, ExORL-style dm_control tasks)
   1b. table     per-dataset hyperparameters (alpha, discount, evaluation episodes, actor goals) and their sources
-  2. datasets   load a file from --dataset-dir, download an official OGBench one on first use, or generate one
-                offline with OGBench's official recipe
+  2. datasets   load a file from --dataset-dir, download an official one on first use (OGBench's files, ExORL's
+                archives), or generate one offline with OGBench's official recipe
   3. splits     10% of whole trajectories held out; the rest in one seeded trajectory order (nested prefixes)
   4. sampling   batches and OGBench-style goals, drawn on device inside jit
   5. oracles    the noiseless scripted expert's action for any (state, goal): pointmaze, cube-single
@@ -32,6 +32,9 @@ import http.client  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+import zipfile  # noqa: E402
 from collections import deque  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Callable, Literal, Union  # noqa: E402
@@ -47,7 +50,7 @@ from dm_control import suite  # noqa: E402
 from ogbench.manipspace.oracles.markov.cube_markov import CubeMarkovOracle  # noqa: E402
 from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle  # noqa: E402
 from ogbench.relabel_utils import relabel_dataset  # noqa: E402
-from tqdm import trange  # noqa: E402
+from tqdm import tqdm, trange  # noqa: E402
 
 import runs  # noqa: E402
 from runs import UsageError, exit_on_usage_error, write_atomic, write_npz_atomic  # noqa: E402
@@ -105,8 +108,11 @@ class EnvSpec:
 
     @property
     def can_download(self) -> bool:
-        """True for the official OGBench datasets, which `ogbench` downloads (pointmaze explore data is OURS)."""
-        return self.family == "ogbench" and not (self.kind == "pointmaze" and self.dataset_type == "explore")
+        """True for the official OGBench datasets, which `ogbench` downloads (pointmaze explore data is OURS), and
+        ExORL's exploration data (its `random` data is generated here instead, with the same layout)."""
+        if self.family == "dmc":
+            return self.dataset_type != "random"
+        return not (self.kind == "pointmaze" and self.dataset_type == "explore")
 
     @property
     def can_generate(self) -> bool:
@@ -242,9 +248,12 @@ def dataset_path(spec: EnvSpec, dataset_dir: str) -> Path:
     return root / spec.dataset_name / "buffer"
 
 
-# Downloads (official OGBench datasets, on first use). Both read when a download is due, never at import.
+# Downloads (official OGBench datasets and ExORL archives, on first use). The variables are read when a download is
+# due, never at import.
 NO_DOWNLOAD_VARIABLE = "OFFRL_NO_DOWNLOAD"  # set to anything but "" or "0": no download, whatever the flags (clusters)
 DATASET_URL_VARIABLE = "OGBENCH_DATASET_URL"  # a mirror of OGBench's dataset server instead of its own address
+EXORL_URL = "https://dl.fbaipublicfiles.com/exorl"  # ExORL's download.sh fetches <EXORL_URL>/<domain>/<algo>.zip
+EXORL_URL_VARIABLE = "EXORL_DATASET_URL"  # a mirror of ExORL's server instead of its own address
 
 
 def downloads_allowed(download: bool = True) -> bool:
@@ -260,19 +269,43 @@ def _generate_instead(spec: EnvSpec, dataset_dir: str) -> str:
 
 
 def download_dataset(spec: EnvSpec, dataset_dir: str) -> Path:
+    """Download `spec`'s official dataset into `dataset_dir` (OGBench's two files, or ExORL's episodes) and return
+    `dataset_path(spec, dataset_dir)`; raise UsageError (one line: what failed and what to do) where it cannot."""
+    if not spec.can_download:
+        name = spec.dataset_name if spec.family == "ogbench" else spec.name
+        raise UsageError(f"'{spec.name}' has no official dataset to download; generate it offline with "
+                         f"`python envs.py generate {name} --dataset-dir {dataset_dir}`")  # every such name can
+    if spec.family == "dmc":
+        return _download_exorl(spec, dataset_dir)
+    return _download_ogbench(spec, dataset_dir)
+
+
+def _staging_folder(parent: Path, name: str) -> Path:
+    """A fresh hidden folder in `parent` for the download of `name`, named with this process's PID; folders a dead
+    process left (a SIGKILLed download) are removed first. Nothing in one loads: only renames out of it do."""
+    for stale in parent.glob(f".download-{name.replace('/', '-')}-*"):
+        try:
+            pid = int(stale.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)  # raises where no such process lives
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass  # not ours to judge: a name of another shape, or a live process of another user
+    return Path(tempfile.mkdtemp(dir=parent, prefix=f".download-{name.replace('/', '-')}-{os.getpid()}-"))
+
+
+def _download_ogbench(spec: EnvSpec, dataset_dir: str) -> Path:
     """Download an official OGBench dataset (the training and -val files) with `ogbench`'s own downloader (its
     progress bar), from OGBench's address or $OGBENCH_DATASET_URL, into a staging folder beside its place; check both
     files; then move the -val file and, last, the training file into place, each by a rename: a download stopped at
     any byte leaves nothing that loads, and a training file means a complete set. Returns the training file's path."""
     path = dataset_path(spec, dataset_dir)
-    if not spec.can_download:
-        raise UsageError(f"'{spec.dataset_name}' is not an official OGBench dataset; nothing to download")
     base = (os.environ.get(DATASET_URL_VARIABLE) or ogbench.utils.DATASET_URL).rstrip("/")
     names = (f"{spec.dataset_name}-val.npz", f"{spec.dataset_name}.npz")  # the training file moves in last
     instead = _generate_instead(spec, dataset_dir)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".download-{spec.dataset_name}-"))
+        staging = _staging_folder(path.parent, spec.dataset_name)
     except OSError as error:
         raise UsageError(f"cannot write to --dataset-dir {path.parent}: {error.strerror}; choose a writable "
                          "folder") from error
@@ -300,7 +333,82 @@ def download_dataset(spec: EnvSpec, dataset_dir: str) -> Path:
     return path
 
 
+def _download_exorl(spec: EnvSpec, dataset_dir: str) -> Path:
+    """Download ExORL's `<domain>/<algo>.zip` (episodes under buffer/, videos under video/) from its address or
+    $EXORL_DATASET_URL. The bytes go to `<domain>/.<algo>.zip.part`, which a rerun continues where it stopped (an HTTP
+    Range request); the whole archive is then CRC-checked, its buffer/*.npz unpacked into a staging folder, and the
+    folder renamed into place last: a download stopped at any byte leaves nothing that loads. Videos are skipped."""
+    path = dataset_path(spec, dataset_dir)  # <dataset-dir>/<domain>/<algo>/buffer
+    domain_folder = path.parent.parent
+    base = (os.environ.get(EXORL_URL_VARIABLE) or EXORL_URL).rstrip("/")
+    url = f"{base}/{spec.kind}/{spec.dataset_type}.zip"
+    part = domain_folder / f".{spec.dataset_type}.zip.part"
+    lock = runs.lock_folder(domain_folder, "--dataset-dir")  # one writer of the .part file at a time
+    try:
+        _fetch_resumable(url, part, f"download {spec.dataset_name}")
+        staging = _staging_folder(domain_folder, spec.dataset_name)
+        try:
+            with zipfile.ZipFile(part) as archive:
+                episodes = [m for m in archive.namelist() if m.endswith(".npz") and Path(m).parent.name == "buffer"]
+                damaged = archive.testzip()
+                if damaged is not None or not episodes:
+                    raise zipfile.BadZipFile(f"bad CRC in {damaged}" if damaged else "no buffer/*.npz in it")
+                (staging / "buffer").mkdir()
+                for member in episodes:
+                    with archive.open(member) as source, open(staging / "buffer" / Path(member).name, "wb") as out:
+                        shutil.copyfileobj(source, out, 1 << 20)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / "buffer", path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        part.unlink()
+    except zipfile.BadZipFile as error:
+        part.unlink(missing_ok=True)  # a complete but wrong archive: resuming it cannot help
+        raise UsageError(f"the download of {url} is damaged ({error}); rerun to download it again, or unpack "
+                         f"ExORL's {spec.dataset_type}.zip into {path.parent} by hand (episodes under buffer/)"
+                         ) from None
+    except (OSError, http.client.HTTPException) as error:  # no network, 404, a dropped connection, a full disk
+        reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or f"{type(error).__name__}"
+        code = f"HTTP {error.code} " if hasattr(error, "code") else ""
+        kept = f"; rerun to continue from byte {part.stat().st_size:,}" if part.exists() else ""
+        raise UsageError(f"cannot download {url} ({code}{reason}){kept}; or unpack ExORL's {spec.dataset_type}.zip "
+                         f"into {path.parent} by hand, or point ${EXORL_URL_VARIABLE} at a mirror") from error
+    finally:
+        lock.close()
+    return path
+
+
+def _fetch_resumable(url: str, part: Path, description: str) -> None:
+    """Append `url`'s bytes to `part`, asking only for those it lacks; raise http.client.IncompleteRead when the
+    connection ends before the last byte (the bytes so far stay for the next call)."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and have:  # nothing past the bytes we hold: the part is whole
+            return
+        raise
+    with response:
+        if response.status != 206:  # the server ignored the range and sends the whole file
+            have = 0
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        with open(part, "ab" if have else "wb") as out, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                                             desc=description) as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                bar.update(len(chunk))
+    if total is not None and part.stat().st_size < total:
+        raise http.client.IncompleteRead(b"", total - part.stat().st_size)
+
+
 def _missing_dataset_message(spec: EnvSpec, path: Path, dataset_dir: str) -> str:
+    if spec.family == "dmc" and spec.can_download:  # downloads are off (--no-download or $OFFRL_NO_DOWNLOAD)
+        return (f"no ExORL episodes at {path} (--dataset-dir) and downloads are off (--no-download or "
+                f"${NO_DOWNLOAD_VARIABLE}): allow the download (`python envs.py download {spec.kind}` for the RND "
+                f"data), unpack ExORL's {spec.dataset_type}.zip into {path.parent} by hand, or use "
+                f"`{spec.env_id}-random`, which `envs.py generate` makes offline")
     if spec.can_download:  # downloads are off (--no-download or $OFFRL_NO_DOWNLOAD)
         instead = _generate_instead(spec, dataset_dir)
         return (f"no dataset at {path} (--dataset-dir) and downloads are off (--no-download or "
@@ -310,10 +418,6 @@ def _missing_dataset_message(spec: EnvSpec, path: Path, dataset_dir: str) -> str
         name = spec.dataset_name if spec.family == "ogbench" else spec.name
         return (f"no dataset at {path} (--dataset-dir): generate it offline with "
                 f"`python envs.py generate {name} --dataset-dir {dataset_dir}`")
-    if spec.family == "dmc":
-        return (f"no ExORL episodes at {path} (--dataset-dir): download ExORL's '{spec.dataset_type}' data for "
-                f"'{spec.kind}' into {path.parent}, or use `{spec.env_id}-random`, which `envs.py generate` makes "
-                "offline")
     return (f"no dataset at {path} (--dataset-dir): '{spec.dataset_name}' needs trained experts to generate; "
             f"place the official OGBench files {spec.dataset_name}.npz and {spec.dataset_name}-val.npz there")
 
@@ -467,7 +571,7 @@ def generate(spec: EnvSpec, dataset_dir: str, num_episodes: int | None = None, m
     if not spec.can_generate:
         official_recipe(spec)  # raises the explanation for OGBench names
         raise UsageError(f"'{spec.name}' uses ExORL's '{spec.dataset_type}' data, which needs an exploration agent; "
-                         f"download it, or generate `{spec.env_id}-random` instead")
+                         f"download it (`python envs.py download {spec.name}`), or generate `{spec.env_id}-random`")
     recipe = official_recipe(spec)
     if num_episodes is not None:
         recipe["num_episodes"] = num_episodes
@@ -1276,34 +1380,47 @@ def _list_cli(args: ListArgs) -> None:
             continue
         ways = [way for way, ok in (("download", spec.can_download), ("generate offline", spec.can_generate)) if ok]
         notes = ["goal-conditioned" if spec.goal_conditioned else "reward-based",
-                 " or ".join(ways) if ways else "ExORL's files, placed by hand",
+                 " or ".join(ways) if ways else "files placed by hand",
                  "oracle: MSE metrics" if spec.has_oracle else ""]
         print(f"{name:48s} {', '.join(n for n in notes if n)}")
 
 
 @dataclasses.dataclass
 class DownloadArgs:
-    """Download official OGBench datasets (training and -val files) into --dataset-dir, as a script does on first
-    use; a dataset already there is left alone."""
+    """Download official datasets into --dataset-dir, as a script does on first use: OGBench's training and -val
+    files, or ExORL's episodes (a domain name such as `walker` means its RND data, the paper's); a dataset already
+    there is left alone. An ExORL download stopped part way continues where it stopped when rerun."""
     envs: tyro.conf.Positional[Annotated[tuple[str, ...], tyro.conf.arg(metavar="ENV")]]
-    """Dataset names, e.g. antmaze-large-navigate-v0 cube-double-play-v0."""
+    """Dataset names, e.g. antmaze-large-navigate-v0 cube-double-play-v0, or ExORL domains (walker, cheetah,
+    quadruped) and tasks with an ExORL algorithm (walker-run-proto)."""
     dataset_dir: str = DEFAULT_DATASET_DIR
     """Folder to download into (ogbench's own default)."""
 
 
+def _download_spec(name: str) -> EnvSpec:
+    """parse_env, and a bare dm_control domain (`walker`) for its first task: ExORL's data is per domain."""
+    first_task = {}
+    for task in DMC_TASKS:
+        first_task.setdefault(task.split("-")[0], task)
+    return parse_env(first_task.get(name, name))
+
+
 def _download_cli(args: DownloadArgs) -> None:
-    specs = [parse_env(name) for name in args.envs]
+    specs = [_download_spec(name) for name in args.envs]
     for spec in specs:
         if not spec.can_download:
-            raise UsageError(f"'{spec.name}' is not an official OGBench dataset; "
-                             + ("generate it with `python envs.py generate`" if spec.can_generate else
-                                "place its files by hand"))
+            download_dataset(spec, args.dataset_dir)  # raises what to do instead, before anything is fetched
     if not downloads_allowed():
         raise UsageError(f"downloads are off (${NO_DOWNLOAD_VARIABLE} is set); unset it to download")
     for spec in specs:
         path = dataset_path(spec, args.dataset_dir)
-        print(f"{path}: " + ("there already" if path.exists() else
-                             f"downloaded ({download_dataset(spec, args.dataset_dir).stat().st_size:,} bytes)"))
+        if path.exists():
+            print(f"{path}: there already")
+            continue
+        written = download_dataset(spec, args.dataset_dir)
+        files = [written] if written.is_file() else sorted(written.glob("*.npz"))
+        episodes = "" if written.is_file() else f"{len(files):,} episodes, "
+        print(f"{written}: downloaded ({episodes}{sum(f.stat().st_size for f in files):,} bytes)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,7 @@
 """envs.py: generated files, loaders, splits, on-device sampling, oracles, evaluation, bad input."""
 
+import os
+import zipfile
 from pathlib import Path
 
 import gymnasium
@@ -285,6 +287,7 @@ def test_teleport_mazes_are_not_offered_for_the_mse_metrics(capsys):
     listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert "oracle" not in listed["pointmaze-teleport-navigate-v0"]
     assert "oracle" in listed["pointmaze-medium-navigate-v0"]
+    assert "download" in listed["walker-run"] and "download" not in listed["walker-run-random"]  # ExORL's / ours
 
 
 def test_geometric_goals_need_a_discount_below_one():
@@ -356,8 +359,9 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
 
 # ---------------------------------------------------------------- downloads (on loopback: no network at test time)
 class DatasetServer:
-    """An HTTP server on 127.0.0.1 serving official-format files from a folder, as OGBench's dataset server does;
-    `mode` makes it misbehave: "ok", "drop" (half of each body, then the connection closes), "404", "garbage"."""
+    """An HTTP server on 127.0.0.1 serving official-format files from a folder, as OGBench's and ExORL's servers do
+    (with "Range: bytes=N-" requests answered 206); `mode` makes it misbehave: "ok", "drop" (half of each body, then
+    the connection closes), "404", "garbage"."""
 
     def __init__(self, folder: Path):
         import http.server
@@ -368,12 +372,20 @@ class DatasetServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's name)
                 server.requests.append(self.path)
+                server.ranges.append(self.headers.get("Range"))
                 path = folder / self.path.lstrip("/")
                 if server.mode == "404" or not path.exists():
                     self.send_error(404)
                     return
                 body = path.read_bytes() if server.mode != "garbage" else b"not a zip file " * 2000
-                self.send_response(200)
+                start = int(self.headers["Range"][len("bytes="):-1]) if self.headers.get("Range") else 0
+                if start >= len(body) > 0:
+                    self.send_error(416)
+                    return
+                self.send_response(206 if start else 200)  # ranges "bytes=N-" only, as a resuming client asks
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                body = body[start:]
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body[:len(body) // 2] if server.mode == "drop" else body)
@@ -384,7 +396,7 @@ class DatasetServer:
             def log_message(self, *args):
                 pass
 
-        self.mode, self.requests = "ok", []
+        self.mode, self.requests, self.ranges = "ok", [], []
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -452,3 +464,76 @@ def test_downloads_are_off_with_the_flag_or_the_variable(dataset_server, tmp_pat
         envs.load_dataset(spec, str(tmp_path))
     assert dataset_server.requests == [] and leftovers(tmp_path) == []
     assert not envs.parse_env("pointmaze-medium-explore-v0").can_download  # OURS: nothing to download
+
+
+@pytest.fixture
+def exorl_server(data_dir, tmp_path, monkeypatch):
+    """ExORL's server on loopback: `walker/rnd.zip` holds the session's walker episodes under buffer/ (and a video
+    under video/, which is not unpacked), as ExORL's archives do."""
+    served = tmp_path / "served"
+    (served / "walker").mkdir(parents=True)
+    with zipfile.ZipFile(served / "walker" / "rnd.zip", "w") as archive:
+        for episode in sorted((data_dir / "walker" / "random" / "buffer").glob("*.npz")):
+            archive.write(episode, f"buffer/{episode.name}")
+        archive.writestr("video/episode_0.mp4", b"a video")
+    server = DatasetServer(served)
+    monkeypatch.delenv(envs.NO_DOWNLOAD_VARIABLE, raising=False)
+    monkeypatch.setenv(envs.EXORL_URL_VARIABLE, server.url)
+    yield server
+    if server.mode != "no network":
+        server.close()
+
+
+def unfinished(folder: Path) -> list[str]:
+    return [p for p in leftovers(folder) if ".part" in p or ".download-" in p]
+
+
+def test_exorl_data_downloads_on_first_use_and_a_dropped_download_continues_where_it_stopped(exorl_server, data_dir,
+                                                                                              tmp_path, capsys):
+    spec = envs.parse_env("walker-run")  # the paper's: ExORL's RND data
+    target = tmp_path / "data"
+    exorl_server.mode = "drop"
+    with pytest.raises(runs.UsageError, match="rerun to continue from byte") as error:
+        envs.load_dataset(spec, str(target))  # what every script calls
+    assert "\n" not in str(error.value) and not envs.dataset_path(spec, str(target)).exists()  # nothing that loads
+    half = (target / "walker" / ".rnd.zip.part").stat().st_size
+    assert half == (tmp_path / "served" / "walker" / "rnd.zip").stat().st_size // 2
+    exorl_server.mode = "ok"
+    code, _ = run_in_process("envs.py", ["download", "walker", "--dataset-dir", str(target)], capsys)
+    assert code == 0
+    assert exorl_server.requests == ["/walker/rnd.zip"] * 2 and exorl_server.ranges == [None, f"bytes={half}-"]
+    data = envs.load_dataset(spec, str(target))
+    expected = envs.load_dataset(envs.parse_env("walker-run-random"), str(data_dir))  # the same episodes
+    assert all(np.array_equal(data[k], expected[k]) for k in expected) and len(data["actions"]) == 3 * 40
+    assert unfinished(target) == [] and not (target / "walker" / "rnd" / "video").exists()
+    code, _ = run_in_process("envs.py", ["download", "walker-walk", "--dataset-dir", str(target)], capsys)
+    assert code == 0 and len(exorl_server.requests) == 2  # one domain, one archive: there already
+
+
+@pytest.mark.parametrize("mode,message", [("404", "HTTP 404"), ("garbage", "damaged"),
+                                          ("no network", "cannot download")])
+def test_a_failed_exorl_download_leaves_nothing_that_loads(exorl_server, tmp_path, monkeypatch, mode, message):
+    exorl_server.mode = mode
+    if mode == "no network":
+        exorl_server.close()
+    with pytest.raises(runs.UsageError, match=message) as error:
+        envs.load_dataset(envs.parse_env("walker-run"), str(tmp_path / "data"))
+    assert "walker-run-random" in str(error.value) or "by hand" in str(error.value)
+    assert unfinished(tmp_path / "data") == [] and not (tmp_path / "data" / "walker" / "rnd").exists()
+    monkeypatch.setenv(envs.NO_DOWNLOAD_VARIABLE, "1")
+    with pytest.raises(runs.UsageError, match="downloads are off.*envs.py download walker"):
+        envs.load_dataset(envs.parse_env("walker-run"), str(tmp_path / "data"))
+
+
+def test_a_staging_folder_left_by_a_killed_download_is_removed_by_the_next_download(tmp_path):
+    import subprocess
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # its PID now names no process, as a SIGKILLed download's
+    stale = tmp_path / f".download-{POINTMAZE}-{ended.pid}-x1"
+    stale.mkdir()
+    (stale / f"{POINTMAZE}.npz").write_bytes(b"half a file")
+    live = tmp_path / f".download-{POINTMAZE}-{os.getppid()}-x2"  # a download still running elsewhere
+    live.mkdir()
+    fresh = envs._staging_folder(tmp_path, POINTMAZE)
+    assert not stale.exists() and live.exists() and fresh.name.startswith(f".download-{POINTMAZE}-{os.getpid()}-")
