@@ -47,8 +47,14 @@ import ogbench  # noqa: E402  (registers the OGBench environments with gymnasium
 import ogbench.utils  # noqa: E402  (its downloader and the address it downloads from)
 import tyro  # noqa: E402
 from dm_control import suite  # noqa: E402
+from ogbench.manipspace.oracles.markov.button_markov import ButtonMarkovOracle  # noqa: E402
 from ogbench.manipspace.oracles.markov.cube_markov import CubeMarkovOracle  # noqa: E402
+from ogbench.manipspace.oracles.markov.drawer_markov import DrawerMarkovOracle  # noqa: E402
+from ogbench.manipspace.oracles.markov.window_markov import WindowMarkovOracle  # noqa: E402
+from ogbench.manipspace.oracles.plan.button_plan import ButtonPlanOracle  # noqa: E402
 from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle  # noqa: E402
+from ogbench.manipspace.oracles.plan.drawer_plan import DrawerPlanOracle  # noqa: E402
+from ogbench.manipspace.oracles.plan.window_plan import WindowPlanOracle  # noqa: E402
 from ogbench.relabel_utils import relabel_dataset  # noqa: E402
 from tqdm import tqdm, trange  # noqa: E402
 
@@ -87,6 +93,7 @@ DMC_TASKS = (
     "walker-stand", "walker-walk", "walker-run", "cheetah-run", "quadruped-walk", "quadruped-run", "hopper-hop",
 )
 DEFAULT_EXORL_ALGO = "rnd"
+MANIPSPACE_KINDS = ("cube", "scene", "puzzle")  # OGBench's manipulation suite: scripted oracles generate all three
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +126,7 @@ class EnvSpec:
         """True where `envs.py generate` can make the dataset offline."""
         if self.family == "dmc":
             return self.dataset_type == "random"
-        return self.kind == "pointmaze" or self.kind == "cube"
+        return self.kind in ("pointmaze",) + MANIPSPACE_KINDS
 
 
 def all_env_names() -> list[str]:
@@ -550,9 +557,11 @@ def official_recipe(spec: EnvSpec) -> dict:
         if size == "giant":
             return dict(num_episodes=500, max_episode_steps=2001, noise=0.5)
         return dict(num_episodes=1000, max_episode_steps=1001, noise=0.5)
-    if spec.kind == "cube":
-        episodes = {"single": 1000, "double": 1000, "triple": 3000, "quadruple": 5000}[spec.env_id.split("-")[1]]
-        p_random = 0.1 if spec.dataset_type == "noisy" else 0.0
+    if spec.kind in MANIPSPACE_KINDS:
+        size = spec.env_id.split("-")[1] if spec.kind != "scene" else None
+        episodes = {"single": 1000, "double": 1000, "triple": 3000, "quadruple": 5000,  # cube
+                    "3x3": 1000, "4x4": 1000, "4x5": 3000, "4x6": 5000, None: 1000}[size]  # puzzle, scene
+        p_random = {"cube": 0.1, "scene": 0.1, "puzzle": 0.2}[spec.kind] if spec.dataset_type == "noisy" else 0.0
         return dict(num_episodes=episodes, max_episode_steps=1001, noise=0.1, p_random_action=p_random)
     if spec.family == "dmc":
         return dict(num_episodes=100, max_episode_steps=1000)
@@ -583,7 +592,7 @@ def generate(spec: EnvSpec, dataset_dir: str, num_episodes: int | None = None, m
     if spec.family == "dmc":
         return _generate_dmc_random(spec, dataset_dir, recipe, seed, progress)
     np.random.seed(seed)  # the official recipes draw from numpy's global generator
-    collect = _collect_pointmaze_episode if spec.kind == "pointmaze" else _collect_cube_episode
+    collect = _collect_pointmaze_episode if spec.kind == "pointmaze" else _collect_manipspace_episode
     env, state = _generation_env(spec, recipe, seed)
     num_train, num_val = recipe["num_episodes"], recipe["num_episodes"] // 10
     episodes = [collect(env, state, spec, recipe)
@@ -592,7 +601,7 @@ def generate(spec: EnvSpec, dataset_dir: str, num_episodes: int | None = None, m
     def stack(eps):
         out = {}
         for key in eps[0]:
-            dtype = bool if key == "terminals" else np.float32
+            dtype = {"terminals": bool, "button_states": np.int64}.get(key, np.float32)  # the official dtypes
             out[key] = np.concatenate([e[key] for e in eps]).astype(dtype) if eps else np.zeros((0,), dtype)
         return out
 
@@ -644,11 +653,21 @@ def _generation_env(spec: EnvSpec, recipe: dict, seed: int):
                          max_episode_steps=recipe["max_episode_steps"])
     env.reset(seed=seed)
     env.action_space.seed(seed)
-    if spec.dataset_type == "play":  # non-Markovian plan oracle with smoothed noise
-        oracle = CubePlanOracle(env=env, noise=recipe["noise"], noise_smoothing=0.5)
-    else:  # Markovian closed-loop oracle; Gaussian noise added per step below
-        oracle = CubeMarkovOracle(env=env, min_norm=0.4)
-    return env, dict(oracle=oracle)
+    # One oracle per sub-task the environment sets ("privileged/target_task"): play data follows non-Markovian plan
+    # oracles with smoothed noise, noisy data Markovian closed-loop oracles with Gaussian noise added per step.
+    if spec.dataset_type == "play":
+        plan = dict(env=env, noise=recipe["noise"], noise_smoothing=0.5)
+        oracles = {"cube": dict(cube=CubePlanOracle(**plan)),
+                   "scene": dict(cube=CubePlanOracle(**plan), button=ButtonPlanOracle(**plan),
+                                 drawer=DrawerPlanOracle(**plan), window=WindowPlanOracle(**plan)),
+                   "puzzle": dict(button=ButtonPlanOracle(**plan, gripper_always_closed=True))}[spec.kind]
+    else:
+        markov = dict(env=env, min_norm=0.4)
+        oracles = {"cube": dict(cube=CubeMarkovOracle(**markov)),
+                   "scene": dict(cube=CubeMarkovOracle(**markov, max_step=100), button=ButtonMarkovOracle(**markov),
+                                 drawer=DrawerMarkovOracle(**markov), window=WindowMarkovOracle(**markov)),
+                   "puzzle": dict(button=ButtonMarkovOracle(**markov, gripper_always_closed=True))}[spec.kind]
+    return env, dict(oracles=oracles)
 
 
 def _bfs(maze_map: np.ndarray, start: tuple[int, int]) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -703,36 +722,55 @@ def _collect_pointmaze_episode(env, state, spec, recipe):
     return {k: np.asarray(v) for k, v in episode.items()}
 
 
-def _collect_cube_episode(env, state, spec, recipe):
-    oracle = state["oracle"]
-    ob, info = env.reset()
-    p_stack = {"single": 0.0}.get(spec.env_id.split("-")[1])
-    if p_stack is None:
-        low, high = {"double": (0.0, 0.25), "triple": (0.05, 0.35), "quadruple": (0.1, 0.5)}[spec.env_id.split("-")[1]]
-        p_stack = np.random.uniform(low, high)
-    markov = spec.dataset_type == "noisy"
-    xi = np.random.uniform(0, recipe["noise"]) if markov else 0.0  # this episode's noise level
-    oracle.reset(ob, info)
-    episode = {k: [] for k in ("observations", "actions", "terminals", "qpos", "qvel")}
-    done = False
-    while not done:
-        if np.random.rand() < recipe["p_random_action"]:
-            action = env.action_space.sample()
+def _collect_manipspace_episode(env, state, spec, recipe):
+    """One episode of OGBench's generate_manipspace.py: whenever the oracle of the current sub-task is done, the
+    environment sets a new random target (and sub-task). A scene episode in which the cube leaves the view (too far
+    right, or too far left outside the drawer) is thrown away and collected again, as the official script does."""
+    size = spec.env_id.split("-")[1]
+    while True:
+        ob, info = env.reset()
+        if spec.kind == "cube":
+            low, high = {"single": (0.0, 0.0), "double": (0.0, 0.25), "triple": (0.05, 0.35),
+                         "quadruple": (0.1, 0.5)}[size]
+            p_stack = np.random.uniform(low, high) if high > 0 else 0.0  # no draw for single, as the official order
         else:
-            action = np.array(oracle.select_action(ob, info))
-            if markov:
-                action = action + np.random.normal(0, [xi, xi, xi, xi * 3, xi * 10], action.shape)
-        action = np.clip(action, -1, 1)
-        next_ob, _, terminated, truncated, info = env.step(action)
-        done = terminated or truncated
-        if oracle.done:  # the current sub-task is finished: set a new target
-            agent_ob, agent_info = env.unwrapped.set_new_target(p_stack=p_stack)
-            oracle.reset(agent_ob, agent_info)
-        for key, value in (("observations", ob), ("actions", action), ("terminals", done),
-                           ("qpos", info["prev_qpos"]), ("qvel", info["prev_qvel"])):
-            episode[key].append(value)
-        ob = next_ob
-    return {k: np.asarray(v) for k, v in episode.items()}
+            p_stack = 0.5
+        markov = spec.dataset_type == "noisy"
+        xi = np.random.uniform(0, recipe["noise"]) if markov else 0.0  # this episode's noise level
+        oracle = state["oracles"][info["privileged/target_task"]]
+        oracle.reset(ob, info)
+        keys = ("observations", "actions", "terminals", "qpos", "qvel") + (
+            ("button_states",) if hasattr(env.unwrapped, "_cur_button_states") else ())  # scene, puzzle
+        episode = {k: [] for k in keys}
+        done = False
+        while not done:
+            if np.random.rand() < recipe["p_random_action"]:
+                action = env.action_space.sample()
+            else:
+                action = np.array(oracle.select_action(ob, info))
+                if markov:
+                    action = action + np.random.normal(0, [xi, xi, xi, xi * 3, xi * 10], action.shape)
+            action = np.clip(action, -1, 1)
+            next_ob, _, terminated, truncated, info = env.step(action)
+            done = terminated or truncated
+            if oracle.done:  # the current sub-task is finished: set a new target
+                agent_ob, agent_info = env.unwrapped.set_new_target(p_stack=p_stack)
+                oracle = state["oracles"][agent_info["privileged/target_task"]]
+                oracle.reset(agent_ob, agent_info)
+            for key, value in (("observations", ob), ("actions", action), ("terminals", done),
+                               ("qpos", info["prev_qpos"]), ("qvel", info["prev_qvel"]),
+                               ("button_states", info.get("prev_button_states"))):
+                if key in episode:
+                    episode[key].append(value)
+            ob = next_ob
+        episode = {k: np.asarray(v) for k, v in episode.items()}
+        if spec.kind != "scene":
+            return episode
+        block = episode["qpos"][:, 14:17]
+        too_far_right = (block[:, 1] >= 0.29).any()
+        lost_left = ((block[:, 1] <= -0.3) & ((block[:, 2] < 0.06) | (block[:, 2] > 0.08))).any()
+        if not (too_far_right or lost_left):
+            return episode
 
 
 def _generate_dmc_random(spec: EnvSpec, dataset_dir: str, recipe: dict, seed: int, progress: bool) -> Path:
@@ -1340,9 +1378,10 @@ class OnlineBuffer:
 
 @dataclasses.dataclass
 class GenerateArgs:
-    """Generate a dataset offline with OGBench's official recipe (pointmaze-*, cube-*) or random dm_control data."""
+    """Generate a dataset offline with OGBench's official recipe (pointmaze-*, cube-*, scene-*, puzzle-*) or random
+    dm_control data."""
     env: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="ENV")]]
-    """Dataset name, e.g. pointmaze-medium-navigate-v0, cube-single-noisy-v0, walker-run-random."""
+    """Dataset name, e.g. pointmaze-medium-navigate-v0, cube-single-noisy-v0, scene-play-v0, walker-run-random."""
     dataset_dir: str = DEFAULT_DATASET_DIR
     """Folder to write into (files are named as OGBench names them, so its loader reads them)."""
     num_episodes: int | None = None

@@ -34,6 +34,177 @@ def test_generated_files_load_through_ogbench(data_dir, name, obs_dim, action_di
     assert len(val["actions"]) > 0
 
 
+@pytest.mark.parametrize("name,buttons", [("scene-play-v0", 2), ("scene-noisy-v0", 2), ("puzzle-3x3-play-v0", 9)])
+def test_scene_and_puzzle_generate_offline_in_the_official_format(tmp_path, name, buttons):
+    """generate_manipspace.py's recipe: its keys (button_states as int64, as the official files), episode lengths,
+    the official loader, and the singletask relabelling that reads button_states."""
+    spec = envs.parse_env(name)
+    path = envs.generate(spec, str(tmp_path), num_episodes=2, max_episode_steps=80, seed=0, progress=False)
+    env = gymnasium.make(spec.env_id)
+    with np.load(path) as raw:
+        assert set(raw.files) == {"observations", "actions", "terminals", "qpos", "qvel", "button_states"}
+        assert {k: raw[k].dtype for k in raw.files} == dict(observations=np.float32, actions=np.float32,
+                                                            terminals=bool, qpos=np.float32, qvel=np.float32,
+                                                            button_states=np.int64)
+        assert raw["observations"].shape == (160, env.observation_space.shape[0]) and raw["actions"].shape[1] == 5
+        assert raw["qpos"].shape[1] == env.unwrapped._model.nq and raw["button_states"].shape == (160, buttons)
+        assert np.flatnonzero(raw["terminals"]).tolist() == [79, 159] and np.abs(raw["actions"]).max() <= 1.0
+        assert set(np.unique(raw["button_states"])) <= {0, 1}
+        if spec.kind == "puzzle":  # every sub-task is a press: the states change within 80 steps
+            assert (np.diff(raw["button_states"], axis=0) != 0).any()
+    _, train, val = ogbench.make_env_and_datasets(name, dataset_path=str(path))
+    assert len(train["actions"]) == 2 * 79 and len(val["actions"]) >= 1  # ogbench drops each episode's last row
+    singletask = envs.load_dataset(envs.parse_env(name.replace("-v0", "-singletask-task2-v0")), str(tmp_path))
+    assert singletask["rewards"].max() <= 0 and singletask["rewards"].min() < 0  # relabelled per task
+    kind = spec.kind
+    recipe = envs.official_recipe(spec)
+    assert recipe["p_random_action"] == {"play": 0.0, "noisy": {"scene": 0.1, "puzzle": 0.2}[kind]}[spec.dataset_type]
+    assert envs.official_recipe(envs.parse_env("puzzle-4x6-noisy-v0"))["num_episodes"] == 5000
+
+
+def lights_out_presses(start: np.ndarray, goal: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """The buttons whose presses turn `start` into `goal` on OGBench's puzzle (a press toggles the button and its four
+    neighbours): the solution of a linear system over GF(2), by Gauss-Jordan elimination."""
+    n = rows * cols
+    system = np.zeros((n, n + 1), np.uint8)
+    for button in range(n):
+        x, y = divmod(button, cols)
+        for dx, dy in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)):
+            if 0 <= x + dx < rows and 0 <= y + dy < cols:
+                system[(x + dx) * cols + y + dy, button] = 1
+    system[:, n] = start != goal
+    pivots = []
+    for column in range(n):
+        row = next((r for r in range(len(pivots), n) if system[r, column]), None)
+        if row is None:
+            continue
+        system[[len(pivots), row]] = system[[row, len(pivots)]]
+        for r in range(n):
+            if r != len(pivots) and system[r, column]:
+                system[r] ^= system[len(pivots)]
+        pivots.append(column)
+    assert not system[len(pivots):, n].any(), "no set of presses reaches the goal"
+    return np.array([column for r, column in enumerate(pivots) if system[r, n]], int)
+
+
+@pytest.mark.parametrize("name", ["puzzle-3x3-play-v0", "puzzle-4x4-play-v0"])
+def test_the_noiseless_puzzle_oracle_solves_the_evaluation_tasks_closed_loop(name):
+    """The Markov button oracle that generates puzzle data, told which button to press next (a lights-out solution
+    of the task's start and goal), solves every evaluation task in the evaluation environment."""
+    from ogbench.manipspace.oracles.markov.button_markov import ButtonMarkovOracle
+
+    spec = envs.parse_env(name)
+    env = envs.make_env(spec)
+    puzzle = env.unwrapped
+    np.random.seed(0)  # the oracle draws its resting poses from numpy's global generator, as in generation
+    for task in range(1, envs.num_eval_tasks(spec) + 1):
+        ob, info = env.reset(options=dict(task_id=task))
+        start, goal = puzzle.cur_task_info["init_button_states"], puzzle.cur_task_info["goal_button_states"]
+        presses = lights_out_presses(start, goal, puzzle._num_rows, puzzle._num_cols)
+        oracle = ButtonMarkovOracle(env=env, min_norm=0.4, gripper_always_closed=True)
+        for button in presses:
+            state = 1 - info[f"privileged/button_{button}_state"]
+            oracle.reset(ob, info)
+            while not oracle.done:  # the fields data collection's info carries about its target, as of this step
+                target = {"privileged/target_button": button, "privileged/target_button_state": state,
+                          "privileged/target_button_top_pos": puzzle._data.site_xpos[puzzle._button_site_ids[button]]}
+                ob, _, _, _, info = env.step(oracle.select_action(ob, {**info, **target}))
+        assert len(presses) > 0 and info["success"], f"task {task}"
+
+
+SCENE_DRAWER_OPEN = -0.16  # the scene's drawer and window positions, as its data collection sets them
+
+
+def scene_plan(scene, info) -> list[tuple[str, object]]:
+    """The sub-tasks, in an order that works, taking the scene from its state to the task's goal: unlock (button 0
+    locks the drawer, button 1 the window) what must move, open the drawer for a cube that goes in, move the cube,
+    the drawer and the window, then set the locks as the goal has them."""
+    goal = scene.cur_task_info["goal"]
+    locks = [info["privileged/button_0_state"], info["privileged/button_1_state"]]
+    drawer, window = info["privileged/drawer_pos"][0], info["privileged/window_pos"][0]
+    block, block_goal = info["privileged/block_0_pos"], scene._data.mocap_pos[scene._cube_target_mocap_ids[0]]
+    into_drawer = scene._is_in_drawer(block_goal) and not scene._is_in_drawer(block)
+    moves = lambda position, target: abs(position - target) > 0.02  # noqa: E731
+    plan = []
+
+    def press(button, state):
+        if locks[button] != state:
+            plan.append(("button", button))
+            locks[button] = state
+
+    if into_drawer or moves(drawer, goal["drawer_pos"]):
+        press(0, 1)
+    if moves(window, goal["window_pos"]):
+        press(1, 1)
+    if into_drawer and moves(drawer, SCENE_DRAWER_OPEN):
+        plan.append(("drawer", SCENE_DRAWER_OPEN))
+        drawer = SCENE_DRAWER_OPEN
+    if into_drawer or np.linalg.norm(block - block_goal) > 0.02:
+        plan.append(("cube", 0))
+    if moves(drawer, goal["drawer_pos"]):
+        plan.append(("drawer", goal["drawer_pos"]))
+    if moves(window, goal["window_pos"]):
+        plan.append(("window", goal["window_pos"]))
+    for button in (0, 1):
+        press(button, goal["button_states"][button])
+    return plan
+
+
+def scene_target_info(scene, part: str, target, button_state) -> dict:
+    """The fields about the current target that the scene's info carries in data collection, as of this step."""
+    from ogbench.manipspace import lie
+
+    if part == "button":
+        return {"privileged/target_button": target, "privileged/target_button_state": button_state,
+                "privileged/target_button_top_pos": scene._data.site_xpos[scene._button_site_ids[target]].copy()}
+    if part == "cube":
+        mocap = scene._cube_target_mocap_ids[target]
+        yaw = lie.SO3(wxyz=scene._data.mocap_quat[mocap]).compute_yaw_radians()
+        return {"privileged/target_block": target, "privileged/target_block_pos": scene._data.mocap_pos[mocap].copy(),
+                "privileged/target_block_yaw": np.array([yaw])}
+    site = scene._drawer_target_site_id if part == "drawer" else scene._window_target_site_id
+    return {f"privileged/target_{part}_handle_pos": scene._data.site_xpos[site].copy(),
+            f"privileged/target_{part}_pos": np.array([target])}
+
+
+def test_the_noiseless_scene_oracles_solve_the_evaluation_tasks_closed_loop():
+    """The Markov oracles that generate scene-noisy data (cube, button, drawer, window), each run until it says it is
+    done and told only its target (the fields data collection's info carries), solve all five evaluation tasks in the
+    evaluation environment within its time limit."""
+    import mujoco
+    from ogbench.manipspace.oracles.markov.button_markov import ButtonMarkovOracle
+    from ogbench.manipspace.oracles.markov.cube_markov import CubeMarkovOracle
+    from ogbench.manipspace.oracles.markov.drawer_markov import DrawerMarkovOracle
+    from ogbench.manipspace.oracles.markov.window_markov import WindowMarkovOracle
+
+    spec = envs.parse_env("scene-play-v0")
+    env = envs.make_env(spec)
+    scene = env.unwrapped
+    oracles = dict(cube=CubeMarkovOracle(env=env, min_norm=0.4, max_step=300), button=ButtonMarkovOracle(env=env,
+                   min_norm=0.4), drawer=DrawerMarkovOracle(env=env, min_norm=0.4),
+                   window=WindowMarkovOracle(env=env, min_norm=0.4))
+    np.random.seed(0)
+    for task in range(1, envs.num_eval_tasks(spec) + 1):
+        ob, info = env.reset(options=dict(task_id=task))
+        goal_sites = {part: scene._model.site(f"{part}_handle_center_target").pos.copy()
+                      for part in ("drawer", "window")}
+        plan, steps = scene_plan(scene, info), 0
+        for part, target in plan:
+            if part in ("drawer", "window"):  # the target handle site marks where the part should go
+                scene._model.site(f"{part}_handle_center_target").pos[1 if part == "drawer" else 0] = target
+                mujoco.mj_kinematics(scene._model, scene._data)
+            state = 1 - info[f"privileged/button_{target}_state"] if part == "button" else None
+            oracle = oracles[part]
+            oracle.reset(ob, info)
+            while not oracle.done:
+                told = scene_target_info(scene, part, target, state)
+                ob, _, _, _, info = env.step(oracle.select_action(ob, {**info, **told}))
+                steps += 1
+        for part, position in goal_sites.items():
+            scene._model.site(f"{part}_handle_center_target").pos[:] = position
+        assert info["success"] and steps < env.spec.max_episode_steps, (task, plan, steps)
+
+
 def test_generation_sizes_follow_the_knobs(data_dir):
     with np.load(data_dir / f"{POINTMAZE}.npz") as raw:
         assert len(raw["actions"]) == 30 * 200 and raw["terminals"].sum() == 30
