@@ -108,7 +108,7 @@ import tyro
 
 import envs
 from runs import (EXTRACTORS, RESULT_METRICS, TASK_SUCCESS, TEST_TIME_METHODS, VALUE_LEARNERS, UsageError,
-                  exit_on_usage_error, read_metrics, write_atomic, write_json_atomic)
+                  exit_on_usage_error, read_metrics, task_success_keys, write_atomic, write_json_atomic)
 
 TABLE_COLUMNS = (*EXTRACTORS, "bc")
 METRICS = (*RESULT_METRICS, "best_success")  # per member in result.json
@@ -553,8 +553,7 @@ def build_matrices(runs: list[Run], metric_by_env: dict[str, str], boot: Bootstr
     for env, metric in sorted(metric_by_env.items()):
         env_runs = [run for run in runs if run.env == env]
         chosen = choose_alpha(cell_values(env_runs, metric))
-        task_keys = sorted({k for run in env_runs for k in run.values if TASK_SUCCESS.fullmatch(k)},
-                           key=lambda k: int(k[4:-8])) if metric == "success" else []
+        task_keys = task_success_keys(k for run in env_runs for k in run.values) if metric == "success" else []
         per_task = {k: cell_values(env_runs, k) for k in task_keys}
         for script in sorted({run.script for run in env_runs}, key=script_order):
             mine = [run for run in env_runs if run.script == script]

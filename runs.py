@@ -44,10 +44,15 @@ EXTRACTORS = ("awr", "ddpgbc", "sfbc")
 SCRIPTS = tuple(f"{v}_{e}" for v in VALUE_LEARNERS for e in EXTRACTORS) + ("bc",)  # the files in algos/
 TEST_TIME_METHODS = ("opex", "ttt")  # --test-time; result.json lists the ones a run evaluated under "test_time"
 RESULT_METRICS = ("success", "return", "train_mse", "val_mse", "eval_mse")  # per member in result.json
-TASK_SUCCESS = re.compile(r"task[0-9]+_success")  # per member in result.json too: one per evaluation task
+TASK_SUCCESS = re.compile(r"task([0-9]+)_success")  # per member in result.json too: one per evaluation task
 MEMBER_FIELDS = ("value_data_size", "policy_data_size", "alpha")  # what a member may vary besides its seed
 RESUME_DIR = "resume"  # inside a run folder: state_<step>.npz, the whole training state; removed on completion
 USAGE_EXIT, DIVERGED_EXIT = 2, 3  # exit status for bad input, and for a loss or parameter that became NaN / inf
+
+
+def task_success_keys(keys) -> list[str]:
+    """The per-task success names among `keys` (task1_success, task2_success, ...), in task order."""
+    return sorted({k for k in keys if TASK_SUCCESS.fullmatch(k)}, key=lambda k: int(TASK_SUCCESS.fullmatch(k)[1]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -673,8 +678,7 @@ def final_result(header: dict, last_eval: list[dict], best_success: np.ndarray) 
     testtime = [f"{m}_{k}" for m in TEST_TIME_METHODS for k in RESULT_METRICS
                 if last_eval and f"{m}_{k}" in last_eval[0]]
     # ... and with several evaluation tasks each task's success (task1_success ...): analyze.py's bootstrap strata
-    tasks = sorted((k for k in (last_eval[0] if last_eval else {}) if TASK_SUCCESS.fullmatch(k)),
-                   key=lambda k: int(k[4:-8]))
+    tasks = task_success_keys(last_eval[0] if last_eval else {})
     per_member = {k: [r.get(k, "n/a") for r in last_eval] for k in (*RESULT_METRICS, *testtime, *tasks)}
     per_member["best_success"] = np.asarray(best_success).tolist()
     return {**header, **summarize(per_member)}
