@@ -595,13 +595,15 @@ def pooled(cells: list[dict[int, float]], boot: Bootstrap, metric: str) -> dict:
         return {"mean": math.nan, "std": math.nan, "n_seeds": 0, "cells": 0, **estimate([], boot)}
     common = sorted(set.intersection(*(set(c) for c in cells)))
     per_seed = [float(np.mean([c[s] for c in cells])) for s in common]
-    cell_means = [np.mean(list(c.values())) for c in cells]
-    draws = boot.resample([np.asarray(list(c.values()), np.float64) for c in cells])
-    spread = estimate([list(c.values()) for c in cells], boot, value_range(metric))
-    if spread["mean_ci"] is not NO_INTERVAL:  # the mean of the cell means (cells of unequal seeds weigh alike)
-        spread["mean_ci"] = boot.interval(np.mean([d.mean(1) for d in draws], axis=0), value_range(metric))
-    return {**spread, "mean": float(np.mean(cell_means)), "std": float(np.std(per_seed)) if per_seed else math.nan,
-            "n_seeds": len(common), "cells": len(cells)}
+    strata = [np.asarray(list(c.values()), np.float64) for c in cells]
+    out = {"mean": float(np.mean([s.mean() for s in strata])), "mean_ci": NO_INTERVAL,  # cells weigh alike
+           "iqm": float(iqm(np.concatenate(strata))), "iqm_ci": NO_INTERVAL}
+    if min(len(s) for s in strata) >= 2:  # as `estimate`, with one resample for both intervals
+        draws, bounds = boot.resample(strata), value_range(metric)
+        out.update(mean_ci=boot.interval(np.mean([d.mean(1) for d in draws], axis=0), bounds),
+                   iqm_ci=boot.interval(iqm(np.concatenate(draws, axis=1)), bounds))
+    return {**out, "std": float(np.std(per_seed)) if per_seed else math.nan, "n_seeds": len(common),
+            "cells": len(cells)}
 
 
 def matrix_average(m: Matrix, boot: Bootstrap) -> dict:
@@ -1155,11 +1157,14 @@ def _pyplot():
 
 
 def save_figure(fig, out: Path, stem: str, formats: tuple[str, ...]) -> list[Path]:
-    """Write the figure as <stem>.<format> for each format (atomically), at DPI, then close it."""
+    """Write the figure as <stem>.<format> for each format (atomically), at DPI, then close it. A PDF carries no
+    creation date, so the same sweep gives the same bytes."""
     paths = []
     for fmt in formats:
         path = out / f"{stem}.{fmt}"
-        write_atomic(path, lambda f, fmt=fmt: fig.savefig(f, format=fmt, dpi=DPI), binary=True)
+        metadata = {"CreationDate": None} if fmt == "pdf" else None
+        write_atomic(path, lambda f, fmt=fmt, metadata=metadata: fig.savefig(f, format=fmt, dpi=DPI,
+                                                                              metadata=metadata), binary=True)
         paths.append(path)
     _pyplot().close(fig)
     return paths

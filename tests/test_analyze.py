@@ -215,6 +215,10 @@ def test_missing_cells_are_nan_and_a_single_run_folder_works(tmp_path, capsys):
     assert {p.name for p in written} == {"table.md", "table.csv", "table.tex", "improvement.csv", "verdicts.md",
                                          "verdicts.csv", "summary.json", f"aggregate_{POINTMAZE}.png",
                                          f"aggregate_{POINTMAZE}.pdf"}
+    again = analyze.main(analyze.Args(str(single), out=str(tmp_path / "again"), only=("table", "verdicts")))
+    by_name = lambda paths: sorted(paths, key=lambda p: p.name)  # noqa: E731
+    assert [a.read_bytes() == b.read_bytes() for a, b in zip(by_name(written), by_name(again))] == [True] * 9
+    assert b"CreationDate" not in (out / f"aggregate_{POINTMAZE}.pdf").read_bytes()  # or a second later it differs
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"] == {"complete": 1, "incomplete": 0, "failed": 0, "diverged": 0}
     [cell] = summary["cells"]
