@@ -636,6 +636,9 @@ def _generation_env(spec: EnvSpec, recipe: dict, seed: int):
     gc_id = spec.env_id.replace("-singletask", "").split("-task")[0]
     if spec.kind == "pointmaze":
         env = gymnasium.make(gc_id, terminate_at_goal=False, max_episode_steps=recipe["max_episode_steps"])
+        # The environment's own generator draws each episode's initial velocity (stored as qvel); seeded without a
+        # reset, which would draw from numpy's global generator and change every episode after it.
+        env.unwrapped.np_random = np.random.default_rng(seed)
         env.action_space.seed(seed)
         maze_map = env.unwrapped.maze_map
         free = [(i, j) for i in range(maze_map.shape[0]) for j in range(maze_map.shape[1]) if maze_map[i, j] == 0]
