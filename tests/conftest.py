@@ -11,6 +11,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MUJOCO_GL", "egl")
 # Nothing at test time touches the network: no dataset is downloaded (the download tests serve files on loopback).
 os.environ["OFFRL_NO_DOWNLOAD"] = "1"
+# One JAX compilation cache for the suite's processes (both workers and every script they start): most tests compile
+# the same small programs, and a cached program is the same executable, so no number changes. Kept between runs in
+# .pytest_cache (git-ignored); set JAX_COMPILATION_CACHE_DIR to use another folder.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import envs  # noqa: E402
 
