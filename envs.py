@@ -729,7 +729,9 @@ def _collect_manipspace_episode(env, state, spec, recipe):
     """One episode of OGBench's generate_manipspace.py: whenever the oracle of the current sub-task is done, the
     environment sets a new random target (and sub-task). A scene episode in which the cube leaves the view (too far
     right, or too far left outside the drawer) is thrown away and collected again, as the official script does."""
-    size = spec.env_id.split("-")[1]
+    size, markov = spec.env_id.split("-")[1], spec.dataset_type == "noisy"
+    keys = ("observations", "actions", "terminals", "qpos", "qvel") + (
+        ("button_states",) if hasattr(env.unwrapped, "_cur_button_states") else ())  # scene, puzzle
     while True:
         ob, info = env.reset()
         if spec.kind == "cube":
@@ -738,12 +740,9 @@ def _collect_manipspace_episode(env, state, spec, recipe):
             p_stack = np.random.uniform(low, high) if high > 0 else 0.0  # no draw for single, as the official order
         else:
             p_stack = 0.5
-        markov = spec.dataset_type == "noisy"
         xi = np.random.uniform(0, recipe["noise"]) if markov else 0.0  # this episode's noise level
         oracle = state["oracles"][info["privileged/target_task"]]
         oracle.reset(ob, info)
-        keys = ("observations", "actions", "terminals", "qpos", "qvel") + (
-            ("button_states",) if hasattr(env.unwrapped, "_cur_button_states") else ())  # scene, puzzle
         episode = {k: [] for k in keys}
         done = False
         while not done:

@@ -584,15 +584,21 @@ class DatasetServer:
         self.httpd.server_close()
 
 
-@pytest.fixture
-def dataset_server(data_dir, monkeypatch):
-    """Downloads allowed, from a loopback server holding the session's small pointmaze files."""
-    server = DatasetServer(data_dir)
+def serve(folder: Path, url_variable: str, monkeypatch):
+    """Downloads allowed, from a DatasetServer on `folder` that `url_variable` points at; closed afterwards (unless a
+    test closed it to play "no network")."""
+    server = DatasetServer(folder)
     monkeypatch.delenv(envs.NO_DOWNLOAD_VARIABLE, raising=False)
-    monkeypatch.setenv(envs.DATASET_URL_VARIABLE, server.url)
+    monkeypatch.setenv(url_variable, server.url)
     yield server
     if server.mode != "no network":
         server.close()
+
+
+@pytest.fixture
+def dataset_server(data_dir, monkeypatch):
+    """OGBench's server, holding the session's small pointmaze files."""
+    yield from serve(data_dir, envs.DATASET_URL_VARIABLE, monkeypatch)
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -654,12 +660,7 @@ def exorl_server(data_dir, tmp_path, monkeypatch):
         for episode in sorted((data_dir / "walker" / "random" / "buffer").glob("*.npz")):
             archive.write(episode, f"buffer/{episode.name}")
         archive.writestr("video/episode_0.mp4", b"a video")
-    server = DatasetServer(served)
-    monkeypatch.delenv(envs.NO_DOWNLOAD_VARIABLE, raising=False)
-    monkeypatch.setenv(envs.EXORL_URL_VARIABLE, server.url)
-    yield server
-    if server.mode != "no network":
-        server.close()
+    yield from serve(served, envs.EXORL_URL_VARIABLE, monkeypatch)
 
 
 def unfinished(folder: Path) -> list[str]:
