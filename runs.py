@@ -47,6 +47,8 @@ RESULT_METRICS = ("success", "return", "train_mse", "val_mse", "eval_mse")  # pe
 TASK_SUCCESS = re.compile(r"task([0-9]+)_success")  # per member in result.json too: one per evaluation task
 MEMBER_FIELDS = ("value_data_size", "policy_data_size", "alpha")  # what a member may vary besides its seed
 RESUME_DIR = "resume"  # inside a run folder: state_<step>.npz, the whole training state; removed on completion
+CHECKPOINT_DIR = "checkpoints"  # inside a run folder: step_<step>.npz, the members' parameters (--checkpoint-interval)
+CHECKPOINT_ACTION_SEED, CHECKPOINT_ACTION_CALLS = "__action_seed__", "__action_calls__"  # beside them: SfBC's key
 USAGE_EXIT, DIVERGED_EXIT = 2, 3  # exit status for bad input, and for a loss or parameter that became NaN / inf
 
 
@@ -368,9 +370,11 @@ class RunFolder:
             raise UsageError(f"cannot write {self.path / 'metrics.jsonl'}: {error.strerror}; free space, then "
                              "rerun with --resume") from error
 
-    def checkpoint(self, step: int, params) -> None:
-        """Save a parameter pytree as flat .npz arrays keyed by their tree path."""
-        write_npz_atomic(self.path / "checkpoints" / f"step_{step:08d}.npz", flatten_tree(params))
+    def checkpoint(self, step: int, params, extra: dict) -> None:
+        """Save a parameter pytree as flat .npz arrays keyed by their tree path, plus `extra` scalars (names start with
+        "__", so no tree path can take them)."""
+        write_npz_atomic(self.path / CHECKPOINT_DIR / f"step_{step:08d}.npz",
+                         {**flatten_tree(params), **{k: np.asarray(v) for k, v in extra.items()}})
 
     def save_resume(self, step: int, arrays: dict[str, np.ndarray]) -> None:
         """Write resume/state_<step>.npz atomically, then drop all but the two newest states."""
@@ -505,10 +509,10 @@ class Members:
         for folder, ms in self.folders:
             folder.log([{**r, "member": ms.index(r["member"])} for r in records if r["member"] in ms])
 
-    def checkpoint(self, step: int, params) -> None:
+    def checkpoint(self, step: int, params, extra: dict) -> None:
         for folder, ms in self.folders:
             rows = np.asarray(ms)
-            folder.checkpoint(step, jax.tree_util.tree_map(lambda x, rows=rows: x[rows], params))
+            folder.checkpoint(step, jax.tree_util.tree_map(lambda x, rows=rows: x[rows], params), extra)
 
     def save_resume(self, states, progress: Progress) -> None:
         """Every folder's resume state: its members' rows of the training state, and the loop's `progress`."""
@@ -632,6 +636,7 @@ class Run(Members):
         """After a chunk: log its metrics (the chunk's only host transfer), stop on NaN / inf (exit 3), evaluate when
         due, write checkpoints and resume states when due."""
         h, progress = self.harness, self.progress
+        action_calls_at_eval = progress.action_calls
         infos = jax.device_get(infos)
         records = member_records("train", step, self.seeds, infos, seconds=time.time() - self._start,
                                  updates_per_second=h.log_interval / (time.time() - self._chunk_start))
@@ -644,7 +649,10 @@ class Run(Members):
             self._bar.set_postfix(success=f"{np.mean([r['success'] for r in progress.last_eval]):.2f}")
         self.log(records)
         if h.checkpoint_interval and step % h.checkpoint_interval == 0:
-            self.checkpoint(step, states["params"])
+            # SfBC draws its candidates with fold_in(PRNGKey(--seed), calls so far): with the count at this step's
+            # evaluation, evaluate.py draws the same candidates again (the other scripts' policies ignore the key).
+            self.checkpoint(step, states["params"], {CHECKPOINT_ACTION_SEED: self.config.seed,
+                                                     CHECKPOINT_ACTION_CALLS: action_calls_at_eval})
         progress.step, progress.seconds = step, time.time() - self._start
         if resume_due(step, self.resume_interval, self.config.steps, self.total_steps):
             self.save_resume(states, progress)
