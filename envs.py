@@ -19,10 +19,13 @@ Run folders, exit codes and the result schema live in runs.py; OPEX and TTT in t
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 
-# No display anywhere: MuJoCo must never try to open a window (set before mujoco is imported).
-os.environ.setdefault("MUJOCO_GL", "egl")
+# No display anywhere: MuJoCo must never try to open a window (set before mujoco is imported). EGL draws offscreen
+# where its library is installed; without it, drawing is off (nothing here needs it but evaluate.py --capture-video,
+# which then exits 2 saying what to install) rather than failing every import of dm_control.
+os.environ.setdefault("MUJOCO_GL", "egl" if ctypes.util.find_library("EGL") else "disable")
 
 import dataclasses  # noqa: E402
 import difflib  # noqa: E402
@@ -951,13 +954,19 @@ def make_oracle(spec: EnvSpec) -> Callable[[np.ndarray, np.ndarray], np.ndarray]
     return _pointmaze_oracle(spec) if spec.kind == "pointmaze" else _cube_single_oracle
 
 
+def maze_geometry(spec: EnvSpec) -> tuple[np.ndarray, float, float, float]:
+    """A pointmaze's (maze_map [rows, cols] with 1 = wall, cell size, x offset, y offset): cell (i, j) is centred at
+    x = j * size - x offset, y = i * size - y offset."""
+    maze = gymnasium.make(spec.env_id.replace("-singletask", "").split("-task")[0]).unwrapped
+    return np.asarray(maze.maze_map), maze._maze_unit, maze._offset_x, maze._offset_y
+
+
 def _pointmaze_oracle(spec: EnvSpec):
     """Unit vector toward the next cell on a shortest BFS path to the goal's cell; inside the goal's cell, toward the
     goal itself. (OGBench's data oracle aims at the goal cell's centre instead, which can miss a goal placed with
     noise up to a cell quarter away from the centre: we label the truly optimal direction.)"""
 
-    maze = gymnasium.make(spec.env_id.replace("-singletask", "").split("-task")[0]).unwrapped
-    maze_map, unit, off_x, off_y = np.asarray(maze.maze_map), maze._maze_unit, maze._offset_x, maze._offset_y
+    maze_map, unit, off_x, off_y = maze_geometry(spec)
     height, width = maze_map.shape
     # steps[g, c]: BFS moves from cell c to goal cell g (big where unreachable), for every pair of cells.
     steps = np.full((height * width, height * width), 10**6, np.int64)
@@ -1063,12 +1072,22 @@ def task_goal(spec: EnvSpec) -> np.ndarray | None:
 # 6. Environments and lockstep evaluation
 # ----------------------------------------------------------------------------------------------------------------
 
-def make_env(spec: EnvSpec):
-    """One environment instance: a gymnasium env (OGBench) or a dm_control suite env."""
+def make_env(spec: EnvSpec, render_size: int | None = None):
+    """One environment instance: a gymnasium env (OGBench) or a dm_control suite env; `render_size`: an OGBench env
+    that renders square RGB frames of that many pixels (`render_frame`; dm_control envs always can)."""
     if spec.family == "dmc":
         return _dmc_env(spec)
-
+    if render_size:
+        return gymnasium.make(spec.env_id, render_mode="rgb_array", width=render_size, height=render_size)
     return gymnasium.make(spec.env_id)
+
+
+def render_frame(spec: EnvSpec, env, size: int) -> np.ndarray:
+    """The environment's current state as an RGB image [size, size, 3] (uint8), drawn offscreen by MuJoCo (MUJOCO_GL:
+    egl or osmesa); OGBench envs come from `make_env(spec, render_size=size)`."""
+    if spec.family == "dmc":
+        return env.physics.render(height=size, width=size, camera_id=0)
+    return np.asarray(env.render())
 
 
 def env_dims(spec: EnvSpec) -> tuple[int, int]:
@@ -1098,7 +1117,9 @@ class Evaluator:
     """Runs `episodes_per_task` episodes of every evaluation task for every member, in waves: each wave steps `wave`
     episodes per member (at most `max_envs` environments in all, default `default_eval_envs`, but at least one per
     member) in lockstep, and the policy is called once per step for all of them with obs [M, wave, d]; a last,
-    shorter wave is padded with copies that are never stepped.
+    shorter wave is padded with copies that are never stepped. `render_size`: environments that also draw frames
+    (`render_frame`), for evaluate.py's videos; while `evaluate` runs, slot j of wave `wave_index` is episode
+    wave_index * wave + j.
 
     Member m's start states and goals come from `seeds[m]` alone (each env is reseeded per episode; numpy's global
     generator, from which OGBench draws start and goal noise, runs one stream per member across its resets), so a
@@ -1107,7 +1128,8 @@ class Evaluator:
     drawn from an action space OGBench builds anew, unseeded, at each access; the objects' part is seeded.
     """
 
-    def __init__(self, spec: EnvSpec, num_members: int, episodes_per_task: int, max_envs: int | None = None):
+    def __init__(self, spec: EnvSpec, num_members: int, episodes_per_task: int, max_envs: int | None = None,
+                 render_size: int | None = None):
         if episodes_per_task < 1:
             raise UsageError(f"--eval-episodes must be >= 1, got {episodes_per_task}")
         max_envs = default_eval_envs(spec) if max_envs is None else max_envs
@@ -1117,7 +1139,7 @@ class Evaluator:
         self.tasks = np.repeat(np.arange(1, num_eval_tasks(spec) + 1), episodes_per_task)
         self.wave = max(1, min(len(self.tasks), max_envs // num_members))  # episodes per member per wave
         self.waves = -(-len(self.tasks) // self.wave)
-        self.envs = [[make_env(spec) for _ in range(self.wave)] for _ in range(num_members)]
+        self.envs = [[make_env(spec, render_size) for _ in range(self.wave)] for _ in range(num_members)]
         self.max_steps = 1000 if spec.family == "dmc" else self.envs[0][0].spec.max_episode_steps
         self.alive = None  # during `evaluate`: [M, wave], the episodes of this wave still running at the current step
         self.wave_index = None  # during `evaluate`: which wave runs (a test-time method may start afresh at each)
@@ -1178,6 +1200,12 @@ class Evaluator:
         self.alive = self.wave_index = None
         return dict(success=success, returns=returns, tasks=self.tasks, observations=visited, goals=goals_all,
                     actions=actions_taken, valid=valid)
+
+    def close(self) -> None:
+        """Release the environments (and their offscreen renderers, if any) now rather than at interpreter exit."""
+        for env in (env for row in self.envs for env in row):
+            if hasattr(env, "close"):
+                env.close()
 
 
 def reset_env(spec: EnvSpec, env, task: int, seed: int):

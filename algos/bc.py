@@ -198,9 +198,9 @@ def make_train_chunk(config: Config, goal_conditioned: bool):
     return jax.jit(jax.vmap(chunk, in_axes=(0, None, 0)), donate_argnums=(0,))
 
 
-def act(params, obs, goals, key, obs_transform: str = "none", frequency: float = 1.0):
+def act(params, obs, goals, key, obs_transform: str = "none", obs_transform_frequency: float = 1.0):
     """The action rule: the policy's mean on the --obs-transform representation of the raw observations and goals."""
-    transform = lambda x: transform_observations(x, obs_transform, frequency)  # noqa: E731
+    transform = lambda x: transform_observations(x, obs_transform, obs_transform_frequency)  # noqa: E731
     return jnp.clip(actor_fn(params["actor"], transform(obs), transform(goals)), -1.0, 1.0)
 
 
@@ -217,7 +217,8 @@ def main(config: Config) -> list[dict]:
     run = runs.Run(config, SCRIPT, len(train["actions"]), from_table)
     states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim if gc else 0, action_dim, config))(run.keys())
     device_data, train_chunk = envs.to_device(train), make_train_chunk(config, gc)
-    bc_act = functools.partial(act, obs_transform=config.obs_transform, frequency=config.obs_transform_frequency)
+    bc_act = functools.partial(act, obs_transform=config.obs_transform,
+                               obs_transform_frequency=config.obs_transform_frequency)
     batched_act = jax.jit(jax.vmap(bc_act, in_axes=(0, 0, 0, None)))
 
     def policy(obs, goals):  # obs [M, N, d] -> actions [M, N, a]: one jitted call for every member and environment

@@ -62,6 +62,9 @@ def run_in_process(entry: str, args: list[str], capsys) -> tuple[int, str]:
     elif entry == "analyze.py":
         analyze = importlib.import_module("analyze")
         call = lambda: analyze.main(tyro.cli(analyze.Args, args=args))  # noqa: E731
+    elif entry == "evaluate.py":
+        evaluate = importlib.import_module("evaluate")
+        call = lambda: evaluate.main(tyro.cli(evaluate.Args, args=args))  # noqa: E731
     else:
         module = importlib.import_module(entry[:-3].replace("/", "."))
         call = lambda: module.main(tyro.cli(module.Config, args=args))  # noqa: E731
