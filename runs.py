@@ -6,8 +6,10 @@ Sections, top to bottom:
   3. flags      `Harness` / `QHarness`: the flags every script shares for running it (not for its algorithm), nested
                 in each script's Config and flattened on the command line, with their validation
   4. folders    config.json / metrics.jsonl / result.json / checkpoints / resume states of one run folder
-  5. members    who trains in one vmapped program and which run folder each member writes to
-  6. the loop   `Run`: progress bar, logging, the NaN guard, evaluations when due, checkpoints, resume states, and
+  5. trackers   `Trackers`: --track (Weights & Biases) and --tensorboard, per member copies of metrics.jsonl's records;
+                their packages are imported only when a flag asks
+  6. members    who trains in one vmapped program and which run folder each member writes to
+  7. the loop   `Run`: progress bar, logging, the NaN guard, evaluations when due, checkpoints, resume states, and
                 result.json at the end
 
 Nothing here knows an environment or a loss: a script hands `Run` its metrics and its `evaluate(step)`.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import importlib
 import json
 import math
 import os
@@ -69,15 +72,22 @@ class Diverged(Exception):
 
 
 def exit_on_usage_error(main: Callable[[], None]) -> None:
-    """Run `main`; turn a UsageError into a one-line message on stderr and exit status 2, Diverged into exit 3."""
+    """Run `main`; turn a UsageError into a one-line message on stderr and exit status 2, Diverged into exit 3. Open
+    trackers (--track, --tensorboard) are closed however `main` ends."""
+    status = 1  # an unexpected exception (a bug, Ctrl-C) propagates with this status for the trackers
     try:
         main()
+        status = 0
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(USAGE_EXIT)
+        status = USAGE_EXIT
     except Diverged as error:
         print(f"diverged: {error}", file=sys.stderr)
-        sys.exit(DIVERGED_EXIT)
+        status = DIVERGED_EXIT
+    finally:
+        Trackers.close_all(status)
+    if status:
+        sys.exit(status)
 
 
 def _umask() -> int:
@@ -171,6 +181,16 @@ class Harness:
     """Test hook: NaN observations from the chunk ending at this step on (0: off), to exercise the NaN guard."""
     progress: bool = True
     """Show a progress bar."""
+    track: bool = False
+    """Send metrics and config to Weights & Biases, one W&B run per member (pip install -e ".[track]")."""
+    wandb_project: str = "offrl-bottlenecks"
+    """W&B project of --track."""
+    wandb_entity: str | None = None
+    """W&B entity (user or team) of --track; default: your default entity."""
+    wandb_group: str | None = None
+    """W&B group of --track's runs; scaling.py sets the sweep folder's name unless given."""
+    tensorboard: bool = False
+    """Write TensorBoard event files into the run folder, tensorboard/member<m>/ (pip install -e ".[tensorboard]")."""
 
     def validate(self, steps: int) -> None:
         """Reject bad harness flags with a one-line UsageError naming the flag (`steps`: the script's --steps)."""
@@ -191,6 +211,9 @@ class Harness:
             (self.debug_poison_step >= 0 and self.debug_poison_step % self.log_interval == 0,
              f"--debug-poison-step must be 0 or a multiple of --log-interval {self.log_interval}"),
         ])
+        for flag in TRACKER_PACKAGES:  # a missing package fails here, before any data is loaded or trained on
+            if getattr(self, flag):
+                require_tracker(flag)
 
 
 @dataclasses.dataclass
@@ -335,9 +358,11 @@ class RunFolder:
     while the run is in progress, failure.json if it diverged.
 
     `resume_step`: continue an interrupted run from that resume state (metrics after it are dropped); None: start
-    afresh, forgetting anything an earlier attempt left in the folder."""
+    afresh, forgetting anything an earlier attempt left in the folder. `seeds`: the folder's members' seeds, for the
+    trackers (--track, --tensorboard: section 5), which get every record metrics.jsonl gets."""
 
-    def __init__(self, path: str, config: dict, resume_step: int | None = None, from_table: dict | None = None):
+    def __init__(self, path: str, config: dict, resume_step: int | None = None, from_table: dict | None = None,
+                 seeds: list[int] | None = None):
         self.path = Path(path)  # locked by the caller (Members), which holds the lock for the process's life
         if (self.path / "result.json").exists():
             raise UsageError(f"{self.path} already holds a complete run (result.json); choose another --out-dir")
@@ -345,7 +370,8 @@ class RunFolder:
         metrics = self.path / "metrics.jsonl"
         if resume_step is not None:
             saved = json.loads((self.path / "config.json").read_text())["config"]
-            free = {"resume", "progress", "members_file", "out_dir", "debug_poison_step"}  # may change on resume
+            free = {"resume", "progress", "members_file", "out_dir", "debug_poison_step",  # may change on resume
+                    "track", "wandb_project", "wandb_entity", "wandb_group", "tensorboard"}
             changed = sorted(k for k in set(config) | set(saved) if k not in free and config.get(k) != saved.get(k))
             if changed:
                 raise UsageError(f"--resume: {self.path} was started with other values of {', '.join(changed)}; "
@@ -355,12 +381,14 @@ class RunFolder:
                     if line.endswith("\n") and _step_of(line) is not None and _step_of(line) <= resume_step]
             write_atomic(metrics, lambda f: f.writelines(kept))
         else:
+            kept = None
             shutil.rmtree(self.path / RESUME_DIR, ignore_errors=True)
         (self.path / "failure.json").unlink(missing_ok=True)  # an earlier attempt's, if any
         # from_table: which flags the user left unset and the dataset's row of envs.HYPERPARAMETERS filled, from where
         write_json_atomic(self.path / "config.json", dict(config=config, from_table=from_table or {},
                                                           versions=package_versions()))
         self._metrics = open(metrics, "a" if resume_step is not None else "w")
+        self.trackers = Trackers(self.path, config, seeds or [], kept and [json.loads(line) for line in kept])
 
     def log(self, records: list[dict]) -> None:
         try:
@@ -369,6 +397,7 @@ class RunFolder:
         except OSError as error:  # a full disk: the folder stays incomplete (no result.json) and resumable
             raise UsageError(f"cannot write {self.path / 'metrics.jsonl'}: {error.strerror}; free space, then "
                              "rerun with --resume") from error
+        self.trackers.log(records)
 
     def checkpoint(self, step: int, params, extra: dict) -> None:
         """Save a parameter pytree as flat .npz arrays keyed by their tree path, plus `extra` scalars (names start with
@@ -384,16 +413,123 @@ class RunFolder:
 
     def fail(self, failure: dict) -> None:
         self._metrics.close()
+        self.trackers.close(DIVERGED_EXIT)
         write_json_atomic(self.path / "failure.json", failure)
 
     def finish(self, result: dict) -> None:
         self._metrics.close()
+        self.trackers.close(0)
         write_json_atomic(self.path / "result.json", result)
         shutil.rmtree(self.path / RESUME_DIR, ignore_errors=True)  # complete: nothing left to resume
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. Members: who trains in this process, and where each one writes
+# 5. Trackers: optional copies of metrics.jsonl in Weights & Biases (--track) and TensorBoard (--tensorboard)
+# ----------------------------------------------------------------------------------------------------------------
+TRACKER_PACKAGES = {"track": "wandb", "tensorboard": "tensorboard"}  # flag -> the package it needs (and its extra)
+NOT_METRICS = ("event", "member", "seed", "step")  # a record's fields that say whose and when, not what
+
+
+def require_tracker(flag: str):
+    """The package `--<flag>` needs, imported now (never when the flag is off); a UsageError naming the flag and the
+    install command when it is missing."""
+    package = TRACKER_PACKAGES[flag]
+    try:
+        return importlib.import_module(package)
+    except ImportError as error:
+        raise UsageError(f'--{flag} needs {package}: pip install -e ".[{flag}]"') from error
+
+
+class Trackers:
+    """One run folder's trackers, per member, each sent every record metrics.jsonl gets: its numeric fields under
+    metrics.jsonl's names, at the record's step.
+
+    --track: one W&B run per member, named <folder name>-m<member>, config = the folder's flags (config.json) plus the
+    member and its seed, group --wandb-group, tags the script, the env and the cell's sizes and alpha; files under
+    <folder>/wandb/ (WANDB_MODE=offline works as W&B documents it). The run ids are kept in <folder>/wandb.json, so
+    --resume continues the same W&B runs. --tensorboard: one event folder per member, <folder>/tensorboard/member<m>/.
+    A tracker that --resume starts afresh (no id or event folder from an earlier attempt) is first sent the records up
+    to the resume state (`kept`; None: not a resume)."""
+
+    _open: list[Trackers] = []  # what exit_on_usage_error closes, however a run ends
+
+    def __init__(self, path: Path, config: dict, seeds: list[int], kept: list[dict] | None):
+        self.sinks: list[tuple[int, Callable, Callable]] = []  # (member, send(step, metrics), close(exit status))
+        replay = []
+        if config.get("track") or config.get("tensorboard"):
+            Trackers._open.append(self)  # before the first tracker starts: one that fails to start closes the others
+        if config.get("track"):
+            wandb = require_tracker("track")
+            saved = path / "wandb.json"
+            ids = json.loads(saved.read_text())["run_ids"] if kept is not None and saved.exists() else []
+            tags = [config.get("script"), config.get("env"),
+                    *(f"{k}={config[k]}" for k in MEMBER_FIELDS if config.get(k) is not None)]
+            started = []
+            for m, seed in enumerate(seeds):
+                try:
+                    run = wandb.init(project=config["wandb_project"], entity=config["wandb_entity"],
+                                     group=config["wandb_group"], name=f"{path.name}-m{m}", tags=[t for t in tags if t],
+                                     config={**config, "member": m, "seed": seed}, dir=str(path),
+                                     id=ids[m] if m < len(ids) else None, resume="allow", reinit="create_new")
+                except wandb.errors.Error as error:  # e.g. not logged in: before any training
+                    raise UsageError(f"--track: {str(error).splitlines()[0]}; run `wandb login`, or set "
+                                     "WANDB_MODE=offline and `wandb sync` the run folder's wandb/ later") from error
+                started.append(run)
+                self.sinks.append((m, lambda step, metrics, run=run: run.log(metrics, step=step),
+                                   lambda status, run=run: run.finish(exit_code=status)))
+                if m >= len(ids):
+                    replay.append(self.sinks[-1])
+            write_json_atomic(saved, {"run_ids": [run.id for run in started]})
+        if config.get("tensorboard"):
+            require_tracker("tensorboard")
+            from tensorboard.compat.proto.event_pb2 import Event
+            from tensorboard.compat.proto.summary_pb2 import Summary
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+            if kept is None:  # a fresh start forgets an earlier attempt's events, as it does its metrics.jsonl
+                shutil.rmtree(path / "tensorboard", ignore_errors=True)
+            for m in range(len(seeds)):
+                folder = path / "tensorboard" / f"member{m}"
+                fresh = not folder.exists()
+                writer = EventFileWriter(str(folder))
+
+                def send(step, metrics, writer=writer):
+                    values = [Summary.Value(tag=k, simple_value=v) for k, v in metrics.items()]
+                    writer.add_event(Event(wall_time=time.time(), step=step, summary=Summary(value=values)))
+                    writer.flush()
+
+                self.sinks.append((m, send, lambda status, writer=writer: writer.close()))
+                if fresh:
+                    replay.append(self.sinks[-1])
+        self.log(kept or [], replay)
+
+    def log(self, records: list[dict], sinks: list | None = None) -> None:
+        """Every record's numeric fields, merged per member and step (a step's train and eval records: one row)."""
+        rows: dict[tuple[int, int], dict] = {}
+        for r in records:
+            metrics = {k: v for k, v in r.items() if k not in NOT_METRICS and type(v) in (int, float)}
+            rows.setdefault((r["member"], r["step"]), {}).update(metrics)
+        for member, send, _ in self.sinks if sinks is None else sinks:
+            for (m, step), metrics in rows.items():
+                if m == member and metrics:
+                    send(step, metrics)
+
+    def close(self, status: int) -> None:
+        """Finish every tracker (W&B: with the run's exit status) once."""
+        sinks, self.sinks = self.sinks, []
+        for _, _, close in sinks:
+            close(status)
+        if self in Trackers._open:
+            Trackers._open.remove(self)
+
+    @classmethod
+    def close_all(cls, status: int) -> None:
+        for trackers in list(cls._open):
+            trackers.close(status)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Members: who trains in this process, and where each one writes
 # ----------------------------------------------------------------------------------------------------------------
 def read_members_file(path: str, script: str, fields: list[str]) -> list[dict]:
     """Parse and check a --members-file: a non-empty JSON list of {"seed": int, "out_dir": str, <field>: number}."""
@@ -496,8 +632,8 @@ class Members:
         if flags.get("resume"):
             common = set.intersection(*(set(resume_steps(Path(d))) for d in groups))
             self.resume_step = max(common) if common else None
-        self.folders = [(RunFolder(out_dir, standalone[out_dir], self.resume_step, from_table), ms)
-                        for out_dir, ms in groups.items()]
+        self.folders = [(RunFolder(out_dir, standalone[out_dir], self.resume_step, from_table,
+                                   [self.seeds[m] for m in ms]), ms) for out_dir, ms in groups.items()]
         self._last_finite: list[dict] = []
 
     def keys(self):
@@ -575,7 +711,7 @@ class Members:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. The loop's bookkeeping
+# 7. The loop's bookkeeping
 # ----------------------------------------------------------------------------------------------------------------
 class Run(Members):
     """The host side of a script's training loop, so that the loop reads as five lines:
