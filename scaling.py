@@ -17,7 +17,8 @@ What it does, in order:
      still one run folder each. Processes run on a local pool
      (--workers) or as Ray tasks (--backend ray). A failed process is retried up to --retries times; its exit
      status and the last lines of its log are kept in sweep.json and listed at the end; a run that diverged (NaN,
-     exit status 3) is recorded as diverged, with the step, and not retried.
+     exit status 3) is recorded as diverged, with the step, and not retried. With `-- --track` (Weights & Biases),
+     every run joins one group named after the sweep folder unless `--wandb-group` is given (docs/flags.md);
   4. <sweep-dir>/sweep.json: the command, the plan, and every run's status, rewritten atomically as runs finish.
 
 Rerunning the same command finishes only what is missing; killing the launcher (SIGTERM, SIGINT or SIGKILL) stops
@@ -188,8 +189,8 @@ def resolve(args: Args, script_args: list[str]) -> dict:
     preset = PRESETS[args.preset] if args.preset else {}
     given = {k: v for k, v in dataclasses.asdict(args).items() if v is not None}
     settings = {k: given.get(k, preset.get(k, default)) for k, default in DEFAULTS.items() if k != "script_args"}
-    settings["script_args"] = [*preset.get("script_args", ()), *script_args]
     settings["sweep_dir"] = args.sweep_dir or f"sweeps/{args.preset or 'custom'}"
+    settings["script_args"] = with_wandb_group([*preset.get("script_args", ()), *script_args], settings["sweep_dir"])
     settings["download"] = args.download
     settings["test_time_cell"] = args.test_time_cell or preset.get("test_time_cell", False)
     for name in settings["envs"]:
@@ -218,6 +219,15 @@ def resolve(args: Args, script_args: list[str]) -> dict:
     if args.generate_episodes is not None and args.generate_episodes < 1:
         raise UsageError(f"--generate-episodes must be >= 1, got {args.generate_episodes}")
     return settings
+
+
+def with_wandb_group(script_args: list[str], sweep_dir: str) -> list[str]:
+    """With `-- --track`, every run of the sweep joins one W&B group named after the sweep folder, unless the flags
+    name one (--wandb-group); each run's tags name its cell (runs.Trackers)."""
+    switches = [arg for arg in script_args if arg in ("--track", "--no-track")]
+    if switches[-1:] != ["--track"] or any(arg.split("=")[0] == "--wandb-group" for arg in script_args):
+        return script_args
+    return [*script_args, "--wandb-group", Path(sweep_dir).resolve().name]
 
 
 def table_alphas(env: str, script: str) -> tuple:
