@@ -44,7 +44,8 @@ import numpy as np
 import tyro
 from tqdm import tqdm
 
-from runs import DIVERGED_EXIT, SCRIPTS, UsageError, exit_on_usage_error, lock_folder, write_json_atomic
+from runs import (DIVERGED_EXIT, SCRIPTS, TRACKER_PACKAGES, UsageError, exit_on_usage_error, lock_folder,
+                  require_tracker, write_json_atomic)
 
 ROOT = Path(__file__).resolve().parent
 LOG_TAIL_LINES = 20
@@ -191,6 +192,9 @@ def resolve(args: Args, script_args: list[str]) -> dict:
     settings = {k: given.get(k, preset.get(k, default)) for k, default in DEFAULTS.items() if k != "script_args"}
     settings["sweep_dir"] = args.sweep_dir or f"sweeps/{args.preset or 'custom'}"
     settings["script_args"] = with_wandb_group([*preset.get("script_args", ()), *script_args], settings["sweep_dir"])
+    for flag in TRACKER_PACKAGES:  # a missing package stops the sweep here, not every run with exit 2
+        if switched_on(settings["script_args"], flag):
+            require_tracker(flag)
     settings["download"] = args.download
     settings["test_time_cell"] = args.test_time_cell or preset.get("test_time_cell", False)
     for name in settings["envs"]:
@@ -221,11 +225,16 @@ def resolve(args: Args, script_args: list[str]) -> dict:
     return settings
 
 
+def switched_on(script_args: list[str], flag: str) -> bool:
+    """Whether the scripts' flags end with `--<flag>` turned on (the last of --flag / --no-flag wins)."""
+    switches = [arg for arg in script_args if arg in (f"--{flag}", f"--no-{flag}")]
+    return switches[-1:] == [f"--{flag}"]
+
+
 def with_wandb_group(script_args: list[str], sweep_dir: str) -> list[str]:
     """With `-- --track`, every run of the sweep joins one W&B group named after the sweep folder, unless the flags
     name one (--wandb-group); each run's tags name its cell (runs.Trackers)."""
-    switches = [arg for arg in script_args if arg in ("--track", "--no-track")]
-    if switches[-1:] != ["--track"] or any(arg.split("=")[0] == "--wandb-group" for arg in script_args):
+    if not switched_on(script_args, "track") or any(arg.split("=")[0] == "--wandb-group" for arg in script_args):
         return script_args
     return [*script_args, "--wandb-group", Path(sweep_dir).resolve().name]
 

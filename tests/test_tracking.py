@@ -228,3 +228,11 @@ def test_a_tracked_sweep_puts_every_run_in_one_group_named_after_the_sweep(tmp_p
         assert all("--wandb-group" not in command for command in sweep_commands(tmp_path / "s", *script_args))
     for command in sweep_commands(tmp_path / "s", "--track", "--wandb-group", "mine"):
         assert command.count("--wandb-group") == 1 and command[command.index("--wandb-group") + 1] == "mine"
+
+
+@pytest.mark.parametrize("flag,package", [("--track", "wandb"), ("--tensorboard", "tensorboard")])
+def test_a_sweep_that_tracks_without_the_package_stops_before_any_run(flag, package, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, package, None)
+    with pytest.raises(runs.UsageError, match=re.escape(f'{flag} needs {package}: pip install -e ".[{flag[2:]}]"')):
+        sweep_commands(tmp_path / "s", flag)
+    assert sweep_commands(tmp_path / "s", flag, f"--no-{flag[2:]}")  # switched off again: nothing needed
