@@ -83,11 +83,14 @@ Artefacts in --out (default SWEEP_DIR/analysis), each written through a temporar
                                  band)
   online.md                      per env x cell each quantity at online step 0 -> the last online step, and the change
                                  (also printed)
+  behaviour.md                   per run folder holding evaluate.py's files (trajectories_<step>.png shown; videos/
+                                 and eval_<step>.json linked), its cell; only when some folder holds them
   summary.json                   counts (complete, incomplete, failed, diverged), the lists, every cell's aggregates
                                  (env, script, sizes, alpha, mean, std, seeds, intervals, IQM), the matrices, table,
                                  probabilities of improvement ("improvement"), verdicts, and
                                  the test-time numbers under result.json's keys (success, opex_success, ...), and
-                                 the offline-to-online curves ("online": per env, per cell, its points)
+                                 the offline-to-online curves ("online": per env, per cell, its points), and the
+                                 folders with evaluate.py's files ("behaviour")
 
 Exit status 0; 2 with one line naming the problem and the fix for bad input (a missing or empty SWEEP_DIR, no
 complete run, a damaged result.json or sweep.json, bad flags).
@@ -100,6 +103,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -107,8 +111,9 @@ import numpy as np
 import tyro
 
 import envs
-from runs import (EXTRACTORS, RESULT_METRICS, TASK_SUCCESS, TEST_TIME_METHODS, VALUE_LEARNERS, UsageError,
-                  exit_on_usage_error, read_metrics, task_success_keys, write_atomic, write_json_atomic)
+from runs import (EVAL_FILE, EXTRACTORS, RESULT_METRICS, TASK_SUCCESS, TEST_TIME_METHODS, TRAJECTORY_FILE,
+                  VALUE_LEARNERS, VIDEO_DIR, UsageError, exit_on_usage_error, read_metrics, task_success_keys,
+                  write_atomic, write_json_atomic)
 
 TABLE_COLUMNS = (*EXTRACTORS, "bc")
 METRICS = (*RESULT_METRICS, "best_success")  # per member in result.json
@@ -116,7 +121,7 @@ TEST_TIME_REQUIRED = ("success", "return")  # result.json has <method>_<key> for
 TEST_TIME_OPTIONAL = ("eval_mse",)  # ... and this one where the env has an oracle
 TEST_TIME_KEYS = tuple(f"{m}_{k}" for m in TEST_TIME_METHODS for k in (*TEST_TIME_REQUIRED, *TEST_TIME_OPTIONAL))
 HEADER_KEYS = ("env", "script", "seeds", "value_data_size", "policy_data_size", "alpha")
-ARTEFACTS = ("matrices", "table", "verdicts", "generalization", "testtime", "online", "claims")
+ARTEFACTS = ("matrices", "table", "verdicts", "generalization", "testtime", "online", "claims", "behaviour")
 ONLINE_MSES = ("train_mse", "val_mse", "eval_mse")  # drawn against online steps where the eval records have them
 METRIC_LABELS = {"success": "success rate", "return": "return", "best_success": "best success rate during training"}
 MSE_LABELS = {"train_mse": "train MSE", "val_mse": "validation MSE", "eval_mse": "evaluation MSE"}
@@ -141,8 +146,8 @@ class Args:
     """Folder for the artefacts (created); default SWEEP_DIR/analysis."""
     metric: Literal["auto", "success", "return", "best_success"] = "auto"
     """Performance: auto = success rate on OGBench, return on dm_control; best_success = best during training."""
-    only: tuple[Literal["matrices", "table", "verdicts", "generalization", "testtime", "online", "claims"],
-                ...] = ARTEFACTS
+    only: tuple[Literal["matrices", "table", "verdicts", "generalization", "testtime", "online", "claims",
+                        "behaviour"], ...] = ARTEFACTS
     """Artefacts to make (summary.json is always written), e.g. --only table verdicts."""
     format: tuple[Literal["png", "pdf"], ...] = ("png", "pdf")
     """Figure file formats."""
@@ -1496,6 +1501,38 @@ def _listing(title: str, entries: list[dict], line) -> list[str]:
     return lines
 
 
+def behaviour_rows(runs: list[Run]) -> list[dict]:
+    """The complete run folders holding what evaluate.py writes (trajectory figures, videos, eval_<step>.json), each
+    with its cell and those files, in cell order."""
+    patterns = (TRAJECTORY_FILE.format(0).replace("00000000", "*"), VIDEO_DIR.format(0).replace("00000000", "*") + "/*",
+                EVAL_FILE.format(0).replace("00000000", "*"))
+    rows = []
+    for run in sorted(runs, key=lambda r: (_cell_order((r.env, r.script, r.value_size, r.policy_size, r.alpha)),
+                                           str(r.folder))):
+        files = [path for pattern in patterns for path in sorted(run.folder.glob(pattern))]
+        if files:
+            rows.append({"env": run.env, "script": run.script, "value_data_size": run.value_size,
+                         "policy_data_size": run.policy_size, "alpha": run.alpha, "seeds": run.seeds,
+                         "folder": str(run.folder), "files": [str(path) for path in files]})
+    return rows
+
+
+def write_behaviour(rows: list[dict], out: Path) -> list[Path]:
+    """behaviour.md: per run folder, its trajectory figures shown and its videos and evaluations linked (paths relative
+    to the analysis folder, so the page reads in place)."""
+    md = ["# What the policies do\n", "The files `evaluate.py` wrote into this sweep's run folders: trajectories "
+          "over the data coloured by the oracle's error, videos, evaluations of a checkpoint (the repository's "
+          "docs/evaluate.md explains them).\n"]
+    for row in rows:
+        sizes = f"value {row['value_data_size']} · policy {row['policy_data_size']} · alpha {row['alpha']}"
+        md.append(f"## {row['env']} · {row['script']} · {sizes} · seeds {row['seeds']}\n")
+        for name in row["files"]:
+            link = os.path.relpath(name, out)
+            md.append(f"![{Path(name).name}]({link})\n" if name.endswith(".png") else f"- [{Path(name).name}]({link})")
+        md.append("")
+    return [_write_text(out / "behaviour.md", "\n".join(md) + "\n")]
+
+
 def report(sweep: Sweep) -> str:
     """The counts line and the lists of runs left out."""
     counts = sweep.counts()
@@ -1589,6 +1626,15 @@ def main(args: Args) -> list[Path]:
                   "training on")
         else:
             print("online: skipped, no run has online steps (result.json 'online_steps' 0 or absent)")
+    behaviour = behaviour_rows(runs)
+    if "behaviour" in args.only:
+        if behaviour:
+            print(f"\nbehaviour: {len(behaviour)} run folder(s) hold evaluate.py's trajectory figures, videos or "
+                  "evaluations, linked in behaviour.md")
+            written += write_behaviour(behaviour, out)
+        else:
+            print("behaviour: skipped, no run folder holds evaluate.py's figures, videos or evaluations "
+                  "(python evaluate.py RUN_DIR --trajectories)")
     claims = claim_rows(improvements, verdicts, generalization, testtime)
     if "claims" in args.only and claims:
         print(f"\nthe paper's claims at this scale ({100 * args.confidence:g}% intervals):\n" + claims_text(claims))
@@ -1612,7 +1658,7 @@ def main(args: Args) -> list[Path]:
                "matrices": [m.to_json() for m in matrices], "verdicts": verdicts, "table": rows,
                "improvement": improvements, "claims": claims, "confidence": args.confidence,
                "bootstrap_reps": args.bootstrap_reps,
-               "generalization": generalization, "testtime": testtime, "online": online}
+               "generalization": generalization, "testtime": testtime, "online": online, "behaviour": behaviour}
     write_json_atomic(out / "summary.json", _clean(summary))
     written.append(out / "summary.json")
     print(f"wrote {len(written)} files to {out}: {' '.join(p.name for p in written)}")

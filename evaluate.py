@@ -433,17 +433,17 @@ def main(args: Args) -> dict:
     evaluation = evaluate_checkpoint(checkpoint, args.test_time, args.eval_episodes, args.eval_envs, args.dataset_dir,
                                      args.download, recorder)
     result = evaluation_file(checkpoint, evaluation, args.test_time)
-    path = run_dir / f"eval_{checkpoint.step:08d}.json"
+    path = run_dir / runs.EVAL_FILE.format(checkpoint.step)
     runs.write_json_atomic(path, result)
     print(evaluation_line(result, path))
     if args.trajectories:
         figure = trajectory_figure(checkpoint, evaluation, args.member)
-        figure_path = run_dir / f"trajectories_{checkpoint.step:08d}.png"
+        figure_path = run_dir / runs.TRAJECTORY_FILE.format(checkpoint.step)
         runs.write_atomic(figure_path, lambda f: figure.savefig(f, format="png", dpi=110, bbox_inches="tight"),
                           binary=True)
         print(f"trajectories -> {figure_path}")
     if recorder:
-        paths = recorder.write(run_dir / "videos" / f"step_{checkpoint.step:08d}", args.video_format, args.video_fps)
+        paths = recorder.write(run_dir / runs.VIDEO_DIR.format(checkpoint.step), args.video_format, args.video_fps)
         print(f"{len(paths)} video(s) -> {paths[0].parent}" if paths else "no episode was filmed")
     return result
 

@@ -52,6 +52,8 @@ MEMBER_FIELDS = ("value_data_size", "policy_data_size", "alpha")  # what a membe
 RESUME_DIR = "resume"  # inside a run folder: state_<step>.npz, the whole training state; removed on completion
 CHECKPOINT_DIR = "checkpoints"  # inside a run folder: step_<step>.npz, the members' parameters (--checkpoint-interval)
 CHECKPOINT_ACTION_SEED, CHECKPOINT_ACTION_CALLS = "__action_seed__", "__action_calls__"  # beside them: SfBC's key
+# What evaluate.py writes into a run folder for a checkpoint's step (analyze.py links them): {} is the step
+EVAL_FILE, TRAJECTORY_FILE, VIDEO_DIR = "eval_{:08d}.json", "trajectories_{:08d}.png", "videos/step_{:08d}"
 USAGE_EXIT, DIVERGED_EXIT = 2, 3  # exit status for bad input, and for a loss or parameter that became NaN / inf
 
 

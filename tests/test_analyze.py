@@ -672,3 +672,32 @@ def test_claims_are_called_from_their_intervals(tmp_path, capsys):
     assert calls[("testtime", "OPEX")] == "reproduced" and calls[("testtime", "TTT")] == "not reproduced"
     assert (tmp_path / "analysis" / "claims.md").read_text().count("| reproduced |") == \
         list(calls.values()).count("reproduced") == 5  # extraction, data (DDPG+BC), generalization x 2, OPEX
+
+
+def test_behaviour_links_the_figures_videos_and_evaluations_evaluate_py_wrote(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    [plain] = write_cell(sweep, {0: 0.5}, p=10_000)
+    [looked_at] = write_cell(sweep, {0: 0.7}, p=90_000)
+    (looked_at / runs.TRAJECTORY_FILE.format(20000)).write_bytes(b"\x89PNG")
+    (looked_at / runs.EVAL_FILE.format(20000)).write_text("{}")
+    videos = looked_at / runs.VIDEO_DIR.format(20000)
+    videos.mkdir(parents=True)
+    (videos / "task1_episode0.gif").write_bytes(b"GIF89a")
+    out = tmp_path / "analysis"
+    written = analyze.main(analyze.Args(str(sweep), out=str(out), only=("behaviour",)))
+    assert out / "behaviour.md" in written
+    page = (out / "behaviour.md").read_text()
+    assert "![trajectories_00020000.png](../sweep/" in page and plain.name not in page
+    for name in ("trajectories_00020000.png", "eval_00020000.json", "task1_episode0.gif"):
+        link = page.split(f"[{name}](")[1].split(")")[0]
+        assert (out / link).resolve().exists(), link
+    [row] = json.loads((out / "summary.json").read_text())["behaviour"]
+    assert row["policy_data_size"] == 90_000 and len(row["files"]) == 3
+    # without such files: no page, and the printout says how to make one
+    for path in (looked_at / runs.TRAJECTORY_FILE.format(20000), looked_at / runs.EVAL_FILE.format(20000),
+                 videos / "task1_episode0.gif"):
+        path.unlink()
+    capsys.readouterr()
+    assert out / "behaviour.md" not in analyze.main(analyze.Args(str(sweep), out=str(tmp_path / "again"),
+                                                                 only=("behaviour",)))
+    assert "evaluate.py RUN_DIR --trajectories" in capsys.readouterr().out
