@@ -27,10 +27,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import importlib.util
 import inspect
 import itertools
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
@@ -44,6 +46,7 @@ import testtime
 import tyro
 
 ACT_ARGUMENTS = ("params", "obs", "goals", "key")  # the first four arguments of every script's act
+ROOT = Path(__file__).resolve().parent  # algos/ is here
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,9 +93,11 @@ def checkpoint_steps(run_dir: str | Path) -> list[int]:
 
 
 def load_script(name: str):
-    """The module of algos/<name>.py."""
+    """The module of algos/<name>.py, beside this file (importable from a notebook in any folder)."""
     if name not in runs.SCRIPTS:
         raise runs.UsageError(f"config.json names the script {name!r}, which is not one of {', '.join(runs.SCRIPTS)}")
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))
     return importlib.import_module(f"algos.{name}")
 
 
@@ -379,7 +384,7 @@ def check_video(spec: envs.EnvSpec, video_format: str, size: int) -> None:
 class Args:
     """Evaluate a run folder's checkpoint as the run did (the same seeds and episodes), and look at its behaviour."""
 
-    run_dir: Annotated[str, tyro.conf.Positional]
+    run_dir: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="RUN_DIR")]]
     """A run folder (holding config.json and checkpoints/)."""
     step: int | None = None
     """The checkpoint's step; default: the latest."""

@@ -123,6 +123,7 @@ def test_the_figure_draws_every_episode_coloured_by_its_computed_oracle_error(bc
     checkpoint = evaluate.load_checkpoint(bc_run)
     evaluation = evaluate.evaluate_checkpoint(checkpoint)
     figure = evaluate.trajectory_figure(checkpoint, evaluation, member=1)
+    figure.canvas.draw()  # matplotlib maps a collection's values to colours when it draws
     rollout, oracle = evaluation.rollout, envs.make_oracle(envs.parse_env(POINTMAZE))
     panels = [ax for ax in figure.axes if ax.get_title().startswith("task")]
     assert len(panels) == 5
@@ -176,11 +177,12 @@ def test_bad_input_exits_2_with_the_fix(bc_run, data_dir, tmp_path, capsys):
 
 def test_video_without_an_offscreen_gl_backend_exits_2_naming_what_to_install(bc_run):
     """MUJOCO_GL=disable is a machine without EGL or OSMesa (envs.py picks it where libEGL is missing)."""
+    before = {(p, p.stat().st_mtime_ns) for p in bc_run.rglob("*")}
     proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), str(bc_run), "--capture-video"], text=True,
                           capture_output=True, cwd=ROOT, env={**os.environ, "MUJOCO_GL": "disable"}, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "apt-get install libegl1" in proc.stderr and "libosmesa6" in proc.stderr
-    assert not (bc_run / "videos").exists()
+    assert {(p, p.stat().st_mtime_ns) for p in bc_run.rglob("*")} == before  # stopped before evaluating
 
 
 def test_video_films_the_chosen_episodes_where_mujoco_draws_offscreen(bc_run, capsys):
@@ -188,16 +190,19 @@ def test_video_films_the_chosen_episodes_where_mujoco_draws_offscreen(bc_run, ca
         evaluate.check_video(envs.parse_env(POINTMAZE), "gif", 32)
     except runs.UsageError as error:  # CI installs EGL (.ci/run); elsewhere the exit-2 test above covers this
         pytest.skip(f"no offscreen GL here: {error}")
-    code, err = run_in_process("evaluate.py", [str(bc_run), "--capture-video", "--video-stride", "250",
-                                               "--video-size", "32", "--video-episodes", "2"], capsys)
+    flags = ["--video-stride", "250", "--video-size", "32", "--video-episodes", "2", "--video-fps", "20"]
+    code, err = run_in_process("evaluate.py", [str(bc_run), "--capture-video", *flags], capsys)
     assert code == 0, err
     from PIL import Image
 
-    rollout = evaluate.evaluate_checkpoint(evaluate.load_checkpoint(bc_run)).rollout
-    files = sorted((bc_run / "videos" / "step_00000100").iterdir())
+    # 100 steps of training reach no goal, so every episode runs to pointmaze's 1000-step limit: 4 frames at stride 250
+    assert json.loads((bc_run / runs.EVAL_FILE.format(100)).read_text())["success"]["per_member"] == [0.0, 0.0]
+    files = sorted((bc_run / runs.VIDEO_DIR.format(100)).iterdir())
     assert [f.name for f in files] == [f"task{t}_episode{j}.gif" for t in range(1, 6) for j in range(2)]
     for f in files:
-        task, j = int(f.name[4]), int(f.name.split("episode")[1][0])
-        steps = rollout["valid"][0, np.nonzero(rollout["tasks"] == task)[0][j]].sum()
-        with Image.open(f) as gif:
-            assert gif.n_frames == -(-steps // 250) and gif.size == (32, 32)
+        with Image.open(f) as gif:  # Pillow merges identical consecutive frames into one that lasts longer
+            durations = []
+            for i in range(gif.n_frames):
+                gif.seek(i)
+                durations.append(gif.info["duration"])
+            assert sum(durations) == 4 * 50 and gif.size == (32, 32)  # 20 fps: 50 ms a frame
