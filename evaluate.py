@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import importlib.util
 import inspect
 import itertools
 import json
@@ -360,9 +359,13 @@ OFFSCREEN_GL_HELP = ("install an offscreen OpenGL backend for MuJoCo: EGL (Debia
 def check_video(spec: envs.EnvSpec, video_format: str, size: int) -> None:
     """Before any evaluation: the chosen format's writer is installed and MuJoCo can draw offscreen (one frame of a
     fresh environment), else a UsageError (exit 2) saying what to install."""
-    if video_format == "mp4" and not all(importlib.util.find_spec(m) for m in ("imageio", "imageio_ffmpeg")):
-        raise runs.UsageError('--video-format mp4 needs imageio and imageio-ffmpeg: pip install -e ".[video]" '
-                              "(or use --video-format gif, which needs nothing more)")
+    if video_format == "mp4":
+        try:
+            import imageio  # noqa: F401
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise runs.UsageError('--video-format mp4 needs imageio and imageio-ffmpeg: pip install -e ".[video]" '
+                                  "(or use --video-format gif, which needs nothing more)") from None
     try:
         env = envs.make_env(spec, size)
         envs.reset_env(spec, env, 1, 0)

@@ -5,6 +5,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -165,7 +166,17 @@ def test_the_notebook_policy_acts_as_the_evaluated_one(bc_run):
 def test_bad_input_exits_2_with_the_fix(bc_run, data_dir, tmp_path, capsys):
     empty = tmp_path / "no_checkpoints"
     load("bc").main(runs.make_config(load("bc").Config, **tiny_flags(data_dir, empty, checkpoint_interval=0)))
+    def copy_with(name, **changes):  # bc_run with its config.json edited
+        folder = tmp_path / name
+        shutil.copytree(bc_run, folder)
+        saved = json.loads((folder / "config.json").read_text())
+        saved["config"].update(changes)
+        (folder / "config.json").write_text(json.dumps(saved))
+        return str(folder)
+
     cases = [([str(empty)], "--checkpoint-interval"),
+             ([copy_with("wider", hidden_dims=[64])], "does not hold bc's networks"),
+             ([copy_with("teleport", env="pointmaze-teleport-navigate-v0"), "--trajectories"], "with an oracle"),
              ([str(bc_run), "--step", "50"], "it has 100"),
              ([str(tmp_path)], "not a run folder"),
              ([str(bc_run), "--member", "2"], "2 member(s)"),
@@ -183,6 +194,12 @@ def test_video_without_an_offscreen_gl_backend_exits_2_naming_what_to_install(bc
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "apt-get install libegl1" in proc.stderr and "libosmesa6" in proc.stderr
     assert {(p, p.stat().st_mtime_ns) for p in bc_run.rglob("*")} == before  # stopped before evaluating
+
+
+def test_mp4_without_imageio_ffmpeg_exits_2_with_the_extra_to_install(bc_run, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # `import imageio_ffmpeg` fails as if not installed
+    code, err = run_in_process("evaluate.py", [str(bc_run), "--capture-video", "--video-format", "mp4"], capsys)
+    assert code == 2 and 'pip install -e ".[video]"' in err, err
 
 
 def test_video_films_the_chosen_episodes_where_mujoco_draws_offscreen(bc_run, capsys):
