@@ -233,15 +233,14 @@ def evaluation_line(result: dict, path: Path) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Pictures of behaviour: pointmaze trajectories over the data, and videos
 # ----------------------------------------------------------------------------------------------------------------
-def step_errors(spec: envs.EnvSpec, rollout: dict, member: int, episode: int) -> tuple[np.ndarray, np.ndarray]:
-    """(observations [T, d], squared error [T] of each action to the oracle's, averaged over action dimensions: the
-    terms of eval_mse) over the valid steps of one episode of `member`."""
+def step_errors(oracle: Callable, goal: np.ndarray, rollout: dict, member: int,
+                episode: int) -> tuple[np.ndarray, np.ndarray]:
+    """(observations [T, d], squared error [T] of each action to the `oracle`'s for `goal`, averaged over action
+    dimensions: the terms of eval_mse) over the valid steps of one episode of `member`."""
     valid = rollout["valid"][member, episode]
     observations = rollout["observations"][member, episode][valid]
-    goal = envs.task_goal(spec) if rollout["goals"] is None else rollout["goals"][member, episode]
-    goals = np.broadcast_to(goal, observations.shape)
-    errors = ((rollout["actions"][member, episode][valid] - envs.make_oracle(spec)(observations, goals)) ** 2).mean(-1)
-    return observations, errors
+    labels = oracle(observations, np.broadcast_to(goal, observations.shape))
+    return observations, ((rollout["actions"][member, episode][valid] - labels) ** 2).mean(-1)
 
 
 def trajectory_figure(checkpoint: Checkpoint, evaluation: Evaluation, member: int = 0):
@@ -265,7 +264,12 @@ def trajectory_figure(checkpoint: Checkpoint, evaluation: Evaluation, member: in
     xy = evaluation.train["observations"][:evaluation.policy_data_size, :2]
     coverage = np.histogram2d(xy[:, 0], xy[:, 1], bins=(x_edges, y_edges))[0].T
     episodes = {t: np.nonzero(rollout["tasks"] == t)[0] for t in np.unique(rollout["tasks"])}
-    drawn = {e: step_errors(spec, rollout, member, e) for es in episodes.values() for e in es}
+    if rollout["goals"] is None:  # singletask: one fixed goal for every episode
+        goals = [envs.task_goal(spec)] * len(rollout["tasks"])
+    else:
+        goals = list(rollout["goals"][member])
+    oracle = envs.make_oracle(spec)
+    drawn = {e: step_errors(oracle, goals[e], rollout, member, e) for es in episodes.values() for e in es}
     norm = Normalize(0.0, max(1e-6, max(errors.max(initial=0.0) for _, errors in drawn.values())))
     figure, axes = plt.subplots(1, len(episodes), figsize=(3.6 * len(episodes) + 1.2, 3.8), squeeze=False)
     for ax, (task, es) in zip(axes[0], episodes.items()):
@@ -280,11 +284,10 @@ def trajectory_figure(checkpoint: Checkpoint, evaluation: Evaluation, member: in
             segments = np.stack([points[:-1], points[1:]], axis=1)
             line = LineCollection(segments, cmap="plasma", norm=norm, linewidths=1.8, zorder=3)
             line.set_array(errors[:-1])  # a segment takes the colour of the action that started it
-            line.episode = int(e)
+            line.set_gid(f"episode {e}")  # which evaluation episode (rollout index) this line draws
             ax.add_collection(line)
             ax.plot(*points[0], "o", color="white", markeredgecolor="black", markersize=5, zorder=4)
-            goal = envs.task_goal(spec) if rollout["goals"] is None else rollout["goals"][member, e]
-            ax.plot(*goal[:2], "*", color="#19c219", markeredgecolor="black", markersize=13,
+            ax.plot(*goals[e][:2], "*", color="#19c219", markeredgecolor="black", markersize=13,
                     zorder=5)
         successes = rollout["success"][member, es]
         ax.set_title(f"task {task}: success {int(successes.sum())}/{len(es)}", fontsize=10)

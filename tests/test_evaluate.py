@@ -130,14 +130,14 @@ def test_the_figure_draws_every_episode_coloured_by_its_computed_oracle_error(bc
     assert len(panels) == 5
     all_errors = []
     for task, ax in enumerate(panels, start=1):
-        lines = [c for c in ax.collections if hasattr(c, "episode")]
+        lines = {int(c.get_gid().split()[1]): c for c in ax.collections if (c.get_gid() or "").startswith("episode")}
         episodes = np.nonzero(rollout["tasks"] == task)[0]
-        assert sorted(line.episode for line in lines) == episodes.tolist()
-        for line in lines:
-            valid = rollout["valid"][1, line.episode]
-            observations = rollout["observations"][1, line.episode][valid]
-            labels = oracle(observations, np.broadcast_to(rollout["goals"][1, line.episode], observations.shape))
-            errors = ((rollout["actions"][1, line.episode][valid] - labels) ** 2).mean(-1)
+        assert sorted(lines) == episodes.tolist()
+        for e, line in lines.items():
+            valid = rollout["valid"][1, e]
+            observations = rollout["observations"][1, e][valid]
+            labels = oracle(observations, np.broadcast_to(rollout["goals"][1, e], observations.shape))
+            errors = ((rollout["actions"][1, e][valid] - labels) ** 2).mean(-1)
             all_errors.append(errors)
             np.testing.assert_allclose(line.get_array(), errors[:-1], rtol=1e-6)
             np.testing.assert_allclose(np.asarray(line.get_segments())[:, 0], observations[:-1, :2], rtol=1e-6)
