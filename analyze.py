@@ -1504,8 +1504,7 @@ def _listing(title: str, entries: list[dict], line) -> list[str]:
 def behaviour_rows(runs: list[Run]) -> list[dict]:
     """The complete run folders holding what evaluate.py writes (trajectory figures, videos, eval_<step>.json), each
     with its cell and those files, in cell order."""
-    patterns = (TRAJECTORY_FILE.format(0).replace("00000000", "*"), VIDEO_DIR.format(0).replace("00000000", "*") + "/*",
-                EVAL_FILE.format(0).replace("00000000", "*"))
+    patterns = [name.replace("{:08d}", "*") for name in (TRAJECTORY_FILE, VIDEO_DIR + "/*", EVAL_FILE)]
     rows = []
     for run in sorted(runs, key=lambda r: (_cell_order((r.env, r.script, r.value_size, r.policy_size, r.alpha)),
                                            str(r.folder))):

@@ -1273,18 +1273,25 @@ class OracleProbe:
             out[f"{name}_mse"] = ((actions - labels) ** 2).mean((1, 2))
         return out
 
-    def eval(self, rollout: dict) -> dict[str, np.ndarray]:
-        """{"eval_mse": [M]} over the valid steps of an `Evaluator.evaluate` rollout."""
-        if not self.spec.has_oracle:
-            return {}
+    def step_errors(self, rollout: dict) -> np.ndarray:
+        """[M, E, T]: each valid step's squared error to the oracle's action, averaged over action dimensions (the
+        terms of eval_mse; 0 after an episode ended), for an `Evaluator.evaluate` rollout of an env with an oracle."""
         valid, observations = rollout["valid"], rollout["observations"]
         M, E = valid.shape[:2]
         goals = rollout["goals"] if self.spec.goal_conditioned else self._task_goals(M * E).reshape(M, E, -1)
         goals = np.broadcast_to(goals[:, :, None, :], observations.shape)
-        labels = self.oracle(observations[valid], goals[valid])
-        errors = ((rollout["actions"][valid] - labels) ** 2).mean(-1)
+        errors = np.zeros(valid.shape)
+        errors[valid] = ((rollout["actions"][valid] - self.oracle(observations[valid], goals[valid])) ** 2).mean(-1)
+        return errors
+
+    def eval(self, rollout: dict) -> dict[str, np.ndarray]:
+        """{"eval_mse": [M]} over the valid steps of an `Evaluator.evaluate` rollout."""
+        if not self.spec.has_oracle:
+            return {}
+        valid = rollout["valid"]
         member_of_row = np.nonzero(valid)[0]
-        return {"eval_mse": np.bincount(member_of_row, errors, M) / np.bincount(member_of_row, minlength=M)}
+        return {"eval_mse": np.bincount(member_of_row, self.step_errors(rollout)[valid], valid.shape[0])
+                / np.bincount(member_of_row, minlength=valid.shape[0])}
 
 
 def rollout_metrics(rollout: dict, probe: OracleProbe, prefix: str = "") -> dict[str, np.ndarray]:

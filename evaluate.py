@@ -172,10 +172,12 @@ def load_policy(run_dir: str | Path, step: int | None = None, member: int = 0) -
 @dataclasses.dataclass
 class Evaluation:
     """What one evaluation of a checkpoint gives: per-member metric arrays (the names of metrics.jsonl's "eval"
-    records), the plain episodes (envs.Evaluator.evaluate's rollout), and the training split (for coverage)."""
+    records), the plain episodes (envs.Evaluator.evaluate's rollout), the probe that measured their oracle MSEs,
+    and the training split (for coverage)."""
 
     metrics: dict[str, np.ndarray]
     rollout: dict
+    probe: envs.OracleProbe
     train: dict[str, np.ndarray]
     policy_data_size: int
 
@@ -206,7 +208,7 @@ def evaluate_checkpoint(checkpoint: Checkpoint, test_time: tuple[str, ...] = (),
         methods = testtime.Methods(harness, evaluator, probe, checkpoint.act, module.q_value, module.mean_action)
         metrics.update(methods.metrics(checkpoint.params, checkpoint.seeds, checkpoint.step))
     evaluator.close()
-    return Evaluation(metrics, rollout, train, size)
+    return Evaluation(metrics, rollout, probe, train, size)
 
 
 def evaluation_file(checkpoint: Checkpoint, evaluation: Evaluation, test_time: tuple[str, ...]) -> dict:
@@ -233,16 +235,6 @@ def evaluation_line(result: dict, path: Path) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Pictures of behaviour: pointmaze trajectories over the data, and videos
 # ----------------------------------------------------------------------------------------------------------------
-def step_errors(oracle: Callable, goal: np.ndarray, rollout: dict, member: int,
-                episode: int) -> tuple[np.ndarray, np.ndarray]:
-    """(observations [T, d], squared error [T] of each action to the `oracle`'s for `goal`, averaged over action
-    dimensions: the terms of eval_mse) over the valid steps of one episode of `member`."""
-    valid = rollout["valid"][member, episode]
-    observations = rollout["observations"][member, episode][valid]
-    labels = oracle(observations, np.broadcast_to(goal, observations.shape))
-    return observations, ((rollout["actions"][member, episode][valid] - labels) ** 2).mean(-1)
-
-
 def trajectory_figure(checkpoint: Checkpoint, evaluation: Evaluation, member: int = 0):
     """A pointmaze policy's evaluation episodes, one panel per task, over the maze (walls dark) and the coverage of
     the policy's training data (grey, darker = more transitions): each step coloured by its squared error to the
@@ -268,9 +260,11 @@ def trajectory_figure(checkpoint: Checkpoint, evaluation: Evaluation, member: in
         goals = [envs.task_goal(spec)] * len(rollout["tasks"])
     else:
         goals = list(rollout["goals"][member])
-    oracle = envs.make_oracle(spec)
-    drawn = {e: step_errors(oracle, goals[e], rollout, member, e) for es in episodes.values() for e in es}
-    norm = Normalize(0.0, max(1e-6, max(errors.max(initial=0.0) for _, errors in drawn.values())))
+    errors, drawn = evaluation.probe.step_errors(rollout), {}  # the terms of eval_mse, per step
+    for e in np.concatenate(list(episodes.values())):
+        valid = rollout["valid"][member, e]
+        drawn[e] = rollout["observations"][member, e][valid], errors[member, e][valid]
+    norm = Normalize(0.0, max(1e-6, errors[member][rollout["valid"][member]].max(initial=0.0)))  # every panel's scale
     figure, axes = plt.subplots(1, len(episodes), figsize=(3.6 * len(episodes) + 1.2, 3.8), squeeze=False)
     for ax, (task, es) in zip(axes[0], episodes.items()):
         ax.pcolormesh(x_edges, y_edges, np.ma.masked_equal(coverage, 0), cmap="Greys", alpha=0.45,
