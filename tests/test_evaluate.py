@@ -51,17 +51,19 @@ def eval_records(folder, step):
     return sorted((r for r in records if r["event"] == "eval" and r["step"] == step), key=lambda r: r["member"])
 
 
-def assert_same_as_the_run(evaluation, folder, step, rounding=()):
-    """Every metric of the run's "eval" records at `step`, member by member, exactly (the same float); the names in
-    `rounding` to float rounding."""
+def assert_same_as_the_run(evaluation, folder, step, same_program=True):
+    """Every metric of the run's "eval" records at `step`, member by member: exactly (the same float) where the
+    evaluation ran the program the run ran (same members, same shapes), else to float rounding. A program of another
+    shape (one member where the run stepped two) may round its matmuls differently, and XLA's choice of kernel depends
+    on the CPU: 2.34018958529206 against 2.3401895850655623 for OPEX's eval MSE on one machine, equal on another."""
     records = eval_records(folder, step)
     assert records, "the run did not evaluate at that step"
     names = set(records[0]) - {"event", "step", "member", "seed"}
     assert names == set(evaluation.metrics), names ^ set(evaluation.metrics)
     for m, record in enumerate(records):
         for name in names:
-            if name in rounding:
-                assert math.isclose(evaluation.metrics[name][m], record[name], rel_tol=1e-6), (name, m)
+            if not same_program:
+                assert math.isclose(evaluation.metrics[name][m], record[name], rel_tol=1e-6, abs_tol=1e-9), (name, m)
             else:
                 assert float(evaluation.metrics[name][m]) == record[name], (name, m)
 
@@ -85,9 +87,9 @@ def test_a_checkpoint_loads_bit_for_bit_and_evaluates_to_the_runs_own_numbers(sc
 
 def test_a_packed_sfbc_folder_and_test_time_methods_evaluate_to_the_runs_own_numbers(data_dir, tmp_path, monkeypatch):
     """scaling.py --pack: two folders of different policy sizes trained in one process (SfBC's key is the process's
-    --seed and count, not the folder's); OPEX on the same episodes gives the run's numbers too, and TTT the same up to
-    float rounding (the process stepped two members' episodes at once, the evaluation one member's, and the copies'
-    batched matmuls round differently)."""
+    --seed and count, not the folder's); the plain policy, OPEX and TTT on the same episodes give the run's numbers up
+    to float rounding: the process stepped two members' episodes at once, the evaluation one member's, so another
+    program of other shapes ran (exact equality held on one CPU and failed on another)."""
     members = [{"seed": 3, "policy_data_size": 2000, "value_data_size": 4000, "out_dir": str(tmp_path / "a")},
                {"seed": 4, "policy_data_size": 4000, "value_data_size": 2000, "out_dir": str(tmp_path / "b")}]
     (tmp_path / "members.json").write_text(json.dumps(members))
@@ -97,7 +99,7 @@ def test_a_packed_sfbc_folder_and_test_time_methods_evaluate_to_the_runs_own_num
     assert checkpoint.seeds == [4] and checkpoint.action_seed == 0 and checkpoint.action_calls > 0
     evaluation = evaluate.evaluate_checkpoint(checkpoint, test_time=("opex", "ttt"))
     assert {"opex_success", "ttt_success", "opex_eval_mse", "ttt_eval_mse"} <= set(evaluation.metrics)
-    assert_same_as_the_run(evaluation, tmp_path / "b", 100, rounding={"ttt_success", "ttt_return", "ttt_eval_mse"})
+    assert_same_as_the_run(evaluation, tmp_path / "b", 100, same_program=False)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +160,8 @@ def test_the_notebook_policy_acts_as_the_evaluated_one(bc_run):
     data = envs.load_dataset(envs.parse_env(POINTMAZE), checkpoint.config.dataset_dir)
     obs, goals = data["observations"][:7], data["observations"][100:107]
     batched = np.asarray(checkpoint.policy()(np.stack([obs, obs]), np.stack([goals, goals])))
-    np.testing.assert_array_equal(policy(obs, goals), batched[1])
+    # one member's program against the two members' program: equal up to float rounding, not necessarily bit for bit
+    np.testing.assert_allclose(policy(obs, goals), batched[1], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(policy(obs[0], goals[0]), batched[1, 0], rtol=1e-6, atol=1e-7)
     assert not np.array_equal(batched[0], batched[1])  # two members, two policies
 

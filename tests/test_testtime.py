@@ -93,9 +93,9 @@ def test_ttt_adapts_only_its_copy_and_lr_0_acts_as_the_trained_policy(script, re
 @pytest.mark.slow
 def test_ttt_never_touches_the_trained_parameters_and_lr_0_equals_plain_evaluation(data_dir, tmp_path):
     """Whole runs of iql_ddpgbc: the checkpoints of a run evaluated with OPEX and TTT equal those of a plain run (TTT
-    trains a copy), and so do its plain numbers; with --ttt-lr 0 TTT's numbers equal the plain ones, bit for bit
-    with one copy per member. The evaluations run in waves of 2 episodes per member (the last one padded), and give
-    the numbers of one wave of all episodes."""
+    trains a copy), and so do its plain numbers; with --ttt-lr 0 TTT's numbers equal the plain ones (up to float
+    rounding: TTT acts through its own jitted program). The evaluations run in waves of 2 episodes per member (the last one padded), and give
+    the numbers of one wave of all episodes (up to float rounding: the shapes differ)."""
     common = ["--env", POINTMAZE, "--dataset-dir", str(data_dir), "--steps", "100", "--log-interval", "50",
               "--eval-interval", "100", "--hidden-dims", "16", "--batch-size", "32", "--eval-episodes", "1",
               "--mse-samples", "64", "--num-seeds", "2", "--checkpoint-interval", "100", "--no-progress",
@@ -116,11 +116,16 @@ def test_ttt_never_touches_the_trained_parameters_and_lr_0_equals_plain_evaluati
         for key in runs.RESULT_METRICS:  # the plain evaluation beside it is untouched too
             assert results[name][key] == results["plain"][key], key
     assert results["plain"]["test_time"] == [] and results["both"]["test_time"] == ["opex", "ttt"]
-    for key in runs.RESULT_METRICS:  # waves of 2 episodes per member, or all 5 at once: the same numbers
-        assert results["one-wave"][key] == results["plain"][key], key
+    # Waves of 2 episodes per member or all 5 at once, and TTT's frozen copy against the plain rule, run programs of
+    # other shapes (or another jit) than the plain evaluation: the same numbers up to float rounding (exact equality
+    # is kept above, where the same training program ran).
+    same_up_to_rounding = lambda a, b: np.testing.assert_allclose(a["per_member"], b["per_member"], rtol=1e-6,  # noqa
+                                                                  atol=1e-9)
+    for key in runs.RESULT_METRICS:
+        same_up_to_rounding(results["one-wave"][key], results["plain"][key])
     assert not any(k.startswith(("opex_", "ttt_")) for k in results["plain"])
     for key in ("success", "return", "eval_mse"):
-        assert results["lr0-never"]["ttt_" + key] == results["plain"][key], key
+        same_up_to_rounding(results["lr0-never"]["ttt_" + key], results["plain"][key])
         # one copy per episode acts on one state at a time: the same actions up to matmul rounding
         np.testing.assert_allclose(results["lr0-episode"]["ttt_" + key]["per_member"],
                                    results["plain"][key]["per_member"], rtol=1e-4, atol=1e-5)
