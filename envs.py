@@ -178,21 +178,31 @@ def parse_env(name: str) -> EnvSpec:
 # Each entry is (value, source). "reference": OGBench impls/hyperparameters.sh, GCIQL's row for IQL and SARSA (the
 # same losses), CRL's for CRL (the authors' tuned DDPG+BC alphas; 50 evaluation episodes per task); "paper": PAPER.md;
 # "OURS": neither says. Keys: "discount", "eval_episodes", "actor_p_randomgoal" (the share of actor goals drawn at
-# random from the subset, the rest from the same trajectory's future), "alpha/<value>_<extractor>" (the default), and
-# "alphas/<extractor>" (the grid scaling.py sweeps when not given one).
+# random from the subset, the rest from the same trajectory's future), "alpha" (the default), and "alphas" (the grid
+# scaling.py sweeps when not given one). A key may name a script family after a slash, and the most specific name
+# wins whatever the rows' order: "<key>/<script>" (alpha/crl_ddpgbc), then "<key>/<extractor>" (actor_p_randomgoal/bc,
+# alphas/ddpgbc), then "<key>" (see table_entry).
 _REF, _OURS = "reference", "OURS"
 
 
 def _ddpgbc(gciql: float, crl: float) -> dict[str, tuple]:
-    """The reference's tuned DDPG+BC alphas (GCIQL's for IQL and SARSA, CRL's for CRL), and the grid scaling.py sweeps:
-    GCIQL's alpha and one decade either side (OURS; the paper sweeps 0.003 .. 10 in all)."""
-    grid = tuple(float(f"{gciql * f:.6g}") for f in (0.1, 1.0, 10.0))
-    return {"alpha/iql_ddpgbc": (gciql, _REF), "alpha/sarsa_ddpgbc": (gciql, _REF), "alpha/crl_ddpgbc": (crl, _REF),
-            "alphas/ddpgbc": (grid, "OURS: the reference's tuned alpha and one decade either side")}
+    """The reference's tuned DDPG+BC alphas (GCIQL's for IQL and SARSA, CRL's for CRL), and the grids scaling.py sweeps:
+    each value learner's tuned alpha and one decade either side (OURS; the paper sweeps 0.003 .. 10 in all)."""
+    def grid(alpha):
+        return tuple(float(f"{alpha * f:.6g}") for f in (0.1, 1.0, 10.0))
 
+    source = "OURS: the reference's tuned alpha of that value learner and one decade either side"
+    return {"alpha/iql_ddpgbc": (gciql, _REF), "alpha/sarsa_ddpgbc": (gciql, _REF), "alpha/crl_ddpgbc": (crl, _REF),
+            "alphas/ddpgbc": (grid(gciql), source), "alphas/crl_ddpgbc": (grid(crl), source)}
+
+
+# GCBC (bc.py, and the behaviour policy SfBC samples its candidates from) never draws random actor goals in the
+# reference: its config has actor_p_randomgoal 0.0 and hyperparameters.sh overrides it for GCIQL and CRL only.
+_GCBC_GOALS = {"actor_p_randomgoal/bc": (0.0, "reference: GCBC's, never overridden"),
+               "actor_p_randomgoal/sfbc": (0.0, "reference: GCBC's, the policy SfBC samples from")}
 
 HYPERPARAMETERS: tuple[tuple[str, dict[str, tuple]], ...] = (
-    ("*", {"discount": (0.99, _REF), "eval_episodes": (50, _REF), "actor_p_randomgoal": (0.0, _REF),
+    ("*", {"discount": (0.99, _REF), "eval_episodes": (50, _REF), "actor_p_randomgoal": (0.0, _REF), **_GCBC_GOALS,
            **_ddpgbc(0.3, 0.1), "alphas/awr": ((0.3, 1.0, 3.0, 10.0), "paper"),
            "alpha/iql_awr": (3.0, "OURS: in the paper's AWR grid"), "alpha/sarsa_awr": (3.0, _OURS),
            "alpha/crl_awr": (3.0, _OURS)}),
@@ -226,15 +236,24 @@ def hyperparameters(name: str) -> dict[str, tuple]:
     return entries
 
 
+def table_entry(entries: dict[str, tuple], key: str, script: str) -> tuple | None:
+    """The (value, source) of `key` for `script` among a dataset's entries: "<key>/<script>", else
+    "<key>/<extractor>" (bc for bc.py), else "<key>"; None where the table has none."""
+    for name in (f"{key}/{script}", f"{key}/{script.split('_')[-1]}", key):
+        if name in entries:
+            return entries[name]
+    return None
+
+
 def fill_from_table(config, script: str):
     """`config` with every flag of TABLE_FLAGS it has and the user left unset (None) taken from the table row of its
     --env; returns (config, {flag: "value (source)"}) so that config.json can say which values came from the table."""
     flags, entries = runs.flat_flags(config), hyperparameters(config.env)
     filled = {}
     for flag in TABLE_FLAGS:
-        key = f"alpha/{script}" if flag == "alpha" else flag
-        if flag in flags and flags[flag] is None and key in entries:
-            flags[flag], source = entries[key]
+        entry = table_entry(entries, flag, script)
+        if flag in flags and flags[flag] is None and entry is not None:
+            flags[flag], source = entry
             filled[flag] = f"{flags[flag]} ({source})"
     return runs.make_config(type(config), **flags), filled
 

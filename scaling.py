@@ -240,8 +240,24 @@ def with_wandb_group(script_args: list[str], sweep_dir: str) -> list[str]:
 
 
 def table_alphas(env: str, script: str) -> tuple:
-    """The alpha grid of the dataset's row of envs.HYPERPARAMETERS for the script's extractor; () for one without."""
-    return envs.hyperparameters(env).get(f"alphas/{script.split('_')[-1]}", ((), ""))[0]
+    """The alpha grid of the dataset's row of envs.HYPERPARAMETERS for the script (CRL's DDPG+BC grid is centred on
+    CRL's tuned alpha, IQL's and SARSA's on GCIQL's); () for a script without one."""
+    return (envs.table_entry(envs.hyperparameters(env), "alphas", script) or ((), ""))[0]
+
+
+def grid_lines(env: str, scripts: list[str]) -> list[str]:
+    """'awr 0.3 1 3 10', 'iql/sarsa_ddpgbc 0.03 0.3 3', 'crl_ddpgbc ...': each extractor's table grid, named by the
+    value learners that share it (by the extractor alone where all of the sweep's scripts share one)."""
+    lines = []
+    for extractor in ("awr", "ddpgbc"):
+        by_grid: dict[tuple, list[str]] = {}
+        for script in scripts:
+            if script.split("_")[-1] == extractor:
+                by_grid.setdefault(table_alphas(env, script), []).append(script.split("_")[0])
+        for grid, learners in by_grid.items():
+            name = extractor if len(by_grid) == 1 else f"{'/'.join(learners)}_{extractor}"
+            lines.append(f"{name} {' '.join(f'{a:g}' for a in grid)}")
+    return lines
 
 
 def plan(settings: dict) -> list[Run]:
@@ -524,9 +540,8 @@ def describe(settings: dict, runs: list[Run], procs: list[Process], dataset_line
     lines += [f"  dataset {line}" for line in dataset_lines]
     for env in settings["envs"]:  # what the scripts take from the table for the flags the sweep leaves unset
         row = envs.hyperparameters(env)
-        grids = [f"{e} {' '.join(f'{a:g}' for a in table_alphas(env, e))}" for e in ("awr", "ddpgbc")
-                 if settings["table_alphas"] and not settings[f"{e}_alphas"]
-                 and any(s.endswith(e) for s in settings["scripts"])]
+        grids = grid_lines(env, [s for s in settings["scripts"] if settings["table_alphas"]
+                                 and s.split("_")[-1] in ("awr", "ddpgbc") and not settings[f"{s.split('_')[-1]}_alphas"]])
         lines.append(f"  {env} from envs.HYPERPARAMETERS: discount {row['discount'][0]:g} ({row['discount'][1]})"
                      + (f"; alpha grids {', '.join(grids)} ({row['alphas/ddpgbc'][1]}; AWR: the paper's)" if grids
                         else ""))

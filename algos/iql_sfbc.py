@@ -248,8 +248,9 @@ def update(state, data, member, config: Config, goal_conditioned: bool, online=N
     grads = {"value": v_grad, "critic": c_grad, "actor": a_grad}
     updates, opt_state = optax.adam(config.lr).update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
+    # Polyak towards the critic as it was before this step's Adam update (the reference's order).
     target = jax.tree_util.tree_map(lambda t, p: (1 - config.tau) * t + config.tau * p, state["target_critic"],
-                                    params["critic"])
+                                    state["params"]["critic"])
     new_state = {"params": params, "target_critic": target, "opt_state": opt_state, "key": key,
                  "step": state["step"] + 1}
     return new_state, {**v_info, **c_info, **a_info}

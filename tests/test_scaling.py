@@ -173,10 +173,11 @@ def test_dry_run_prints_the_plan_and_touches_nothing(data_dir, tmp_path):
                       "--sweep-dir", str(sweep_dir), "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert f"{2 * 16 * 4 * 3 * (4 + 3 + 1)} runs" in proc.stdout
+    # (CRL's DDPG+BC grid is centred on CRL's tuned alpha, IQL's and SARSA's on GCIQL's: the reference tunes each)
     assert ("pointmaze-large-navigate-v0 from envs.HYPERPARAMETERS: discount 0.99 (reference); alpha grids awr 0.3 1 "
-            "3 10, ddpgbc 0.0003 0.003 0.03") in proc.stdout
+            "3 10, iql/sarsa_ddpgbc 0.0003 0.003 0.03, crl_ddpgbc 0.003 0.03 0.3") in proc.stdout
     assert "cube-single-play-v0 from envs.HYPERPARAMETERS: discount 0.99 (reference); alpha grids awr 0.3 1 3 10, " \
-           "ddpgbc 0.1 1 10" in proc.stdout
+           "iql/sarsa_ddpgbc 0.1 1 10, crl_ddpgbc 0.3 3 30" in proc.stdout
     # a flag overrides the table: the given grid, for every dataset
     proc = run_script("scaling.py", "--preset", "matrix", "--dataset-dir", str(tmp_path / "no-data"),
                       "--sweep-dir", str(sweep_dir), "--dry-run", "--ddpgbc-alphas", "0.5")

@@ -1,0 +1,85 @@
+"""Where the authors' reference code (OGBench impls/) decides: the table's entries per script family, the alpha grids
+per value learner, and the order of the target update. Each test names the reference's setting it pins."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import envs
+import runs
+import scaling
+
+GCBC_SCRIPTS = ("bc", "iql_sfbc", "sarsa_sfbc", "crl_sfbc")  # GCBC, and the three that sample from a GCBC policy
+TD_SCRIPTS = [f"{v}_{e}" for v in ("iql", "sarsa") for e in ("awr", "ddpgbc", "sfbc")]  # the ones with target critics
+
+
+def load(script):
+    return importlib.import_module(f"algos.{script}")
+
+
+def test_gcbc_and_sfbc_never_draw_random_actor_goals_on_any_dataset():
+    """The reference's GCBC has actor_p_randomgoal 0.0 and hyperparameters.sh never overrides it (it does for GCIQL
+    and CRL: 0.5 on stitch, 1.0 on antmaze explore). So bc.py and the SfBC scripts' behaviour policies take 0.0 from
+    the table on every dataset, said as the reference's in config.json's from_table, while the AWR / DDPG+BC actors
+    keep the value learner's row."""
+    names = envs.all_env_names()
+    assert any("-stitch-" in n for n in names) and any("-explore-" in n for n in names)
+    for name in names:
+        for script in GCBC_SCRIPTS:
+            config, filled = envs.fill_from_table(runs.make_config(load(script).Config, env=name), script)
+            assert config.actor_p_randomgoal == 0.0, (name, script)
+            assert filled["actor_p_randomgoal"].startswith("0.0 (reference"), (name, script, filled)
+    for script in ("iql_ddpgbc", "crl_awr"):
+        stitch = envs.fill_from_table(runs.make_config(load(script).Config, env="antmaze-large-stitch-v0"), script)[0]
+        explore = envs.fill_from_table(runs.make_config(load(script).Config, env="antmaze-large-explore-v0"), script)[0]
+        assert (stitch.actor_p_randomgoal, explore.actor_p_randomgoal) == (0.5, 1.0), script
+    # a flag given on the command line still wins
+    given = runs.make_config(load("bc").Config, env="antmaze-large-stitch-v0", actor_p_randomgoal=0.25)
+    assert envs.fill_from_table(given, "bc")[0].actor_p_randomgoal == 0.25
+
+
+@pytest.mark.parametrize("script", ["iql_ddpgbc", "sarsa_ddpgbc", "crl_ddpgbc"])
+def test_each_value_learners_alpha_grid_is_centred_on_its_own_tuned_alpha(script):
+    """scaling.py's DDPG+BC grid for a dataset is the script's tuned alpha (the reference's: GCIQL's for IQL and SARSA,
+    CRL's for CRL) and one decade either side, on every dataset; CRL's differs from GCIQL's on cube / scene / puzzle
+    play (3 vs 1), antmaze explore (0.003 vs 0.01) and antsoccer (0.3 vs 0.1)."""
+    for name in envs.all_env_names():
+        alpha = envs.fill_from_table(runs.make_config(load(script).Config, env=name), script)[0].alpha
+        grid = scaling.table_alphas(name, script)
+        assert grid == pytest.approx((alpha / 10, alpha, alpha * 10)), (name, script, grid)
+    expected = {"iql_ddpgbc": 1.0, "sarsa_ddpgbc": 1.0, "crl_ddpgbc": 3.0}[script]
+    assert scaling.table_alphas("cube-single-play-v0", script)[1] == expected
+    assert scaling.table_alphas("antsoccer-arena-navigate-v0", script)[1] == {"crl_ddpgbc": 0.3}.get(script, 0.1)
+
+
+@pytest.mark.parametrize("script", TD_SCRIPTS)
+def test_targets_move_towards_the_critic_before_its_update(script):
+    """The reference's target_update averages the pre-update agent's critic into the target (`self.network.params`,
+    not the new network's): after one step, target = (1 - tau) * target_0 + tau * critic_0. With tau 0.5 and a large
+    learning rate the post-update critic is far from critic_0, so the other order fails."""
+    algo = load(script)
+    config = envs.fill_from_table(runs.make_config(algo.Config, hidden_dims=(16,), batch_size=8, tau=0.5, lr=0.05,
+                                                   env="walker-run-random"), script)[0]
+    rng = np.random.default_rng(0)
+    data = {"observations": rng.standard_normal((64, 3)), "actions": rng.uniform(-1, 1, (64, 2)),
+            "next_observations": rng.standard_normal((64, 3)), "rewards": rng.standard_normal(64),
+            "masks": np.ones(64)}
+    data = {k: jnp.asarray(v, jnp.float32) for k, v in data.items()}
+    state = algo.init_state(jax.random.PRNGKey(0), 3, 0, 2, config)
+    # targets apart from the critic, so that both terms of the average show
+    state["target_critic"] = jax.tree_util.tree_map(lambda t: t + 0.5, state["target_critic"])
+    member = {"value_data_size": 64, "policy_data_size": 64}
+    if hasattr(config, "alpha"):
+        member["alpha"] = 1.0
+    new, _ = jax.jit(lambda s: algo.update(s, data, member, config, False))(state)
+    expected = jax.tree_util.tree_map(lambda t, p: 0.5 * t + 0.5 * p, state["target_critic"], state["params"]["critic"])
+    after_update = jax.tree_util.tree_map(lambda t, p: 0.5 * t + 0.5 * p, state["target_critic"],
+                                          new["params"]["critic"])
+    for got, want, other in zip(*(jax.tree_util.tree_leaves(t) for t in (new["target_critic"], expected,
+                                                                          after_update))):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(a, b, atol=1e-4) for a, b in zip(jax.tree_util.tree_leaves(expected),
+                                                                   jax.tree_util.tree_leaves(after_update)))
