@@ -19,13 +19,32 @@ Run folders, exit codes and the result schema live in runs.py; OPEX and TTT in t
 
 from __future__ import annotations
 
-import ctypes.util
 import os
+import sys
 
-# No display anywhere: MuJoCo must never try to open a window (set before mujoco is imported). EGL draws offscreen
-# where its library is installed; without it, drawing is off (nothing here needs it but evaluate.py --capture-video,
-# which then exits 2 saying what to install) rather than failing every import of dm_control.
-os.environ.setdefault("MUJOCO_GL", "egl" if ctypes.util.find_library("EGL") else "disable")
+
+def _choose_gl() -> None:
+    """Set MUJOCO_GL before anything imports mujoco or dm_control: the one place the project chooses it. No display
+    anywhere, so MuJoCo must never try to open a window. A MUJOCO_GL already set (by the user) stands. Otherwise
+    `egl` where dm_control's EGL backend imports, which loads libEGL and opens a headless EGL display (a library
+    that is listed by ldconfig but missing, broken, or without a driver fails here, not later); else `disable`:
+    drawing is off (nothing here needs it but evaluate.py --capture-video, which then exits 2 saying what to install)
+    rather than failing every import of dm_control. Child processes inherit the choice and do not probe again."""
+    if "MUJOCO_GL" in os.environ:
+        return
+    os.environ["MUJOCO_GL"] = "egl"
+    platform = os.environ.get("PYOPENGL_PLATFORM")  # dm_control's EGL backend sets it to egl
+    try:
+        import dm_control._render  # noqa: F401  (imports the backend MUJOCO_GL names)
+    except Exception:  # noqa: BLE001  (ImportError, OSError, or PyOpenGL's AttributeError on a library that won't load)
+        os.environ["MUJOCO_GL"] = "disable"
+        if platform is None:
+            os.environ.pop("PYOPENGL_PLATFORM", None)
+        for name in [m for m in sys.modules if m == "dm_control._render" or m.startswith("dm_control._render.")]:
+            del sys.modules[name]  # imported again below, with MUJOCO_GL=disable
+
+
+_choose_gl()
 
 import dataclasses  # noqa: E402
 import difflib  # noqa: E402
@@ -62,7 +81,7 @@ from ogbench.relabel_utils import relabel_dataset  # noqa: E402
 from tqdm import tqdm, trange  # noqa: E402
 
 import runs  # noqa: E402
-from runs import UsageError, exit_on_usage_error, write_atomic, write_npz_atomic  # noqa: E402
+from runs import UsageError, exit_on_usage_error, replace_durably, write_atomic, write_npz_atomic  # noqa: E402
 
 DEFAULT_DATASET_DIR = "~/.ogbench/data"  # the same folder ogbench itself uses for its downloads
 
@@ -349,7 +368,7 @@ def _download_ogbench(spec: EnvSpec, dataset_dir: str) -> Path:
                 raise UsageError(f"the download of {name} from {base} is damaged ({error}); rerun to download it "
                                  f"again, {instead}place {names[1]} and {names[0]} in {path.parent} by hand") from None
         for name in names:
-            os.replace(staging / name, path.parent / name)
+            replace_durably(staging / name, path.parent / name)  # ogbench's downloader wrote it without a sync
     except (OSError, http.client.HTTPException) as error:  # no network, 404, a dropped connection, a full disk
         reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or f"{type(error).__name__}"
         code = f"HTTP {error.code} " if hasattr(error, "code") else ""
@@ -387,7 +406,7 @@ def _download_exorl(spec: EnvSpec, dataset_dir: str) -> Path:
                     with archive.open(member) as source, open(staging / "buffer" / Path(member).name, "wb") as out:
                         shutil.copyfileobj(source, out, 1 << 20)
             path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / "buffer", path)
+            replace_durably(staging / "buffer", path)  # its episodes, the folder, then the rename reach the disk
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         part.unlink()
@@ -643,7 +662,7 @@ def generate(spec: EnvSpec, dataset_dir: str, num_episodes: int | None = None, m
             staged.append((final.with_name(f".{final.name}.staged"), final))
             write_atomic(staged[-1][0], write, binary=True)
         for temporary, final in staged:
-            os.replace(temporary, final)
+            replace_durably(temporary, final)  # each rename on the disk before the next: the training file last
     except BaseException as error:
         for temporary, _ in staged:
             Path(temporary).unlink(missing_ok=True)

@@ -194,8 +194,7 @@ def evaluate_checkpoint(checkpoint: Checkpoint, test_time: tuple[str, ...] = (),
     harness = dataclasses.replace(config.harness, eval_episodes=eval_episodes or config.harness.eval_episodes,
                                   eval_envs=eval_envs or config.harness.eval_envs,
                                   **({"test_time": tuple(test_time)} if test_time else {}))
-    data = envs.load_dataset(spec, dataset_dir or config.dataset_dir, download=download)
-    train, val = envs.split_dataset(data, config.split_seed)
+    train, val, _ = envs.load_splits(spec, dataset_dir or config.dataset_dir, config.split_seed, download)
     size = runs.resolve_data_size(config.policy_data_size, len(train["actions"]), "--policy-data-size")
     probe = envs.OracleProbe(spec, train, val, [size] * len(checkpoint.seeds), harness.mse_samples, config.split_seed)
     evaluator = envs.Evaluator(spec, len(checkpoint.seeds), harness.eval_episodes, harness.eval_envs,
@@ -349,7 +348,7 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
 
 
 OFFSCREEN_GL_HELP = ("install an offscreen OpenGL backend for MuJoCo: EGL (Debian / Ubuntu: apt-get install libegl1 "
-                     "libgl1-mesa-dri; then MUJOCO_GL=egl, the default where libEGL is found) or OSMesa (apt-get "
+                     "libgl1-mesa-dri; then MUJOCO_GL=egl, the default where EGL works) or OSMesa (apt-get "
                      "install libosmesa6; then MUJOCO_GL=osmesa)")
 
 

@@ -18,6 +18,7 @@ Nothing here knows an environment or a loss: a script hands `Run` its metrics an
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import importlib
 import json
@@ -98,10 +99,39 @@ def _umask() -> int:
     return mask
 
 
+def fsync_path(path: Path) -> None:
+    """Flush to the disk a file's bytes, or a folder's entries (the names created, renamed or removed in it). A file
+    system that cannot sync a folder (EINVAL: some network and FUSE ones) is left as it is."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if not (error.errno in (errno.EINVAL, errno.ENOTSUP) and os.path.isdir(path)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def replace_durably(src: Path, dst: Path) -> None:
+    """`os.replace(src, dst)` that holds against a power cut, not only a killed process: what `src` holds reaches
+    the disk before the rename (a file's bytes; for a folder, the bytes of each file in it and its own entries, one
+    level deep, as the dataset folders are), and the folder receiving `dst` records the rename after it. After a
+    crash at any moment `dst` is the old one or the whole new one. (`write_atomic` syncs its own file as it writes.)"""
+    src = Path(src)
+    if src.is_dir():
+        for child in src.iterdir():
+            if child.is_file():
+                fsync_path(child)
+    fsync_path(src)
+    os.replace(src, dst)
+    fsync_path(Path(dst).parent)
+
+
 def write_atomic(path: Path, write: Callable, binary: bool = False) -> None:
     """`write(file)` into a temporary file in the same folder, then rename it to `path`: a reader sees the old file
-    or the whole new one, never half of one. A failed write (a full disk) removes the temporary file and raises a
-    UsageError naming the file."""
+    or the whole new one, never half of one, after a killed process and after a power cut alike (the file is synced
+    to the disk before the rename, the folder after it). A failed write (a full disk) removes the temporary file and
+    raises a UsageError naming the file."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,9 +142,12 @@ def write_atomic(path: Path, write: Callable, binary: bool = False) -> None:
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on the disk before the rename makes them the file
         os.replace(tmp, path)
+        fsync_path(path.parent)  # and so is the rename
     except BaseException as error:
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)  # already renamed where only the folder's sync failed
         if isinstance(error, OSError):
             raise UsageError(f"cannot write {path}: {error.strerror or error}; free space or choose a writable "
                              "folder, then rerun (scripts: with --resume)") from error

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("MUJOCO_GL", "egl")
+# MUJOCO_GL is envs.py's to choose (egl where EGL works, else disable; imported below), not the suite's.
 # Nothing at test time touches the network: no dataset is downloaded (the download tests serve files on loopback).
 os.environ["OFFRL_NO_DOWNLOAD"] = "1"
 # One JAX compilation cache for the suite's processes (both workers and every script they start): most tests compile

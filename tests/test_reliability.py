@@ -424,3 +424,43 @@ def test_one_launcher_per_sweep_folder(data_dir, tmp_path):
     handle = runs.lock_folder(sweep, "--sweep-dir")
     assert (sweep / runs.LOCK_FILE).read_text().strip() == str(os.getpid())
     handle.close()
+
+
+def test_a_durable_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """Durable against a power cut, not only a killed process: write_atomic fsyncs the temporary file's bytes before
+    the rename makes it the file, and the folder (which records the rename) after it; a staged folder renamed into
+    place (an ExORL buffer) has each of its files and itself synced before the rename, the receiving folder after."""
+    import stat
+
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        status = os.fstat(fd)
+        calls.append(("fsync", "folder" if stat.S_ISDIR(status.st_mode) else "file", status.st_ino))
+        return real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        calls.append(("replace", os.stat(src).st_ino, Path(dst).name))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "result.json"
+    runs.write_json_atomic(path, {"success": 1.0})
+    assert calls == [("fsync", "file", path.stat().st_ino), ("replace", path.stat().st_ino, "result.json"),
+                     ("fsync", "folder", tmp_path.stat().st_ino)]
+    assert json.loads(path.read_text()) == {"success": 1.0}
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    episodes = {name: (staging / name).write_bytes(name.encode()) and (staging / name).stat().st_ino
+                for name in ("episode_0.npz", "episode_1.npz")}
+    folder, into = staging.stat().st_ino, tmp_path / "algo"
+    into.mkdir()
+    calls.clear()
+    runs.replace_durably(staging, into / "buffer")
+    assert sorted(calls[:2]) == sorted(("fsync", "file", inode) for inode in episodes.values())
+    assert calls[2:] == [("fsync", "folder", folder), ("replace", folder, "buffer"),
+                         ("fsync", "folder", into.stat().st_ino)]
+    assert sorted(p.name for p in (into / "buffer").iterdir()) == sorted(episodes)
