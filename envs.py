@@ -472,8 +472,8 @@ def _missing_dataset_message(spec: EnvSpec, path: Path, dataset_dir: str) -> str
 
 def load_dataset(spec: EnvSpec, dataset_dir: str = DEFAULT_DATASET_DIR,
                  download: bool = True) -> dict[str, np.ndarray]:
-    """Load the whole dataset of `spec` (the official -val file, if any, is not used: splits are ours). A missing
-    official OGBench dataset is downloaded first where `downloads_allowed(download)`."""
+    """Load the whole training file of `spec` (load_splits adds the validation data). A missing official OGBench
+    dataset is downloaded first where `downloads_allowed(download)`."""
     path = dataset_path(spec, dataset_dir)
     if not path.exists() and spec.can_download and downloads_allowed(download):
         download_dataset(spec, dataset_dir)
@@ -878,6 +878,39 @@ def split_dataset(data: dict[str, np.ndarray], seed: int, val_fraction: float = 
         return part
 
     return gather(train_ids), gather(val_ids)
+
+
+VALIDATION_FILE = "the official -val file"  # config.json's "validation": where the validation MSE's states come from
+VALIDATION_HOLDOUT = "10% of the training file's trajectories, held out (OURS: no -val file)"
+
+
+def validation_file(spec: EnvSpec, dataset_dir: str) -> Path | None:
+    """The official `<dataset>-val.npz` beside an OGBench training file, if it holds a whole episode (a generated set
+    of fewer than 10 episodes has a one-row placeholder there, for ogbench's loader); else None."""
+    if spec.family != "ogbench":
+        return None
+    path = dataset_path(spec, dataset_dir).with_name(f"{spec.dataset_name}-val.npz")
+    if not path.exists():
+        return None
+    check_dataset_file(path)
+    with np.load(path) as arrays:
+        return path if np.asarray(arrays["terminals"]).any() else None
+
+
+def load_splits(spec: EnvSpec, dataset_dir: str = DEFAULT_DATASET_DIR, seed: int = 0,
+                download: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+    """(train, val, validation): what every script trains and validates on. Where the official -val file exists
+    (every OGBench dataset, downloaded or generated), train is the whole training file and val that file, as the
+    reference's; elsewhere (ExORL) 10% of the training file's trajectories are held out (OURS). Either way train's
+    rows follow one seeded permutation of whole trajectories (nested subsets: split_dataset); `validation` says which
+    (VALIDATION_FILE or VALIDATION_HOLDOUT; config.json records it)."""
+    data = load_dataset(spec, dataset_dir, download=download)
+    path = validation_file(spec, dataset_dir)
+    if path is None:
+        return (*split_dataset(data, seed), VALIDATION_HOLDOUT)
+    train, _ = split_dataset(data, seed, val_fraction=0.0)
+    val, _ = split_dataset(_load_ogbench(spec, path), seed, val_fraction=0.0)
+    return train, val, VALIDATION_FILE
 
 
 def split_trajectory_ids(num_trajectories: int, seed: int, val_fraction: float = 0.1):

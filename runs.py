@@ -397,7 +397,7 @@ class RunFolder:
     trackers (--track, --tensorboard: section 5), which get every record metrics.jsonl gets."""
 
     def __init__(self, path: str, config: dict, resume_step: int | None = None, from_table: dict | None = None,
-                 seeds: list[int] | None = None):
+                 seeds: list[int] | None = None, validation: str = ""):
         self.path = Path(path)  # locked by the caller (Members), which holds the lock for the process's life
         if (self.path / "result.json").exists():
             raise UsageError(f"{self.path} already holds a complete run (result.json); choose another --out-dir")
@@ -420,8 +420,9 @@ class RunFolder:
             shutil.rmtree(self.path / RESUME_DIR, ignore_errors=True)
         (self.path / "failure.json").unlink(missing_ok=True)  # an earlier attempt's, if any
         # from_table: which flags the user left unset and the dataset's row of envs.HYPERPARAMETERS filled, from where
+        # validation: where the validation MSE's states come from (envs.load_splits: the -val file or a hold-out)
         write_json_atomic(self.path / "config.json", dict(config=config, from_table=from_table or {},
-                                                          versions=package_versions()))
+                                                          validation=validation, versions=package_versions()))
         self._metrics = open(metrics, "a" if resume_step is not None else "w")
         self.trackers = Trackers(self.path, config, seeds or [], kept and [json.loads(line) for line in kept])
 
@@ -627,10 +628,11 @@ class Members:
     `seeds`, `settings` (per member, sizes resolved to transition counts) and `arrays` (the per-member fields the
     jitted update takes) describe the members; `log`, `checkpoint` and `finish` route per-member data to the folders.
     `train_size`: transitions in the training split (the largest data size); `from_table`: the flags filled from the
-    dataset's row of envs.HYPERPARAMETERS (config.json records them).
+    dataset's row of envs.HYPERPARAMETERS (config.json records them); `validation`: which validation data the
+    script uses (envs.load_splits; config.json records it too).
     """
 
-    def __init__(self, config, script: str, train_size: int, from_table: dict | None = None):
+    def __init__(self, config, script: str, train_size: int, from_table: dict | None = None, validation: str = ""):
         flags = flat_flags(config)
         fields = [f for f in MEMBER_FIELDS if f in flags]
         if flags.get("members_file"):
@@ -668,7 +670,7 @@ class Members:
             common = set.intersection(*(set(resume_steps(Path(d))) for d in groups))
             self.resume_step = max(common) if common else None
         self.folders = [(RunFolder(out_dir, standalone[out_dir], self.resume_step, from_table,
-                                   [self.seeds[m] for m in ms]), ms) for out_dir, ms in groups.items()]
+                                   [self.seeds[m] for m in ms], validation), ms) for out_dir, ms in groups.items()]
         self._last_finite: list[dict] = []
 
     def keys(self):
@@ -760,8 +762,8 @@ class Run(Members):
     `evaluate(step)` returns per-member metric arrays ({"success": [M], ...}); `run.progress` is what a resume state
     restores (SfBC's policy counts its sampling keys there)."""
 
-    def __init__(self, config, script: str, train_size: int, from_table: dict | None = None):
-        super().__init__(config, script, train_size, from_table)
+    def __init__(self, config, script: str, train_size: int, from_table: dict | None = None, validation: str = ""):
+        super().__init__(config, script, train_size, from_table, validation)
         self.config, self.harness, self.script = config, config.harness, script
         self.total_steps = config.steps + self.online_steps
         interval = self.harness.resume_interval

@@ -310,7 +310,7 @@ def prepare_datasets(settings: dict, dry_run: bool) -> list[str]:
                 print(f"{name}: {error}; generating it offline instead", file=sys.stderr)
             if not path.exists():
                 envs.generate(spec, settings["dataset_dir"], num_episodes=settings["generate_episodes"])
-        train, _ = envs.split_dataset(envs.load_dataset(spec, settings["dataset_dir"]), seed=0)
+        train, _, _ = envs.load_splits(spec, settings["dataset_dir"])
         available = len(train["actions"])
         for flag in ("value_sizes", "policy_sizes"):
             too_big = [s for s in settings[flag] if s is not None and s > available]
@@ -541,7 +541,8 @@ def describe(settings: dict, runs: list[Run], procs: list[Process], dataset_line
     for env in settings["envs"]:  # what the scripts take from the table for the flags the sweep leaves unset
         row = envs.hyperparameters(env)
         grids = grid_lines(env, [s for s in settings["scripts"] if settings["table_alphas"]
-                                 and s.split("_")[-1] in ("awr", "ddpgbc") and not settings[f"{s.split('_')[-1]}_alphas"]])
+                                 and s.split("_")[-1] in ("awr", "ddpgbc")
+                                 and not settings[f"{s.split('_')[-1]}_alphas"]])
         lines.append(f"  {env} from envs.HYPERPARAMETERS: discount {row['discount'][0]:g} ({row['discount'][1]})"
                      + (f"; alpha grids {', '.join(grids)} ({row['alphas/ddpgbc'][1]}; AWR: the paper's)" if grids
                         else ""))

@@ -60,7 +60,7 @@ class Config:
     num_seeds: int = 1
     """Members trained together in one vmapped program, seeds seed .. seed + num_seeds - 1."""
     split_seed: int = 0
-    """Seed of the trajectory permutation and the 10% validation hold-out (shared by all members)."""
+    """Seed of the trajectory permutation (and of the 10% validation hold-out where no -val file exists)."""
     steps: int = 1_000_000
     """Gradient steps (each updates critic and actor once)."""
     batch_size: int = 1024
@@ -270,12 +270,12 @@ def main(config: Config) -> list[dict]:
         raise runs.UsageError(f"{SCRIPT} needs a goal-conditioned environment (CRL's critic is a function of goals), "
                               f"and {config.env} has none; use iql_ddpgbc or sarsa_ddpgbc for it")
     config, from_table = envs.fill_from_table(config, SCRIPT)  # unset flags: the dataset's row of the table
-    train, val = envs.split_dataset(envs.load_dataset(spec, config.dataset_dir, download=config.harness.download),
-                                    config.split_seed)  # an official dataset is downloaded on first use
+    # the whole training file, and the official -val file to validate on (ExORL: a 10% hold-out); downloaded if absent
+    train, val, validation = envs.load_splits(spec, config.dataset_dir, config.split_seed, config.harness.download)
     h = config.harness
     obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]
     # Members: --num-seeds seeds in one run folder, or scaling.py's --members-file (seeds, data sizes, alphas).
-    run = runs.Run(config, SCRIPT, len(train["actions"]), from_table)
+    run = runs.Run(config, SCRIPT, len(train["actions"]), from_table, validation)
     states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim, action_dim, config))(run.keys())
     device_data, train_chunk = envs.to_device(train), make_train_chunk(config, True)
     batched_act = jax.jit(jax.vmap(act, in_axes=(0, 0, 0, None)))

@@ -12,9 +12,9 @@ reject the Settings main.py passes). Our script runs the same seeds packed, --se
 Runs that completed in an earlier call (a reference seed, a block of our seeds) are reused, so adding seeds later costs
 only the new ones.
 
-Matched: the training transitions (by default the reference is handed our training split: the generated file's
-trajectories our script trains on, with the 10% it holds out as the reference's -val file; --reference-data whole-file
-gives it the whole file instead), steps, batch size, hidden widths, alpha, discount, expectile (GCIQL's 0.9),
+Matched: the data (both sides read the same two files, the generated training file and its -val file: our script
+trains on the whole training file and validates on the -val file, as the reference does, with no split of its own),
+steps, batch size, hidden widths, alpha, discount, expectile (GCIQL's 0.9),
 evaluation episodes per task and seeds (as numbers: the two codes draw different random streams). Not matched, by
 design: the reference draws one batch for value and actor, ours a value batch and a policy batch (the paper's
 decoupling); the reference logs the TD target's mean as critic/q_mean, ours the critics' prediction.
@@ -36,7 +36,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # envs.py and algos/ live at the repository root
 
@@ -84,9 +83,6 @@ class Args:
     """Hidden widths of every network on both sides (the reference's default is 512 512 512)."""
     eval_episodes: int = 10
     """Evaluation episodes per task on both sides, at the last step."""
-    reference_data: Literal["our-split", "whole-file"] = "our-split"
-    """What the reference trains on: our training split (the trajectories our script trains on, the held-out ones as
-    its -val file: the same data on both sides), or the whole generated training file (its own protocol)."""
     alpha: float | None = None
     """The extractor's alpha on both sides; default: our per-dataset table (envs.HYPERPARAMETERS)."""
     work_dir: str = "parity"
@@ -150,24 +146,6 @@ def run_ours(args: Args, pair: str, data_dir: Path, out: Path) -> dict:
                       for step in sorted({r["step"] for r in train})},
             # steps/s of one program that trains a block of seeds at once (each step updates all of them)
             "updates_per_second": float(np.median(speeds or [math.nan]))}
-
-
-def write_our_split(spec: envs.EnvSpec, data_dir: Path, split_home: Path, split_seed: int = 0) -> None:
-    """OGBench files holding our script's split of the generated dataset: the training file our training trajectories
-    (whole, as generated), the -val file the held-out ones. Both sides then train on the same transitions."""
-    target = split_home / ".ogbench" / "data"
-    train_path = envs.dataset_path(spec, str(target))
-    if train_path.exists():
-        return
-    with np.load(envs.dataset_path(spec, str(data_dir))) as raw:
-        arrays = {k: raw[k] for k in raw.files}
-    bounds = envs.trajectory_bounds(arrays["terminals"])
-    train_ids, val_ids = envs.split_trajectory_ids(len(bounds), split_seed)
-    target.mkdir(parents=True, exist_ok=True)
-    for path, ids in ((train_path.with_name(f"{spec.dataset_name}-val.npz"), val_ids), (train_path, train_ids)):
-        rows = np.concatenate([np.arange(*bounds[t]) for t in sorted(ids)])
-        runs.write_atomic(path, lambda f, rows=rows: np.savez_compressed(f, **{k: v[rows] for k, v in arrays.items()}),
-                          binary=True)
 
 
 def run_reference(args: Args, pair: str, home: Path, out: Path) -> dict:
@@ -234,9 +212,8 @@ def report(args: Args, results: dict) -> str:
              f"Matched settings: {args.steps} steps, batch {args.batch_size}, hidden widths "
              f"{' x '.join(map(str, args.hidden_dims))}, {args.eval_episodes} evaluation episodes per task at the last "
              f"step, seeds {' '.join(map(str, args.seeds))}, dataset generated here ({args.episodes} episodes + 10% "
-             "for -val); the reference trains on "
-             + ("our training split (the same transitions as ours)" if args.reference_data == "our-split" else
-                "the whole training file (ours on its 90% split)") + ". Success is mean ± standard error over seeds.",
+             "for -val); both sides train on the whole training file and validate on the -val file. Success is mean "
+             "± standard error over seeds.",
              ""]
     for pair, sides in results.items():
         s = settings(args, pair)
@@ -272,14 +249,12 @@ def main(args: Args) -> dict:
     spec = envs.parse_env(args.env)
     if not envs.dataset_path(spec, str(data_dir)).exists():
         envs.generate(spec, str(data_dir), num_episodes=args.episodes)
-    reference_home, reference_runs = home, work / "reference"
-    if args.reference_data == "our-split":  # own folders: runs on the whole file are never reused for these
-        reference_home, reference_runs = work / "home-split", work / "reference-split"
-        write_our_split(spec, data_dir, reference_home)
+    reference_home, reference_runs = home, work / "reference"  # the very files our script reads
     results = {}
     for pair in args.pairs:
         print(f"{pair}: ours ...", flush=True)
-        ours = run_ours(args, pair, data_dir, work / "ours" / pair)
+        # (work/ours/ holds runs of the former protocol, trained on a 90% split of the file: never reused)
+        ours = run_ours(args, pair, data_dir, work / "ours-official-split" / pair)
         print(f"{pair}: reference ...", flush=True)
         reference = run_reference(args, pair, reference_home, reference_runs / pair)
         results[pair] = {"ours": ours, "reference": reference}

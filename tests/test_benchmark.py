@@ -1,7 +1,6 @@
 """benchmarks/throughput.py: the FLOP count by hand, a tiny end-to-end run, bad input. (Speed itself is measured by
 running the benchmark, never asserted in a test.)"""
 
-import dataclasses
 import json
 import sys
 
@@ -93,7 +92,7 @@ def test_parity_needs_a_reference_checkout_and_consecutive_seeds(tmp_path):
 FAKE_REFERENCE = '''#!{python}
 """Stands in for `python -c LAUNCHER` + OGBench's impls/main.py: writes the CSVs main.py writes (task columns named
 as OGBench names them, e.g. task1_horizontal), records each call's seed and the rows of the training file it finds
-where OGBench looks for it ($HOME/.ogbench/data)."""
+and of the -val file beside it, where OGBench looks for them ($HOME/.ogbench/data)."""
 import csv, os, sys
 from pathlib import Path
 import numpy as np
@@ -101,10 +100,10 @@ flags = dict(a[2:].split("=", 1) for a in sys.argv[3:])  # argv: -c LAUNCHER --n
 seed, steps, interval = int(flags["seed"]), int(flags["train_steps"]), int(flags["log_interval"])
 folder = Path(flags["save_dir"]) / flags["run_group"] / "sd000_fake"
 folder.mkdir(parents=True)
-with np.load(Path(os.environ["HOME"]) / ".ogbench" / "data" / (flags["env_name"] + ".npz")) as data:
-    rows = len(data["terminals"])
+home = Path(os.environ["HOME"]) / ".ogbench" / "data"
+rows = [len(np.load(home / (flags["env_name"] + suffix))["terminals"]) for suffix in (".npz", "-val.npz")]
 with open(Path({calls!r}), "a") as f:
-    f.write(flags["seed"] + " " + str(rows) + "\\n")
+    f.write(" ".join([flags["seed"], *map(str, rows)]) + "\\n")
 with open(folder / "train.csv", "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["step", "training/value/v_mean", "training/critic/q_mean", "training/value/value_loss",
@@ -142,15 +141,14 @@ def test_parity_runs_both_sides_in_blocks_and_reuses_completed_runs(tmp_path, da
                        hidden_dims=(16,), batch_size=8, eval_episodes=1, work_dir=str(tmp_path / "work"),
                        out=str(tmp_path / "parity.md"))
     results = parity.main(args)["iql_ddpgbc"]
-    # the reference trained on our training split: the generated file's trajectories our script trains on
-    with np.load(data / f"{POINTMAZE}.npz") as whole:
-        bounds = envs.trajectory_bounds(whole["terminals"])
-    train_ids, _ = envs.split_trajectory_ids(len(bounds), seed=0)
-    split_rows = sum(bounds[t][1] - bounds[t][0] for t in train_ids)
-    assert 0 < split_rows < bounds[-1][1]
-    assert calls.read_text().split() == ["4", str(split_rows), "5", str(split_rows)]
-    assert sorted(p.name for p in (tmp_path / "work" / POINTMAZE / "ours" / "iql_ddpgbc").iterdir()
-                  if p.is_dir()) == ["s4-4", "s5-5"]
+    # both sides read the same two files, whole: the reference the training and -val files where OGBench looks, our
+    # script the same folder, training on the whole training file and validating on the -val file
+    rows = [len(np.load(data / f"{POINTMAZE}{suffix}")["terminals"]) for suffix in (".npz", "-val.npz")]
+    assert calls.read_text().split() == ["4", *map(str, rows), "5", *map(str, rows)]
+    ours_dir = tmp_path / "work" / POINTMAZE / "ours-official-split" / "iql_ddpgbc"
+    assert sorted(p.name for p in ours_dir.iterdir() if p.is_dir()) == ["s4-4", "s5-5"]
+    config = json.loads((ours_dir / "s4-4" / "config.json").read_text())
+    assert config["validation"] == envs.VALIDATION_FILE and config["config"]["dataset_dir"] == str(data)
     reference, ours = results["reference"], results["ours"]
     assert reference["success"] == [0.4, 0.5] and reference["tasks"]["task3_success"] == [0.4, 0.5]
     assert reference["stats"][2]["v_mean"] == -6.5  # the mean over seeds of -step - seed
@@ -160,11 +158,8 @@ def test_parity_runs_both_sides_in_blocks_and_reuses_completed_runs(tmp_path, da
     assert "| overall success | 0.450 ± 0.050 |" in table and "| success per seed | 0.40 0.50 |" in table
     # a second call reruns nothing on either side and writes the same numbers
     again = parity.main(args)["iql_ddpgbc"]
-    assert calls.read_text().split() == ["4", str(split_rows), "5", str(split_rows)]
+    assert calls.read_text().split() == ["4", *map(str, rows), "5", *map(str, rows)]
     assert again["ours"]["success"] == ours["success"] and again["reference"] == reference
-    # --reference-data whole-file: the reference's own protocol, in runs of its own (none of the above reused)
-    parity.main(dataclasses.replace(args, reference_data="whole-file"))
-    assert calls.read_text().split()[4:] == ["4", str(bounds[-1][1]), "5", str(bounds[-1][1])]
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ogbench
 import pytest
 
 import envs
@@ -78,8 +79,48 @@ def test_targets_move_towards_the_critic_before_its_update(script):
     expected = jax.tree_util.tree_map(lambda t, p: 0.5 * t + 0.5 * p, state["target_critic"], state["params"]["critic"])
     after_update = jax.tree_util.tree_map(lambda t, p: 0.5 * t + 0.5 * p, state["target_critic"],
                                           new["params"]["critic"])
-    for got, want, other in zip(*(jax.tree_util.tree_leaves(t) for t in (new["target_critic"], expected,
-                                                                          after_update))):
+    for got, want in zip(jax.tree_util.tree_leaves(new["target_critic"]), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert any(not np.allclose(a, b, atol=1e-4) for a, b in zip(jax.tree_util.tree_leaves(expected),
                                                                    jax.tree_util.tree_leaves(after_update)))
+
+
+def test_scripts_train_on_the_whole_training_file_and_validate_on_the_official_val_file(data_dir, tmp_path):
+    """Where the -val file exists (every OGBench dataset, downloaded or generated) a script trains on the whole
+    training file, as the reference does, and validates on the -val file; config.json says which. The training rows
+    are one seeded permutation of the file's whole trajectories, so data sizes stay nested prefixes. Where there is no
+    -val file (ExORL), or only the placeholder a generation of fewer than 10 episodes writes, 10% is held out."""
+    from conftest import POINTMAZE
+
+    spec = envs.parse_env(POINTMAZE)
+    whole = envs.load_dataset(spec, str(data_dir))
+    val_path = envs.dataset_path(spec, str(data_dir)).with_name(f"{spec.dataset_name}-val.npz")
+    val_file = ogbench.load_dataset(str(val_path))
+    train, val, validation = envs.load_splits(spec, str(data_dir), seed=3)
+    assert validation == envs.VALIDATION_FILE
+    # the same transitions as the two files (ogbench's own loader), train reordered by whole trajectories (seeded)
+    key = lambda part: sorted(map(tuple, np.concatenate([part["observations"], part["actions"]], 1)))  # noqa: E731
+    assert key(train) == key(whole) and key(val) == key(val_file) and len(val["actions"]) > 0
+    again, _, _ = envs.load_splits(spec, str(data_dir), seed=3)
+    other, _, _ = envs.load_splits(spec, str(data_dir), seed=4)
+    assert np.array_equal(again["observations"], train["observations"])
+    assert not np.array_equal(other["observations"], train["observations"])
+    ends = np.flatnonzero(train["terminals"]) + 1
+    assert np.array_equal(train["final_idxs"], np.repeat(ends - 1, np.diff(np.concatenate([[0], ends]))))
+    # a script's run: all data is the whole file, config.json names the validation data
+    bc = load("bc")
+    out = tmp_path / "bc"
+    [result] = bc.main(runs.make_config(bc.Config, env=POINTMAZE, dataset_dir=str(data_dir), steps=2, log_interval=1,
+                                        eval_interval=2, hidden_dims=(8,), batch_size=4, eval_episodes=1,
+                                        mse_samples=16, out_dir=str(out), progress=False))
+    config = __import__("json").loads((out / "config.json").read_text())
+    assert config["validation"] == envs.VALIDATION_FILE and result["policy_data_size"] == len(whole["actions"])
+    # ExORL: no -val file, a 10% hold-out
+    walker = envs.parse_env("walker-run-random")
+    assert envs.load_splits(walker, str(data_dir))[2] == envs.VALIDATION_HOLDOUT
+    # a generation of fewer than 10 episodes writes a one-row placeholder -val file: a hold-out too
+    envs.generate(spec, str(tmp_path / "few"), num_episodes=3, max_episode_steps=20, seed=0, progress=False)
+    few_train, few_val, few_validation = envs.load_splits(spec, str(tmp_path / "few"))
+    few_whole = envs.load_dataset(spec, str(tmp_path / "few"))
+    assert few_validation == envs.VALIDATION_HOLDOUT and len(few_val["actions"]) > 0
+    assert key({k: np.concatenate([few_train[k], few_val[k]]) for k in few_train}) == key(few_whole)
