@@ -1,6 +1,9 @@
 """Runs that survive: SIGKILL + --resume ends bit for bit where an uninterrupted run ends, the NaN guard (exit 3,
 failure.json), corrupted datasets, a full disk, and a table of bad inputs across every entry point (exit 2)."""
 
+import dataclasses
+import gc
+import importlib
 import json
 import os
 import random
@@ -32,8 +35,14 @@ def comparable(folder: Path):
 
 
 def resumed_at(folder: Path) -> list[int]:
-    """The steps a run resumed from, as its metrics.jsonl records them (one record per member each time)."""
-    return sorted({r["step"] for r in runs.read_metrics(folder / "metrics.jsonl") if r["event"] == "resume"})
+    """The step each relaunch resumed from, in order, as its metrics.jsonl records them (one "resume" record per member
+    each time, each member recording the same steps). A step can appear twice: a relaunch killed after a log line but
+    before that step's resume state resumes from the same state as the relaunch before it, and a resume keeps the
+    lines up to its state, the earlier "resume" records included."""
+    records = [r for r in runs.read_metrics(folder / "metrics.jsonl") if r["event"] == "resume"]
+    per_member = [[r["step"] for r in records if r["member"] == m] for m in sorted({r["member"] for r in records})]
+    assert all(steps == per_member[0] for steps in per_member), per_member
+    return per_member[0] if per_member else []
 
 
 def train_steps(folder: Path) -> list[int]:
@@ -72,7 +81,9 @@ def test_sigkill_at_random_steps_then_resume_gives_the_uninterrupted_numbers(dat
         if (killed / "result.json").exists():
             break
     assert kills == 3 and (killed / "result.json").exists()
-    # every relaunch that found a resume state continued from it (a resume that restarted from 0 logs none)
+    # every relaunch that found a resume state continued from it (a resume that restarted from 0 logs none), one
+    # "resume" event per such relaunch, in order: two relaunches resume from the same step when the kill fell between
+    # a log line and its step's resume state
     assert len(expected_resumes) >= 2 and resumed_at(killed) == expected_resumes
     assert not (killed / runs.RESUME_DIR).exists()  # a complete run keeps no resume state
     assert comparable(killed) == comparable(tmp_path / "straight")
@@ -124,6 +135,89 @@ def test_resume_refuses_other_flags_and_starts_afresh_without_a_state(data_dir, 
     proc = run_script("algos/bc.py", *base[:-1], str(fresh), "--resume")
     assert proc.returncode == 0 and train_steps(fresh) == [50, 100, 150, 200], proc.stderr[-2000:]
     assert "no resume state" in proc.stderr and resumed_at(fresh) == []
+
+
+class Interrupted(Exception):
+    """Stands for the kill in the in-process resume test: raised right after a resume state was written."""
+
+
+def host_state(progress: runs.Progress) -> dict:
+    """Every field runs.Progress carries on the host (the loop's state a resume state saves beside the device arrays),
+    copied, without the wall time (timing, allowed to differ)."""
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(progress).items() if k != "seconds"}))
+
+
+def test_a_resume_carries_every_host_field_with_a_success_above_zero(data_dir, tmp_path, monkeypatch):
+    """The resume tests' tiny runs never succeed, so a resume that forgot the best success (or kept a stale last
+    evaluation) would still compare equal there. Here the evaluation reports a scripted success per step (the real
+    evaluation runs too: SfBC draws its keys, the MSEs are measured): 0.8 / 0.4 at step 100 and 0.3 / 0.1 at the last
+    step, 200, so the best success [0.8, 0.4] is not the last one and comes from before the interruption. The run
+    stops right after its resume state at step 150 (past the step-100 evaluation, so that state carries a last
+    evaluation, a best success above zero and SfBC's key counter), then resumes in this process: the progress it
+    restores, field by field, is the uninterrupted run's at step 150, its final progress is the uninterrupted run's,
+    and result.json and metrics.jsonl are the uninterrupted run's."""
+    module = importlib.import_module("algos.iql_sfbc")
+    success = {100: [0.8, 0.4], 200: [0.3, 0.1]}
+    flags = {"env": POINTMAZE, "dataset_dir": str(data_dir), "steps": 200, "log_interval": 50, "eval_interval": 100,
+             "resume_interval": 50, "num_seeds": 2, "num_samples": 4, "hidden_dims": (32,), "batch_size": 32,
+             "eval_episodes": 1, "mse_samples": 64, "progress": False}
+    real_record, real_save, real_resume, real_finish = runs.Run.record, runs.Run.save_resume, runs.Run.resume, \
+        runs.Run.finish
+    saved, restored, final = {}, {}, {}  # per run folder: {step: host state} at each resume state; at restore; at end
+    interrupt_at = {}  # run folder -> the step after whose resume state the run is stopped
+
+    def record(self, step, infos, states, evaluate):
+        def scripted(step):
+            return {**evaluate(step), "success": np.asarray(success[step])}
+        return real_record(self, step, infos, states, scripted)
+
+    def save_resume(self, states, progress):
+        real_save(self, states, progress)
+        folder = str(self.folders[0][0].path)
+        saved.setdefault(folder, {})[progress.step] = host_state(progress)
+        if interrupt_at.get(folder) == progress.step:
+            raise Interrupted
+
+    def resume(self, states, init_metrics):
+        states = real_resume(self, states, init_metrics)
+        restored[str(self.folders[0][0].path)] = host_state(self.progress)
+        return states
+
+    def finish(self):
+        final[str(self.folders[0][0].path)] = host_state(self.progress)
+        return real_finish(self)
+
+    for name, spy in (("record", record), ("save_resume", save_resume), ("resume", resume), ("finish", finish)):
+        monkeypatch.setattr(runs.Run, name, spy)
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    module.main(runs.make_config(module.Config, **flags, out_dir=straight))
+    interrupt_at[interrupted] = 150
+    try:
+        module.main(runs.make_config(module.Config, **flags, out_dir=interrupted))
+    except Interrupted:
+        pass
+    else:
+        pytest.fail("the run was not interrupted")
+    gc.collect()  # the interrupted run's frames, and with them its folder lock
+    assert not (tmp_path / "interrupted" / "result.json").exists() and runs.resume_steps(interrupted)[-1] == 150
+    module.main(runs.make_config(module.Config, **flags, out_dir=interrupted, resume=True))
+    monkeypatch.undo()
+
+    # the case has teeth: at the interruption the best success is above zero, not the last one, and not the end's
+    at_150 = saved[straight][150]
+    assert at_150["step"] == 150 and at_150["best_success"] == [0.8, 0.4] and at_150["action_calls"] > 0
+    assert [r["step"] for r in at_150["last_eval"]] == [100, 100]
+    assert [r["success"] for r in at_150["last_eval"]] == [0.8, 0.4]
+    assert set(at_150) == {f.name for f in dataclasses.fields(runs.Progress)} - {"seconds"}
+    # the resumed run restored every host field as the uninterrupted run had it, and ended with the same ones
+    assert restored[interrupted] == at_150
+    assert saved[interrupted] == {s: h for s, h in saved[straight].items() if s <= 150}
+    assert final[interrupted] == final[straight]
+    assert final[straight]["best_success"] == [0.8, 0.4] and final[straight]["step"] == 200
+    assert resumed_at(tmp_path / "interrupted") == [150]
+    result, records = comparable(tmp_path / "interrupted")
+    assert result["best_success"]["per_member"] == [0.8, 0.4] and result["success"]["per_member"] == [0.3, 0.1]
+    assert (result, records) == comparable(tmp_path / "straight")
 
 
 def test_metrics_reader_skips_a_line_cut_by_a_kill(tmp_path):

@@ -105,7 +105,9 @@ def test_killed_sweep_resumes_only_what_is_missing(data_dir, tmp_path, sig):
     launcher.send_signal(sig)
     launcher.wait(timeout=60)
     assert launcher.returncode == (130 if sig == signal.SIGTERM else -signal.SIGKILL)
-    time.sleep(1)
+    deadline = time.time() + 10  # the runs get the launcher's signal (or their parent-death signal) and exit
+    while _children_of(sweep_dir) and time.time() < deadline:
+        time.sleep(0.05)
     assert _children_of(sweep_dir) == [], "a run outlived its launcher"
     before = results(sweep_dir)
     assert 1 <= len(before) < 4

@@ -94,8 +94,8 @@ def test_ttt_adapts_only_its_copy_and_lr_0_acts_as_the_trained_policy(script, re
 def test_ttt_never_touches_the_trained_parameters_and_lr_0_equals_plain_evaluation(data_dir, tmp_path):
     """Whole runs of iql_ddpgbc: the checkpoints of a run evaluated with OPEX and TTT equal those of a plain run (TTT
     trains a copy), and so do its plain numbers; with --ttt-lr 0 TTT's numbers equal the plain ones (up to float
-    rounding: TTT acts through its own jitted program). The evaluations run in waves of 2 episodes per member (the last one padded), and give
-    the numbers of one wave of all episodes (up to float rounding: the shapes differ)."""
+    rounding: TTT acts through its own jitted program). The evaluations run in waves of 2 episodes per member (the
+    last one padded), and give the numbers of one wave of all episodes (up to float rounding: the shapes differ)."""
     common = ["--env", POINTMAZE, "--dataset-dir", str(data_dir), "--steps", "100", "--log-interval", "50",
               "--eval-interval", "100", "--hidden-dims", "16", "--batch-size", "32", "--eval-episodes", "1",
               "--mse-samples", "64", "--num-seeds", "2", "--checkpoint-interval", "100", "--no-progress",
