@@ -205,6 +205,107 @@ def test_ddpgbc_normalises_q_by_its_batch_mean_absolute_value(script):
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(by_loss))
 
 
+@pytest.mark.parametrize("script", ["iql_ddpgbc", "sarsa_ddpgbc", "crl_ddpgbc"])
+def test_ddpgbc_loss_and_actor_gradient_by_hand_where_the_clip_and_the_min_both_matter(script):
+    """The docstring's L_pi = -mean_i min_k Q_k(s_i, clip(mu_i, -1, 1)) / stopgrad(mean_i |min_k Q_k|)
+    + alpha * mean_i 0.5 ||mu_i - a_i||^2: its value, its two terms and its gradient in every actor parameter, by hand,
+    on a batch where the actor's mean lies beyond +-1 in some entries (there Q sees the bound, and no Q gradient flows
+    back through the clip) and the critics disagree (the min is one critic on some rows and the other on the rest).
+    Q_k is written out from the networks: the k-th twin MLP on [s, g, a] (IQL, SARSA), phi_k([s, a]) . psi_k(g) /
+    sqrt(d) (CRL)."""
+    algo = load(script)
+    crl = script.startswith("crl")
+    batch_size, action_dim, latent, alpha = 8, 3, 8, 0.5
+    # Generic networks, in the script's own structure, drawn with numpy (no compilation): weights of variance
+    # 1 / fan-in, and biases and LayerNorm parameters away from their fresh zeros and ones, which make parts symmetric.
+    rng = np.random.default_rng(11)
+    shapes = jax.eval_shape(lambda: algo.init_params(jax.random.PRNGKey(0), 2, 2, action_dim, (16,),
+                                                     *((latent,) if crl else ())))
+
+    def draw(path, leaf):
+        name, noise = path[-1].key, rng.standard_normal(leaf.shape, np.float32)
+        return jnp.asarray(noise / math.sqrt(leaf.shape[-2]) if name == "w" else noise * 0.5 + (name == "scale"))
+
+    params = jax.tree_util.tree_map_with_path(draw, shapes)
+    # The actor's output layer puts mu around +2.5, -3 and 0 in its three action dimensions, varying by row.
+    last = params["actor"][-1]
+    actor = params["actor"][:-1] + [{"w": 0.1 * last["w"] / np.abs(last["w"]).max(), "b": jnp.array([2.5, -3.0, 0.0])}]
+    # CRL: one goal for the whole batch, so that psi_k(g) is one vector p_k and a shift of phi_k's output bias by delta
+    # shifts Q_k by the constant delta . p_k / sqrt(d) (below).
+    goals = jnp.asarray(np.repeat(rng.standard_normal((1, 2), np.float32), batch_size, 0) if crl
+                        else rng.standard_normal((batch_size, 2), np.float32))
+    batch = {"observations": jnp.asarray(rng.standard_normal((batch_size, 2), np.float32)), "goals": goals,
+             "actions": jnp.asarray(rng.uniform(-1, 1, (batch_size, action_dim)).astype(np.float32))}
+    obs, data_actions = batch["observations"], np.asarray(batch["actions"], np.float64)
+    mu = np.asarray(jax.jit(algo.actor_fn)(actor, obs, goals), np.float64)
+    inside = np.abs(mu) < 1
+    assert (mu > 1.1).any() and (mu < -1.1).any() and inside.any() and (np.abs(np.abs(mu) - 1) > 0.05).all()
+
+    member = lambda net, k: jax.tree_util.tree_map(lambda x: x[k], net)  # noqa: E731
+
+    def q_members(critic, actions):  # [K, B], from the networks themselves
+        if crl:
+            return jnp.stack([(algo.mlp_apply(member(critic["phi"], k), jnp.concatenate([obs, actions], -1))
+                               * algo.mlp_apply(member(critic["psi"], k), goals)).sum(-1) / math.sqrt(latent)
+                              for k in range(2)])
+        return jnp.stack([algo.mlp_apply(member(critic, k), jnp.concatenate([obs, goals, actions], -1))[:, 0]
+                          for k in range(2)])
+
+    def shifted(critic, amounts):  # Q_k + amounts[k] for every input, through the networks' last biases
+        if crl:
+            p = jnp.stack([algo.mlp_apply(member(critic["psi"], k), goals[:1])[0] for k in range(2)])  # [K, d]
+            delta = (jnp.asarray(amounts)[:, None] * math.sqrt(latent) * p / (p**2).sum(-1, keepdims=True))
+            phi = critic["phi"][:-1] + [{**critic["phi"][-1], "b": critic["phi"][-1]["b"] + delta}]
+            return {**critic, "phi": phi}
+        return critic[:-1] + [{**critic[-1], "b": critic[-1]["b"] + jnp.asarray(amounts)[:, None]}]
+
+    # Each critic moved to median 0 on the batch, at clip(mu), so that they cross, then both together so that their min
+    # has median 0: the min takes both signs, as it must for the Q term to tell it from another Q (-mean(Q) / mean|Q|
+    # is -+1 for any Q of one sign).
+    # Q_k and its slopes: rows are independent, so row i's slope is dQ_k(s_i, a_i) / da_i.
+    values_and_slopes = jax.jit(lambda critic, a: (q_members(critic, a), jnp.stack([
+        jax.grad(lambda a, k=k: q_members(critic, a)[k].sum())(a) for k in range(2)])))
+    q_k = np.asarray(values_and_slopes(params["critic"], jnp.clip(jnp.asarray(mu, jnp.float32), -1, 1))[0])
+    centred = q_k - np.median(q_k, 1, keepdims=True)
+    critic = shifted(params["critic"], -np.median(q_k, 1) - np.median(centred.min(0)))
+    q_and_slopes = functools.partial(values_and_slopes, critic)
+
+    def by_hand(clip=True, reduce="min"):
+        """(loss, Q term, BC term, dL/dmu [B, a]) in float64; `clip` and `reduce` as the docstring has them or not."""
+        q_k, dq_k = (np.asarray(x, np.float64) for x in q_and_slopes(jnp.asarray(np.clip(mu, -1, 1) if clip else mu,
+                                                                                   jnp.float32)))
+        if reduce == "min":
+            lowest = q_k.argmin(0)
+            q, dq = q_k[lowest, np.arange(batch_size)], dq_k[lowest, np.arange(batch_size)]
+        else:
+            q, dq = q_k.mean(0), dq_k.mean(0)
+        scale = np.abs(q).mean() + 1e-6  # a constant for the gradient (stop-gradient)
+        q_term = -q.mean() / scale
+        bc_term = 0.5 * ((mu - data_actions) ** 2).sum(-1).mean()  # on mu itself, not clipped
+        through_clip = inside if clip else np.ones_like(inside)  # d clip(mu) / d mu: 0 where clipped
+        dmu = -dq * through_clip / (batch_size * scale) + alpha * (mu - data_actions) / batch_size
+        return q_term + alpha * bc_term, q_term, bc_term, dmu
+
+    loss, q_term, bc_term, dmu = by_hand()
+    # The case tells the clip and the min apart: the min is not always the same critic, and without the clip, or with
+    # the critics' mean, the loss and the gradient are far from these.
+    q_k = np.asarray(q_and_slopes(jnp.clip(jnp.asarray(mu, jnp.float32), -1, 1))[0])
+    assert 0 < q_k.argmin(0).sum() < batch_size and (q_k.min(0) > 0).any() and (q_k.min(0) < 0).any()
+    for other in (by_hand(clip=False), by_hand(reduce="mean")):
+        assert abs(other[0] - loss) > 0.05 and np.abs(other[3] - dmu).max() > 0.01, (other[0], loss)
+
+    value_and_grad = jax.jit(jax.value_and_grad(algo.ddpgbc_actor_loss, has_aux=True))
+    (value, info), grads = value_and_grad(actor, critic, batch, alpha)
+    np.testing.assert_allclose(value, loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(info["actor_q_loss"], q_term, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(info["actor_bc_loss"], bc_term, rtol=1e-5, atol=1e-6)
+    # The gradient in the actor's parameters: dL/dmu by hand, pulled back through the actor network by JAX.
+    pull_back = jax.jit(lambda p, cotangent: jax.vjp(lambda p: algo.actor_fn(p, obs, goals), p)[1](cotangent)[0])
+    expected = pull_back(actor, jnp.asarray(dmu, jnp.float32))
+    for got, want in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("script", ["crl_ddpgbc", "crl_awr", "crl_sfbc"])
 def test_crl_logits_pair_every_input_with_every_goal_and_positives_sit_on_the_diagonal(script):
     algo = load(script)

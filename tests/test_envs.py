@@ -1,11 +1,13 @@
 """envs.py: generated files, loaders, splits, on-device sampling, oracles, evaluation, bad input."""
 
+import math
 import os
 import zipfile
 from pathlib import Path
 
 import gymnasium
 import jax
+import jax.numpy as jnp
 import numpy as np
 import ogbench
 import pytest
@@ -333,7 +335,150 @@ def test_sampling_respects_the_subset_and_trajectories():
                 at_goal = (obs == goal).all(-1)
                 np.testing.assert_array_equal(np.asarray(batch["rewards"]), at_goal - 1.0)
                 np.testing.assert_array_equal(np.asarray(batch["masks"]), 1.0 - at_goal)
-                assert 0.15 < at_goal.mean() < 0.3 and same_trajectory.mean() > 0.65
+                # the shares of current, trajectory and random goals: pinned by the tests of goal distributions below
+
+
+# ---------------------------------------------------------------- goal distributions, pinned to 4 standard errors
+# Synthetic rows whose observation is their own row number (online row j: ONLINE_ID + j), so a batch says which row
+# each sample and each goal came from. Each check compares a share or a mean over ~GOAL_SAMPLES samples with its exact
+# expectation given the rows drawn, within 4 standard errors: a wrong probability or discount moves it by tens of
+# standard errors, while a correct sampler fails any one check for about one key in 16,000.
+ONLINE_ID = 1_000_000  # above every offline row; float32 holds these integers exactly
+GOAL_SAMPLES = 200_000
+
+
+def indexed_rows(lengths, data_size=None, online_lengths=(), spare=7):
+    """Offline trajectories of `lengths`, of which `data_size` rows form the subset, and, if `online_lengths`, one
+    member's online rows in OnlineBuffer.device()'s format (the last episode still running: it ends at the newest
+    row; `spare` unfilled rows after it). Returns (data, online or None, data_size, final): final[r] is the last row
+    of row r's trajectory as sample_batch must see it (cut at the subset's end), with rows numbered as sample_batch
+    numbers them, online row j being row data_size + j."""
+    def columns(ids, ends):
+        obs = np.asarray(ids, np.float32)[:, None]
+        return {"observations": obs, "next_observations": obs + 0.5, "actions": obs.copy(),
+                "rewards": np.zeros(len(ids), np.float32), "masks": np.ones(len(ids), np.float32),
+                "final_idxs": np.asarray(ends, np.int32)}
+
+    ends = np.repeat(np.cumsum(lengths) - 1, lengths)
+    data_size = len(ends) if data_size is None else data_size
+    final = np.minimum(ends[:data_size], data_size - 1)
+    data = envs.to_device(columns(np.arange(len(ends)), ends))
+    if not online_lengths:
+        return data, None, data_size, final
+    online_ends = np.repeat(np.cumsum(online_lengths) - 1, online_lengths)
+    size = len(online_ends)
+    online = envs.to_device(columns(ONLINE_ID + np.arange(size + spare), np.append(online_ends, np.zeros(spare))))
+    online["size"] = jnp.asarray(size, jnp.int32)
+    return data, online, data_size, np.concatenate([final, data_size + online_ends])
+
+
+def sample_rows(data, online, data_size, goals, key=0, **kwargs):
+    """(rows, goal rows, batch) of one batch of GOAL_SAMPLES, rows numbered as in `indexed_rows`."""
+    batch = envs.sample_batch(jax.random.PRNGKey(key), data, data_size, GOAL_SAMPLES, goals, online=online, **kwargs)
+
+    def row_numbers(ids):
+        ids = np.asarray(ids[:, 0], np.int64)
+        assert np.all((ids < data_size) | (ids >= ONLINE_ID))  # never a row past the subset
+        return np.where(ids >= ONLINE_ID, data_size + ids - ONLINE_ID, ids)
+
+    return row_numbers(batch["observations"]), row_numbers(batch["goals"]), batch
+
+
+def assert_share(observed: np.ndarray, expected: np.ndarray, what: str):
+    """The share of True in `observed` is the mean of the per-sample probabilities `expected`, within 4 standard
+    errors (of a binomial at their mean: an upper bound for samples of unequal probabilities)."""
+    p = float(np.mean(expected))
+    se = math.sqrt(max(p * (1 - p), 1e-12) / len(observed))
+    assert abs(observed.mean() - p) < 4 * se, f"{what}: {observed.mean():.5f}, expected {p:.5f} +- {4 * se:.5f}"
+
+
+# offline: 1000 trajectories of 20 rows, the subset cutting the last one after 10 rows; online: a short offline subset
+# and 500 online episodes of 20 rows (the last still running), so that most rows drawn are online rows.
+SHORT_TRAJECTORIES = {"offline": dict(lengths=[20] * 1000, data_size=19_990),
+                      "online": dict(lengths=[20] * 50, online_lengths=[20] * 500)}
+
+
+@pytest.mark.parametrize("part", ["offline", "online"])
+@pytest.mark.parametrize("discount", [0.99, 0.9])
+def test_geometric_value_goals_are_a_geometric_number_of_steps_ahead(part, discount):
+    """A value goal from the trajectory sits K steps ahead of its row, K ~ Geometric(1 - discount) on {1, 2, ...}:
+    mean 1 / (1 - discount), median ceil(log 0.5 / log discount), P(K <= k) = 1 - discount^k; for offline and online
+    rows alike."""
+    # One long trajectory (offline), or a short offline subset then a long online episode that is still running.
+    layout = dict(lengths=[100_000]) if part == "offline" else dict(lengths=[300], online_lengths=[60_000])
+    data, online, data_size, final = indexed_rows(**layout)
+    config = envs.GoalConfig(p_current=0.0, p_trajectory=1.0, p_random=0.0, discount=discount)  # CRL's positives
+    rows, goals, _ = sample_rows(data, online, data_size, "value", goal_config=config)
+    # Where the trajectory's end is `reach` or more steps away it never caps the offset (P(K > reach) < 1e-12), so the
+    # offsets of those rows are plain geometric draws (the row's position is drawn independently of K).
+    reach = math.ceil(math.log(1e-12) / math.log(discount))
+    kept = (final[rows] - rows >= reach) & ((rows >= data_size) if part == "online" else True)
+    offsets = goals[kept] - rows[kept]
+    n = len(offsets)
+    assert n > 0.9 * GOAL_SAMPLES
+    mean, std = 1 / (1 - discount), math.sqrt(discount) / (1 - discount)
+    assert abs(offsets.mean() - mean) < 4 * std / math.sqrt(n), (offsets.mean(), mean, 4 * std / math.sqrt(n))
+    median = math.ceil(math.log(0.5) / math.log(discount))  # 69 at 0.99, 7 at 0.9
+    assert 1 - discount ** (median - 1) < 0.5 <= 1 - discount**median  # what makes it the median
+    # The sample median itself is not pinned at 0.99: P(K <= 69) = 0.5002, a fraction of a standard error from 0.5.
+    # The distribution function either side of it is, and so are its first step and its tail.
+    for k in (1, median - 1, median, 3 * median):
+        assert_share(offsets <= k, np.full(n, 1 - discount**k), f"P(offset <= {k})")
+
+
+@pytest.mark.parametrize("part", ["offline", "online"])
+@pytest.mark.parametrize("p_current, p_trajectory, p_random", [(0.2, 0.5, 0.3), (0.45, 0.15, 0.4)])
+def test_value_goals_are_current_trajectory_or_random_with_the_configured_probabilities(part, p_current,
+                                                                                        p_trajectory, p_random):
+    """Each value goal is the row itself (reward 0, mask 0) with probability p_current, a later row of the same
+    trajectory with p_trajectory (the row itself at a trajectory's last row, which has no later one), and any row of
+    the subset and the online rows with p_random; for offline and online rows alike."""
+    data, online, data_size, final = indexed_rows(**SHORT_TRAJECTORIES[part])
+    config = envs.GoalConfig(p_current=p_current, p_trajectory=p_trajectory, p_random=p_random, discount=0.9)
+    rows, goals, batch = sample_rows(data, online, data_size, "value", goal_config=config)
+    at_goal = goals == rows
+    np.testing.assert_array_equal(np.asarray(batch["rewards"]), at_goal - 1.0)
+    np.testing.assert_array_equal(np.asarray(batch["masks"]), 1.0 - at_goal)
+    if part == "online":
+        online_rows = rows >= data_size
+        assert online_rows.mean() > 0.85
+        rows, goals, at_goal = rows[online_rows], goals[online_rows], at_goal[online_rows]
+    ahead, total = final[rows] - rows, len(final)  # rows to the trajectory's end; rows a random goal comes from
+    if part == "online":  # random goals come from the subset and the online rows together; the others stay online
+        assert_share(goals < data_size, np.full(len(rows), p_random * data_size / total), "offline goals")
+    later = (goals > rows) & (goals <= final[rows])
+    # A random goal lands on the row itself with probability 1 / total and later in its trajectory with ahead / total:
+    # both are in the expectations, exactly.
+    expected_current = p_current + p_trajectory * (ahead == 0) + p_random / total
+    expected_later = p_trajectory * (ahead > 0) + p_random * ahead / total
+    assert_share(at_goal, expected_current, "current")
+    assert_share(later, expected_later, "later in the trajectory")
+    assert_share(~at_goal & ~later, 1 - expected_current - expected_later, "elsewhere")
+
+
+@pytest.mark.parametrize("part", ["offline", "online"])
+@pytest.mark.parametrize("actor_p_random", [0.0, 0.3, 1.0])
+def test_actor_goals_are_uniform_future_states_or_with_actor_p_random_any_row(part, actor_p_random):
+    """--actor-p-randomgoal: that share of actor goals is any row of the subset and the online rows; the others are
+    drawn uniformly from the row's strict future in its own trajectory (the row itself at the trajectory's last row);
+    for offline and online rows alike."""
+    data, online, data_size, final = indexed_rows(**SHORT_TRAJECTORIES[part])
+    rows, goals, _ = sample_rows(data, online, data_size, "actor", actor_p_random=actor_p_random)
+    if part == "online":
+        online_rows = rows >= data_size
+        assert online_rows.mean() > 0.85
+        rows, goals = rows[online_rows], goals[online_rows]
+    ahead, total = final[rows] - rows, len(final)
+    if part == "online":  # random goals come from the subset and the online rows together; the others stay online
+        assert_share(goals < data_size, np.full(len(rows), actor_p_random * data_size / total), "offline goals")
+    future = (goals > rows) & (goals <= final[rows]) | (goals == rows) & (ahead == 0)
+    # A random goal falls in the row's future by chance with probability max(ahead, 1) / total: in the expectation.
+    assert_share(~future, actor_p_random * (1 - np.maximum(ahead, 1) / total), "not the row's future")
+    if actor_p_random == 0:  # every goal is the future, uniform over the `ahead` rows after its row: mean (ahead+1)/2
+        assert future.all()
+        offsets, ahead = (goals - rows)[ahead > 0], ahead[ahead > 0]
+        se = math.sqrt(np.sum((ahead.astype(float) ** 2 - 1) / 12)) / len(ahead)
+        assert abs(offsets.mean() - np.mean((ahead + 1) / 2)) < 4 * se, (offsets.mean(), np.mean((ahead + 1) / 2))
 
 
 def test_subsets_are_nested_prefixes(data_dir):
@@ -487,25 +632,12 @@ def test_the_table_fills_only_the_flags_left_unset():
     config, filled = envs.fill_from_table(runs.make_config(iql_ddpgbc.Config, env="cube-single-play-v0", alpha=0.2,
                                                            eval_episodes=3), "iql_ddpgbc")
     assert (config.alpha, config.harness.eval_episodes) == (0.2, 3) and not {"alpha", "eval_episodes"} & set(filled)
-    # CRL's own tuned alpha; a giant maze's discount; stitch data's half-random actor goals, for BC too
+    # CRL's own tuned alpha; a giant maze's discount; stitch data's half-random actor goals, never for BC (GCBC's 0.0)
     fill = lambda module, env, script: envs.fill_from_table(runs.make_config(module.Config, env=env), script)[0]  # noqa
     assert fill(crl_ddpgbc, "cube-single-play-v0", "crl_ddpgbc").alpha == 3
     giant = envs.fill_from_table(runs.make_config(iql_ddpgbc.Config, env="pointmaze-giant-stitch-v0"), "iql_ddpgbc")[0]
     assert (giant.alpha, giant.discount, giant.actor_p_randomgoal) == (0.003, 0.995, 0.5)
-    assert fill(bc, "antmaze-large-explore-v0", "bc").actor_p_randomgoal == 1
-
-
-def test_actor_goals_are_random_states_with_probability_actor_p_random(data_dir):
-    """--actor-p-randomgoal: that share of actor goals is any state of the subset, the rest the row's own future."""
-    train, _ = envs.split_dataset(envs.load_dataset(envs.parse_env(POINTMAZE), str(data_dir)), seed=0)
-    train = {k: v.copy() for k, v in train.items()}
-    train["observations"][:, 0] = np.arange(len(train["actions"]))  # each state says which row it is
-    data, final = envs.to_device(train), train["final_idxs"]
-    for p_random, lo, hi in ((0.0, 0.0, 0.0), (0.5, 0.4, 0.6), (1.0, 0.9, 1.0)):
-        batch = envs.sample_batch(jax.random.PRNGKey(1), data, len(final), 4000, "actor", actor_p_random=p_random)
-        rows, goals = np.asarray(batch["observations"][:, 0], int), np.asarray(batch["goals"][:, 0], int)
-        future = (goals > rows) & (goals <= final[rows]) | (goals == rows) & (rows == final[rows])
-        assert lo <= 1 - future.mean() <= hi, (p_random, future.mean())
+    assert fill(bc, "antmaze-large-explore-v0", "bc").actor_p_randomgoal == 0
 
 
 def test_env_names():
