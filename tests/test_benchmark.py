@@ -179,3 +179,20 @@ def test_soak_kills_a_sweep_and_finds_its_results_intact(tmp_path):
     (folder / "result.json").write_text(json.dumps(result))
     reference = soak.run_folders(tmp_path / "soak" / "reference")[0]
     assert soak.comparable(folder) != soak.comparable(reference)
+
+
+def test_every_mutation_still_applies_and_names_tests_that_exist():
+    """benchmarks/mutations.py (run by hand: it takes minutes) stays true to the code: each mutation's line occurs
+    exactly once in its file, and each test it names exists in the suite."""
+    import ast
+
+    import mutations
+
+    assert len(mutations.MUTATIONS) >= 5
+    for mutation in mutations.MUTATIONS:
+        assert (ROOT / mutation.file).read_text().count(mutation.before) == 1, mutation.name
+        for test in mutation.tests:
+            path, name = test.split("::")
+            defined = {node.name for node in ast.parse((ROOT / path).read_text()).body
+                       if isinstance(node, ast.FunctionDef)}
+            assert name in defined, (mutation.name, test)
