@@ -196,3 +196,24 @@ def test_every_mutation_still_applies_and_names_tests_that_exist():
             defined = {node.name for node in ast.parse((ROOT / path).read_text()).body
                        if isinstance(node, ast.FunctionDef)}
             assert name in defined, (mutation.name, test)
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_in_one_command_at_toy_size(tmp_path):
+    """benchmarks/gpu.sh with TINY=1 (what a CPU can run): the throughput rows for each K, a packed 2 x 2 matrix of
+    2 seeds trained to completion in one process, and gpu.json gathering both. (~70 s on 2 cores: two JAX programs
+    compiled, a dataset generated, one packed run.)"""
+    import os
+    import subprocess
+
+    out = tmp_path / "gpu"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(out)], capture_output=True, text=True,
+                          env={**os.environ, "TINY": "1", "PYTHON": sys.executable}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "gpu.json").read_text())
+    assert [row["members"] for row in summary["throughput"]] == [1, 2]
+    assert all(row["member_updates_per_second"] > 0 for row in summary["throughput"])
+    assert len(summary["matrix"]["runs"]) == 8 and summary["matrix"]["member_updates_per_second"] > 0
+    sweep = json.loads((out / "matrix" / "sweep.json").read_text())
+    [pack] = (out / "matrix" / "packs").glob("*.json")  # all 8 runs in one process
+    assert sweep["counts"]["done"] == 8 and len(json.loads(pack.read_text())) == 8
