@@ -633,3 +633,34 @@ def test_bc_obs_transform_is_invertible_and_changes_what_the_policy_learns(data_
     for key in ("train_mse", "val_mse", "eval_mse"):
         assert math.isfinite(results["warp"][key]["mean"])
         assert results["warp"][key]["mean"] != results["none"][key]["mean"], key
+
+
+def test_members_run_one_after_another_on_cpu_and_side_by_side_elsewhere(data_dir, monkeypatch):
+    """runs.over_members: on CPU the chunk maps its members in sequence (lax.map), on an accelerator it vmaps them;
+    both give every member the same training up to float rounding (the shared dataset is not mapped over)."""
+    script = "iql_ddpgbc"
+    algo = load(script)
+    train, _ = envs.split_dataset(envs.load_dataset(envs.parse_env(POINTMAZE), str(data_dir)), seed=0)
+    config = tiny_config(script, log_interval=5)
+    data = envs.to_device(train)
+    members = {k: jnp.asarray(v) for k, v in
+               {"value_data_size": [3000, 1000], "policy_data_size": [500, 3000], "alpha": [0.1, 3.0]}.items()}
+    states = jax.vmap(lambda k: algo.init_state(k, 2, 2, 2, config))(jax.random.split(jax.random.PRNGKey(0), 2))
+    copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)  # noqa: E731  (the chunk donates its state)
+    def program(state, shared, member):  # a toy chunk: its jaxpr shows whether members are mapped or vmapped
+        return state * shared + member
+
+    toy = (jnp.ones((2, 3)), jnp.ones(3), jnp.ones((2, 3)))
+    assert jax.default_backend() == "cpu"
+    assert "scan" in str(jax.make_jaxpr(runs.over_members(program))(*toy))
+    mapped = algo.make_train_chunk(config, True)(copy(states), data, members, None)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "scan" not in str(jax.make_jaxpr(runs.over_members(program))(*toy))
+    vmapped = algo.make_train_chunk(config, True)(copy(states), data, members, None)
+    for a, b in zip(jax.tree_util.tree_leaves(mapped), jax.tree_util.tree_leaves(vmapped)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # and each member is the member alone: the same as a one-member chunk of that setting
+    alone = algo.make_train_chunk(config, True)(copy(jax.tree_util.tree_map(lambda x: x[1:], states)), data,
+                                                {k: v[1:] for k, v in members.items()}, None)
+    for a, b in zip(jax.tree_util.tree_leaves(vmapped), jax.tree_util.tree_leaves(alone)):
+        np.testing.assert_allclose(np.asarray(a)[1:], b, rtol=1e-4, atol=1e-5)
