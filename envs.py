@@ -5,7 +5,8 @@ Sections, top to bottom:
   1b. table     per-dataset hyperparameters (alpha, discount, evaluation episodes, actor goals) and their sources
   2. datasets   load a file from --dataset-dir, download an official one on first use (OGBench's files, ExORL's
                 archives), or generate one offline with OGBench's official recipe
-  3. splits     10% of whole trajectories held out; the rest in one seeded trajectory order (nested prefixes)
+  3. splits     the whole training file in one seeded trajectory order (nested prefixes); validation on the
+                official -val file (ExORL: 10% of trajectories held out)
   4. sampling   batches and OGBench-style goals, drawn on device inside jit
   5. oracles    the noiseless scripted expert's action for any (state, goal): pointmaze, cube-single
   6. rollouts   lockstep evaluation of a batched policy on the environment's evaluation tasks, and the
