@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The accelerator check in one command: training throughput at the reference size, then one short real packed
-# matrix, both written as JSON under OUT (default benchmarks/results/gpu). On one GPU it fits in 8 minutes:
+# matrix, both written as JSON under OUT (default benchmarks/results/gpu). Sized to fit in 8 minutes on one GPU (an
+# estimate: no GPU has run it yet):
 #
 #   benchmarks/gpu.sh                      # iql_ddpgbc, 3 x 512, batch 1024, K = 1 16 64 256 vmapped members;
 #                                          # then a 2 x 2 matrix x 2 seeds (8 runs) packed in one process
