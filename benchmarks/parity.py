@@ -105,9 +105,12 @@ def check(args: Args) -> None:
 
 
 def settings(args: Args, pair: str) -> dict:
-    """The matched settings of one pair: alpha and discount from our table unless --alpha is given."""
+    """The matched settings of one pair: alpha, discount and the actor goals' random share from our table (alpha
+    unless --alpha is given); the reference gets the rest of its actor goals from the trajectory, as
+    hyperparameters.sh does (0.5 / 0.5 on stitch)."""
     row = envs.hyperparameters(args.env)
-    return {"alpha": row[f"alpha/{pair}"][0] if args.alpha is None else args.alpha, "discount": row["discount"][0]}
+    return {"alpha": row[f"alpha/{pair}"][0] if args.alpha is None else args.alpha, "discount": row["discount"][0],
+            "actor_p_randomgoal": envs.table_entry(row, "actor_p_randomgoal", pair)[0]}
 
 
 def run_ours(args: Args, pair: str, data_dir: Path, out: Path) -> dict:
@@ -162,6 +165,8 @@ def run_reference(args: Args, pair: str, home: Path, out: Path) -> dict:
                    f"--save_dir={save}", "--run_group=parity", f"--agent=agents/{REFERENCE_AGENT[value]}",
                    f"--agent.actor_loss={extractor}", f"--agent.alpha={s['alpha']}",
                    f"--agent.batch_size={args.batch_size}", f"--agent.discount={s['discount']}",
+                   f"--agent.actor_p_randomgoal={s['actor_p_randomgoal']}",
+                   f"--agent.actor_p_trajgoal={1 - s['actor_p_randomgoal']}",
                    f"--agent.actor_hidden_dims={widths}", f"--agent.value_hidden_dims={widths}"]
         environment = {**os.environ, "HOME": str(home), "WANDB_MODE": "disabled", "WANDB_ERROR_REPORTING": "false",
                        "WANDB_SILENT": "true", "MUJOCO_GL": "egl", "PYTHONPATH": str(impls)}
