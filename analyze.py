@@ -112,7 +112,7 @@ import tyro
 
 import envs
 from runs import (EVAL_FILE, EXTRACTORS, RESULT_METRICS, TASK_SUCCESS, TEST_TIME_METHODS, TRAJECTORY_FILE,
-                  VALUE_LEARNERS, VIDEO_DIR, UsageError, exit_on_usage_error, read_metrics, task_success_keys,
+                  VALUE_LEARNERS, VIDEO_DIR, UsageError, exit_on_usage_error, read_metrics,
                   write_atomic, write_json_atomic)
 
 TABLE_COLUMNS = (*EXTRACTORS, "bc")
@@ -430,8 +430,11 @@ def estimate(strata: list, boot: Bootstrap, bounds: tuple[float, float] = (-math
 
 def difference_estimate(cells: list[tuple[dict[int, float], dict[int, float]]], boot: Bootstrap) -> dict:
     """B - A over pairs of cells (A, B) of the same runs (e.g. plain and OPEX success, validation and evaluation MSE):
-    per pair the per-seed differences of the seeds both have, pooled with pairs as strata (see `estimate`)."""
-    return estimate([[b[s] - a[s] for s in sorted(set(a) & set(b))] for a, b in cells], boot)
+    per pair the per-seed differences of the seeds both have, pooled with pairs as strata (see `estimate`);
+    "all_zero": every one of those differences is exactly zero (the call is then "no change", not "inconclusive")."""
+    differences = [[b[s] - a[s] for s in sorted(set(a) & set(b))] for a, b in cells]
+    flat = [d for stratum in differences for d in stratum]
+    return {**estimate(differences, boot), "all_zero": bool(flat) and all(d == 0 for d in flat)}
 
 
 def probability_of_improvement(x: list, y: list, boot: Bootstrap) -> dict:
@@ -492,23 +495,15 @@ def cell_values(runs: list[Run], metric: str) -> dict[CellKey, dict[int, float]]
             for key in sorted(seen, key=_cell_order)}
 
 
-def stats(per_seed: dict[int, float], boot: Bootstrap, metric: str, strata: list | None = None) -> dict:
-    """mean, std (ddof=0) and number of seeds of one cell, with `estimate`'s mean and IQM intervals over `strata`
-    (default: one stratum, the seeds' values) within the metric's `value_range`; NaN without seeds."""
+def stats(per_seed: dict[int, float], boot: Bootstrap, metric: str) -> dict:
+    """mean, std (ddof=0) and number of seeds of one cell, with `estimate`'s mean and IQM intervals (the seeds
+    resampled, one stratum) within the metric's `value_range`; NaN without seeds."""
     values = np.asarray(list(per_seed.values()), np.float64)
     if values.size == 0:
         return {"mean": math.nan, "std": math.nan, "n_seeds": 0, **estimate([], boot)}
-    return {**estimate(strata if strata is not None else [values], boot, value_range(metric)),
+    return {**estimate([values], boot, value_range(metric)),
             "mean": float(values.mean()),
             "std": float(values.std()), "n_seeds": int(values.size)}
-
-
-def task_strata(tasks: dict[str, dict[int, float]], per_seed: dict[int, float]) -> list | None:
-    """A cell's per-task success as bootstrap strata (one per evaluation task, the seeds' values), when there are
-    several tasks and each has every seed of the cell; else None (the seeds' overall values are the one stratum)."""
-    if len(tasks) < 2 or any(set(values) != set(per_seed) for values in tasks.values()):
-        return None
-    return [list(values.values()) for values in tasks.values()]
 
 
 def choose_alpha(cells: dict[CellKey, dict[int, float]]) -> dict[tuple, tuple[float | None, dict[int, float]]]:
@@ -540,7 +535,7 @@ class Matrix:
     alpha: list[list[float | None]]  # the chosen alpha per cell
     seeds: list[list[dict[int, float]]]  # the chosen alpha's value per seed, per cell
     has_alpha: bool  # the script has an alpha (any run gave one)
-    estimates: list[list[dict]]  # per cell `stats`: mean and IQM with intervals (strata: evaluation tasks)
+    estimates: list[list[dict]]  # per cell `stats`: mean and IQM over seeds with intervals (seeds resampled)
 
     def to_json(self) -> dict:
         cells = lambda key: [[e.get(key, math.nan) for e in row] for row in self.estimates]  # noqa: E731
@@ -553,13 +548,11 @@ class Matrix:
 def build_matrices(runs: list[Run], metric_by_env: dict[str, str], boot: Bootstrap) -> list[Matrix]:
     """Every env x script's matrix (bc included, as a single row), in env then script order. The axes are the sizes
     that script's runs have; a combination with no run, or no number for the metric, is a NaN cell. A cell's
-    interval has the evaluation tasks as strata where the runs kept per-task success (the success metric)."""
+    interval resamples its seeds, exactly as summary.json's "cells" (one definition per quantity)."""
     matrices = []
     for env, metric in sorted(metric_by_env.items()):
         env_runs = [run for run in runs if run.env == env]
         chosen = choose_alpha(cell_values(env_runs, metric))
-        task_keys = task_success_keys(k for run in env_runs for k in run.values) if metric == "success" else []
-        per_task = {k: cell_values(env_runs, k) for k in task_keys}
         for script in sorted({run.script for run in env_runs}, key=script_order):
             mine = [run for run in env_runs if run.script == script]
             values = sorted({run.value_size for run in mine}, key=_size_order)
@@ -572,8 +565,7 @@ def build_matrices(runs: list[Run], metric_by_env: dict[str, str], boot: Bootstr
                 for j, p in enumerate(policies):
                     if (env, script, v, p) in chosen:
                         alpha, per_seed = chosen[(env, script, v, p)]
-                        tasks = {k: per_task[k].get((env, script, v, p, alpha), {}) for k in task_keys}
-                        s = m.estimates[i][j] = stats(per_seed, boot, metric, task_strata(tasks, per_seed))
+                        s = m.estimates[i][j] = stats(per_seed, boot, metric)
                         m.mean[i, j], m.std[i, j], m.n[i, j] = s["mean"], s["std"], s["n_seeds"]
                         m.alpha[i][j], m.seeds[i][j] = alpha, per_seed
             matrices.append(m)
@@ -614,6 +606,19 @@ def pooled(cells: list[dict[int, float]], boot: Bootstrap, metric: str) -> dict:
 def matrix_average(m: Matrix, boot: Bootstrap) -> dict:
     """The matrix's average performance over its cells (see `pooled`)."""
     return pooled([cell for row in m.seeds for cell in row], boot, m.metric)
+
+
+def average_difference(a: Matrix, b: Matrix, boot: Bootstrap) -> dict:
+    """B's matrix average minus A's ("difference") with its interval ("ci"): each cell's seeds resampled within it,
+    A's and B's cells independently (different runs), as `pooled` resamples one matrix."""
+    strata = [[np.asarray(list(c.values()), np.float64) for row in m.seeds for c in row if c] for m in (a, b)]
+    if not all(strata):
+        return {"difference": math.nan, "ci": NO_INTERVAL}
+    difference = float(np.mean([s.mean() for s in strata[1]]) - np.mean([s.mean() for s in strata[0]]))
+    if min(len(s) for side in strata for s in side) < 2:
+        return {"difference": difference, "ci": NO_INTERVAL}
+    means = [np.mean([d.mean(1) for d in boot.resample(side, stream=3 + k)], axis=0) for k, side in enumerate(strata)]
+    return {"difference": difference, "ci": boot.interval(means[1] - means[0])}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -689,7 +694,9 @@ def verdict(m: Matrix, boot: Bootstrap, min_change: float = 0.02, dominance: flo
 
 def table_rows(final: list[Matrix], best: list[Matrix], boot: Bootstrap) -> list[dict]:
     """Rows of the aggregated table: per kind ("final", "best"), env and value learner, the matrix average of each
-    extractor (awr, ddpgbc, sfbc) and of bc, and the best extractor of the row (highest mean; bc not a candidate)."""
+    extractor (awr, ddpgbc, sfbc) and of bc, and "best_extractor": the extractor with the highest mean where the
+    interval of its difference to every other extractor of the row excludes zero, "tie" where one does not, None
+    with no candidate (bc is a baseline, not a candidate); "best_margin": that difference to the runner-up."""
     rows = []
     for kind, matrices in (("final", final), ("best", best)):
         for env in sorted({m.env for m in matrices}):
@@ -702,23 +709,31 @@ def table_rows(final: list[Matrix], best: list[Matrix], boot: Bootstrap) -> list
                 for extractor in EXTRACTORS:
                     script = f"{learner}_{extractor}"
                     row[extractor] = matrix_average(mine[script], boot) if script in mine else None
-                scored = [(row[e]["mean"], e) for e in EXTRACTORS if row[e] and math.isfinite(row[e]["mean"])]
-                row["best_extractor"] = max(scored, key=lambda x: x[0])[1] if scored else None
+                scored = sorted(((row[e]["mean"], e) for e in EXTRACTORS if row[e] and math.isfinite(row[e]["mean"])),
+                                key=lambda x: -x[0])
+                row["best_extractor"], row["best_margin"] = (scored[0][1] if scored else None), None
+                if len(scored) > 1:
+                    top = mine[f"{learner}_{scored[0][1]}"]
+                    margins = [average_difference(mine[f"{learner}_{e}"], top, boot) for _, e in scored[1:]]
+                    row["best_margin"] = {"over": scored[1][1], **margins[0]}
+                    if not all(m["ci"][0] > 0 for m in margins):  # NaN (no interval) counts as not excluding zero
+                        row["best_extractor"] = "tie"
                 rows.append(row)
     return rows
 
 
 def improvement_rows(matrices: list[Matrix], boot: Bootstrap) -> list[dict]:
-    """For every two extractors on the same value learner and env: the probability that the first improves on the
-    second (`probability_of_improvement`), the strata being the cells both matrices have (same value and policy
-    size; each at its own chosen alpha), the runs each cell's seeds."""
+    """For every two extractors on the same value learner and env: P(X > Y), X the later in EXTRACTORS' order
+    (P(DDPG+BC > AWR), P(SfBC > AWR), P(SfBC > DDPG+BC): the direction of the paper's claim, used alike in the
+    table, the figure and claims.md), by `probability_of_improvement`, the strata being the cells both matrices have
+    (same value and policy size; each at its own chosen alpha), the runs each cell's seeds."""
     rows = []
     for env in sorted({m.env for m in matrices}):
         mine = {m.script: m for m in matrices if m.env == env}
         for learner in VALUE_LEARNERS:
             present = [e for e in EXTRACTORS if f"{learner}_{e}" in mine]
-            for k, first in enumerate(present):
-                for second in present[k + 1:]:
+            for k, second in enumerate(present):
+                for first in present[k + 1:]:
                     a, b = mine[f"{learner}_{first}"], mine[f"{learner}_{second}"]
                     x, y = [], []
                     for i, v in enumerate(a.value_sizes):
@@ -739,8 +754,23 @@ CLAIMS = {  # the paper's four claims as this sweep can test them (`claim_rows`)
 }
 
 
-def _call(low: float, high: float, null: float, larger_supports: bool = True) -> str:
-    """reproduced / not reproduced / inconclusive from an interval and the value meaning "no effect"."""
+CLAIM_RULES = {  # how claim_rows calls each claim: claims.md's header and docs/analysis.md say the same
+    "extraction": "the 95% interval of P(DDPG+BC > AWR) above 0.5: reproduced; below 0.5: not reproduced; "
+                  "else inconclusive",
+    "data": "the bottleneck verdict (verdicts.md's rule: two intervals, a floor, 2x dominance): policy-bounded: "
+            "reproduced; value-bounded: not reproduced; flat, both or insufficient seeds: inconclusive",
+    "generalization": "the 95% interval of evaluation minus validation MSE (paired by seed) above 0: reproduced; "
+                      "below 0: not reproduced; every seed's difference exactly 0: no change; else inconclusive",
+    "testtime": "the 95% interval of the method's gain over plain (paired by seed) above 0: reproduced; below 0: "
+                "not reproduced; every seed's gain exactly 0: no change; else inconclusive",
+}
+
+
+def _call(low: float, high: float, null: float, larger_supports: bool = True, no_change: bool = False) -> str:
+    """reproduced / not reproduced / inconclusive from an interval and the value meaning "no effect"; "no change"
+    where every seed's paired change is exactly zero (`no_change`)."""
+    if no_change:
+        return "no change"
     if not (math.isfinite(low) and math.isfinite(high)):
         return "inconclusive (no interval: fewer than 2 seeds)"
     if low > null:
@@ -776,7 +806,7 @@ def claim_rows(improvements: list[dict], verdicts: list[dict], generalization: d
             d = r["eval_minus_val"]
             rows.append({"claim": "generalization", "where": f"{env} {r['script']} {online_setting(r)}",
                          "evidence": f"evaluation - validation MSE {_signed_interval(d['mean'], d['mean_ci'], 'mse')}",
-                         "result": _call(*d["mean_ci"], 0.0)})
+                         "result": _call(*d["mean_ci"], 0.0, no_change=d.get("all_zero", False))})
     for env, mine in sorted(testtime.items()):
         for r in mine:
             for m in r["methods"]:
@@ -785,8 +815,18 @@ def claim_rows(improvements: list[dict], verdicts: list[dict], generalization: d
                     rows.append({"claim": "testtime", "where": f"{env} {r['script']} {NAMES[m]}",
                                  "evidence": f"{r['metric']} gain over plain "
                                              f"{_signed_interval(gain['mean'], gain['mean_ci'], r['metric'])}",
-                                 "result": _call(*gain["mean_ci"], 0.0)})
+                                 "result": _call(*gain["mean_ci"], 0.0, no_change=gain.get("all_zero", False))})
     return rows
+
+
+def claims_page(rows: list[dict], confidence: float) -> str:
+    """claims.md: each claim's own rule, then the rows."""
+    level = f"{100 * confidence:g}%"
+    rules = [f"- **{CLAIMS[c]}**: {CLAIM_RULES[c].replace('95%', level)}." for c in CLAIMS
+             if any(r["claim"] == c for r in rows)]
+    return ("# The paper's claims in this sweep\n\nEach row: where the sweep tests a claim, the number that decides "
+            "it with its interval, and the call, by the claim's own rule:\n\n" + "\n".join(rules) + "\n\n"
+            + claims_text(rows, markdown=True) + "\n")
 
 
 def claims_text(rows: list[dict], markdown: bool = False) -> str:
@@ -860,10 +900,12 @@ def testtime_rows(runs: list[Run], metric_by_env: dict[str, str], boot: Bootstra
     return out
 
 
-def read_online_curve(run: Run, quantities: tuple[str, ...]) -> dict[str, dict[int, dict[int, float]]]:
-    """One online run's curves from its metrics.jsonl: per quantity, per seed, online step (eval step - offline steps,
-    steps before the offline end left out) -> value; a later record of the same seed and step replaces an earlier
-    one, and a missing or non-finite value is left out."""
+def read_online_curve(run: Run, quantities: tuple[str, ...], window: tuple[int, int] | None = None
+                      ) -> dict[str, dict[int, dict[int, float]]]:
+    """One run's curves from its metrics.jsonl over `window` = (first, last) step (default: an online run's online
+    phase, (steps, steps + online_steps)): per quantity, per seed, step - first -> value; a later record of the same
+    seed and step replaces an earlier one, and a missing or non-finite value is left out."""
+    first, last = window or (run.steps, run.steps + run.online_steps)
     curves: dict[str, dict[int, dict[int, float]]] = {q: {} for q in quantities}
     for record in read_metrics(run.folder / "metrics.jsonl"):
         if not isinstance(record, dict) or record.get("event") != "eval":
@@ -871,13 +913,12 @@ def read_online_curve(run: Run, quantities: tuple[str, ...]) -> dict[str, dict[i
         step, seed, member = record.get("step"), record.get("seed"), record.get("member")
         if not isinstance(seed, int) and isinstance(member, int) and 0 <= member < len(run.seeds):
             seed = run.seeds[member]  # a record without its seed: the member's
-        if not isinstance(step, int) or not isinstance(seed, int) \
-                or not run.steps <= step <= run.steps + run.online_steps:
+        if not isinstance(step, int) or not isinstance(seed, int) or not first <= step <= last:
             continue
         for quantity in quantities:
             value = _number(record.get(quantity))
             if math.isfinite(value):
-                curves[quantity].setdefault(seed, {})[step - run.steps] = value
+                curves[quantity].setdefault(seed, {})[step - first] = value
     return {q: per_seed for q, per_seed in curves.items() if per_seed}
 
 
@@ -909,31 +950,47 @@ def online_change_intervals(curves: dict[str, dict[int, dict[int, float]]], boot
 
 def online_rows(runs: list[Run], metric_by_env: dict[str, str], boot: Bootstrap) -> dict[str, list[dict]]:
     """Per env, per cell with online runs (script order, then sizes and alpha): "script", "value_size",
-    "policy_size", "alpha", "metric" (success or return), "seeds", and "points" (see `online_points`) from the eval
-    records of its runs with online_steps > 0, pooled seed by seed (a seed's values at an online step from several
-    folders averaged), and "change_ci" (see `online_change_intervals`). Cells whose runs logged no eval record from
-    the offline end on are left out."""
+    "policy_size", "alpha", "metric" (success or return), "offline_only": False, "seeds", and "points" (see
+    `online_points`) from the eval records of its runs with online_steps > 0, pooled seed by seed (a seed's values
+    at an online step from several folders averaged), and "change_ci" (see `online_change_intervals`). Cells whose
+    runs logged no eval record from the offline end on are left out. After each such row, where the sweep has
+    offline-only runs (online_steps 0) of the same cell that trained past the online runs' offline steps, a row
+    "offline_only": True of those runs over the same updates (step - the online runs' offline steps): the
+    comparison the paper makes, with the same number of updates and no online data."""
     out: dict[str, list[dict]] = {}
     for env, metric in sorted(metric_by_env.items()):
         base = "return" if metric == "return" else "success"  # best_success has no per-evaluation counterpart
-        seen: dict[CellKey, dict[str, dict[int, dict[int, list[float]]]]] = {}
-        for run in runs:
-            if run.env != env or run.online_steps <= 0:
-                continue
-            cell = seen.setdefault((run.env, run.script, run.value_size, run.policy_size, run.alpha), {})
-            for quantity, per_seed in read_online_curve(run, (*ONLINE_MSES, base)).items():
-                for seed, curve in per_seed.items():
-                    for step, value in curve.items():
-                        cell.setdefault(quantity, {}).setdefault(seed, {}).setdefault(step, []).append(value)
-        for key in sorted(seen, key=lambda k: (script_order(k[1]), *_cell_order(k)[2:])):
-            curves = {q: {seed: {step: float(np.mean(v)) for step, v in sorted(curve.items())}
-                          for seed, curve in sorted(seen[key][q].items())}
-                      for q in (*ONLINE_MSES, base) if q in seen[key]}
-            if curves:
-                out.setdefault(env, []).append({
-                    "script": key[1], "value_size": key[2], "policy_size": key[3], "alpha": key[4], "metric": base,
+
+        def pool(chosen: list[tuple[Run, tuple[int, int] | None]]) -> dict:
+            seen: dict[str, dict[int, dict[int, list[float]]]] = {}
+            for run, window in chosen:
+                for quantity, per_seed in read_online_curve(run, (*ONLINE_MSES, base), window).items():
+                    for seed, curve in per_seed.items():
+                        for step, value in curve.items():
+                            seen.setdefault(quantity, {}).setdefault(seed, {}).setdefault(step, []).append(value)
+            return {q: {seed: {step: float(np.mean(v)) for step, v in sorted(curve.items())}
+                        for seed, curve in sorted(seen[q].items())} for q in (*ONLINE_MSES, base) if q in seen}
+
+        def row(key: CellKey, curves: dict, offline_only: bool) -> dict:
+            return {"script": key[1], "value_size": key[2], "policy_size": key[3], "alpha": key[4], "metric": base,
+                    "offline_only": offline_only,
                     "seeds": sorted({seed for per_seed in curves.values() for seed in per_seed}),
-                    "points": online_points(curves, boot), "change_ci": online_change_intervals(curves, boot)})
+                    "points": online_points(curves, boot), "change_ci": online_change_intervals(curves, boot)}
+
+        key_of = lambda run: (run.env, run.script, run.value_size, run.policy_size, run.alpha)  # noqa: E731
+        online = [run for run in runs if run.env == env and run.online_steps > 0]
+        for key in sorted({key_of(r) for r in online}, key=lambda k: (script_order(k[1]), *_cell_order(k)[2:])):
+            mine = [run for run in online if key_of(run) == key]
+            curves = pool([(run, None) for run in mine])
+            if not curves:
+                continue
+            out.setdefault(env, []).append(row(key, curves, False))
+            split, length = min(run.steps for run in mine), max(run.online_steps for run in mine)
+            offline = [run for run in runs if key_of(run) == key and not run.online_steps
+                       and isinstance(run.steps, int) and run.steps > split]
+            offline_curves = pool([(run, (split, split + length)) for run in offline])
+            if offline_curves:
+                out[env].append(row(key, offline_curves, True))
     return out
 
 
@@ -1192,19 +1249,26 @@ def matrix_figsize(rows: int, cols: int) -> tuple[float, float]:
 
 
 def plot_matrices(matrices: list[Matrix], out: Path, formats: tuple[str, ...]) -> list[Path]:
-    """One figure per env: a panel per value x extractor script (bc is in the table, not here)."""
+    """One figure per env: a panel per value x extractor script (bc is in the table, not here). Colours: success rates
+    on a fixed [0, 1] scale (noise between cells shows as noise); returns from the figure's lowest to highest cell,
+    as the colourbar's label says. No figure where every panel would be a single cell (the table has its number)."""
     plt = _pyplot()
     paths = []
     for env in sorted({m.env for m in matrices}):
         mine = [m for m in matrices if m.env == env and m.script != "bc"]
-        if not mine:
+        if not mine or all(m.mean.size == 1 for m in mine):
             continue
         rows, cols, where = panel_layout([m.script for m in mine])
         fig, axes = plt.subplots(rows, cols, figsize=matrix_figsize(rows, cols), squeeze=False, layout="constrained")
-        finite = np.concatenate([m.mean[np.isfinite(m.mean)] for m in mine])
-        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        if high - low < 1e-9:
-            low, high = low - 0.05, high + 0.05
+        label = METRIC_LABELS.get(mine[0].metric, mine[0].metric)
+        if mine[0].metric.endswith("success"):
+            low, high = 0.0, 1.0
+        else:
+            finite = np.concatenate([m.mean[np.isfinite(m.mean)] for m in mine])
+            low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+            if high - low < 1e-9:
+                low, high = low - 0.05, high + 0.05
+            label += " (colours: lowest to highest cell)"
         cmap = plt.get_cmap("viridis").copy()
         cmap.set_bad("white")  # missing cells stay empty
         used = set()
@@ -1234,7 +1298,7 @@ def plot_matrices(matrices: list[Matrix], out: Path, formats: tuple[str, ...]) -
             for c in range(cols):
                 if (r, c) not in used:
                     axes[r, c].axis("off")
-        fig.colorbar(image, ax=axes, label=METRIC_LABELS.get(mine[0].metric, mine[0].metric), shrink=0.9)
+        fig.colorbar(image, ax=axes, label=label, shrink=0.9)
         # Two lines: a single panel is narrower than the one-line title would be.
         fig.suptitle(f"{env}\nbest alpha per cell: mean over seeds [95% bootstrap interval]", fontsize=10)
         paths += save_figure(fig, out, f"matrices_{env}", formats)
@@ -1268,8 +1332,9 @@ def _draw_bars(ax, groups: list[str], series: dict[str, list[dict]], ylabel: str
 
 
 def plot_aggregates(rows: list[dict], improvements: list[dict], out: Path, formats: tuple[str, ...]) -> list[Path]:
-    """Per env (rliable's two figures): the matrix-averaged IQM with its interval per extractor, grouped by value
-    learner (final performance), and the probability of improvement of each extractor pair with its interval."""
+    """Per env (rliable's two figures): the matrix-averaged mean with its interval per extractor, grouped by value
+    learner (final performance; the numbers of table.md's mean table), and the probability of improvement of each
+    extractor pair with its interval, in `improvement_rows`' direction."""
     plt = _pyplot()
     paths = []
     for env in sorted({r["env"] for r in rows}):
@@ -1280,11 +1345,11 @@ def plot_aggregates(rows: list[dict], improvements: list[dict], out: Path, forma
             continue
         fig, axes = plt.subplots(1, 2 if pairs else 1, figsize=(bars_figsize(len(mine))[0] + 4.5 * bool(pairs), 3.8),
                                  squeeze=False, layout="constrained")
-        missing = {"iqm": math.nan, "iqm_ci": NO_INTERVAL}
+        missing = {"mean": math.nan, "mean_ci": NO_INTERVAL}
         series = {NAMES.get(c, c): [r[c] or missing for r in mine] for c in columns}
         _draw_bars(axes[0, 0], [NAMES.get(r["value"], r["value"]) for r in mine], series,
                    METRIC_LABELS.get(mine[0]["metric"], mine[0]["metric"]),
-                   f"{env}\nmatrix-averaged IQM, 95% bootstrap interval", key="iqm")
+                   f"{env}\nmatrix-averaged mean (table.md), 95% bootstrap interval")
         if pairs:
             ax = axes[0, 1]
             labels = [f"{NAMES.get(r['value'], r['value'])}: {NAMES[r['x']]} > {NAMES[r['y']]}" for r in pairs]
@@ -1321,7 +1386,7 @@ def generalization_text(rows: dict[str, list[dict]]) -> str:
 def plot_generalization(rows: dict[str, list[dict]], out: Path, formats: tuple[str, ...]) -> list[Path]:
     paths = []
     for env, mine in sorted(rows.items()):
-        groups = [f"{r['script']}\n" + ("" if r["value_size"] is None else f"v{size_label(r['value_size'])} ")
+        groups = [f"{script_label(r['script'])}\n" + ("" if r["value_size"] is None else f"v{size_label(r['value_size'])} ")
                   + f"p{size_label(r['policy_size'])}" + ("" if r["alpha"] is None else f" α={r['alpha']:g}")
                   for r in mine]
         series = {name: [r[key] for r in mine] for name, key in
@@ -1338,13 +1403,16 @@ def _cells(n: int) -> str:
 
 
 def testtime_panels(mine: list[dict]) -> list[str]:
-    """The keys drawn for one env's test-time rows: performance, and eval_mse when some method measured it."""
+    """The panels of one env's test-time figure: performance per arm, the paired gain over plain ("gain"), and
+    eval_mse when some method measured it."""
     methods = {m for r in mine for m in r["methods"]}
-    return [mine[0]["metric"]] + (["eval_mse"] if any(f"{m}_eval_mse" in r for r in mine for m in methods) else [])
+    return [mine[0]["metric"], "gain"] + (["eval_mse"] if any(f"{m}_eval_mse" in r for r in mine for m in methods)
+                                          else [])
 
 
 def plot_testtime(rows: dict[str, list[dict]], out: Path, formats: tuple[str, ...]) -> list[Path]:
-    """Per env: plain vs each evaluated test-time method, performance on top and evaluation MSE below (where
+    """Per env: plain vs each evaluated test-time method on the same runs and episodes: performance per arm, the
+    gain of each method over plain paired by seed (the number the text reports), and evaluation MSE per arm (where
     measured); a script without a method's numbers has no bar there."""
     plt = _pyplot()
     paths = []
@@ -1354,18 +1422,21 @@ def plot_testtime(rows: dict[str, list[dict]], out: Path, formats: tuple[str, ..
         panels = testtime_panels(mine)
         fig, axes = plt.subplots(len(panels), 1, figsize=bars_figsize(len(mine), len(panels)), squeeze=False,
                                  layout="constrained")
-        groups = [f"{r['script']}\n({_cells(r['cells'])})" for r in mine]
+        groups = [f"{script_label(r['script'])}\n({_cells(r['cells'])})" for r in mine]
         for ax, key in zip(axes[:, 0], panels):
-            series = {name: [r.get(prefix + key, missing) for r in mine]
-                      for name, prefix in (("plain", ""), *((NAMES[m], m + "_") for m in methods))}
-            series = {name: v for name, v in series.items() if any(math.isfinite(x["mean"]) for x in v)} or series
-            if key == "eval_mse":
-                ylabel, title = "MSE to the oracle's action", "policy error on evaluation states"
+            if key == "gain":
+                series = {f"{NAMES[m]} - plain": [r.get(f"{m}_gain", missing) for r in mine] for m in methods}
+                ylabel, title = "gain over plain", "paired gain: method minus plain, seed by seed"
+                ax.axhline(0, color="gray", linewidth=1)
             else:
-                ylabel = METRIC_LABELS[key]
-                title = (f"{env}\ntest-time policy improvement: {ylabel}\n(the same runs and episodes; mean over "
-                         "seeds, 95% bootstrap interval)")
+                series = {name: [r.get(prefix + key, missing) for r in mine]
+                          for name, prefix in (("plain", ""), *((NAMES[m], m + "_") for m in methods))}
+                series = {name: v for name, v in series.items() if any(math.isfinite(x["mean"]) for x in v)} or series
+                ylabel, title = (("MSE to the oracle's action", "policy error on evaluation states per arm")
+                                 if key == "eval_mse" else (METRIC_LABELS[key], f"{METRIC_LABELS[key]} per arm"))
             _draw_bars(ax, groups, series, ylabel, title)
+        fig.suptitle(f"{env}\ntest-time policy improvement, the same runs and episodes\n(mean over seeds, 95% "
+                     "bootstrap interval)", fontsize=10)
         paths += save_figure(fig, out, f"testtime_{env}", formats)
     return paths
 
@@ -1402,7 +1473,8 @@ def online_setting(row: dict, keys: tuple[str, ...] = ("value_size", "policy_siz
 def online_labels(mine: list[dict]) -> list[str]:
     """Legend labels of one env's online rows: the script's name, plus the sizes / alpha in which the rows differ."""
     varying = tuple(k for k in ("value_size", "policy_size", "alpha") if len({r[k] for r in mine}) > 1)
-    return [f"{script_label(r['script'])} {online_setting(r, varying)}".rstrip() for r in mine]
+    return [f"{script_label(r['script'])} {online_setting(r, varying)}".rstrip()
+            + (", offline only (same updates)" if r.get("offline_only") else ", online fine-tuning") for r in mine]
 
 
 def _online_change(quantity: str, change: dict) -> str:
@@ -1421,7 +1493,8 @@ def online_text(rows: dict[str, list[dict]]) -> str:
         for r in mine:
             changes = online_changes(r)
             steps = f"online step {r['points'][0]['online_step']} → {r['points'][-1]['online_step']}"
-            lines.append(f"  {env} {r['script']} {online_setting(r)} ({len(r['seeds'])} seeds, {steps}): "
+            kind = "offline only, the same updates" if r.get("offline_only") else "online"
+            lines.append(f"  {env} {r['script']} {online_setting(r)} ({kind}; {len(r['seeds'])} seeds, {steps}): "
                          + " | ".join(f"{q} {_online_change(q, c)}" for q, c in changes.items()))
     return "\n".join(lines)
 
@@ -1433,10 +1506,11 @@ def write_online(rows: dict[str, list[dict]], out: Path) -> list[Path]:
           "Each entry: the mean over seeds at online step 0 (the end of offline training) → at the last online step "
           "(the change with its 95% bootstrap interval, paired by seed; for MSEs also relative). "
           "MSEs are to the oracle's action on training, validation and "
-          "evaluation states; performance is the success rate (return on dm_control). The paper's check: online "
-          "data should mainly lower the evaluation MSE.", "",
-          "| env | script | value data | policy data | alpha | seeds | online steps | " + " | ".join(columns) + " |",
-          "| --- " * (7 + len(columns)) + "|"]
+          "evaluation states; performance is the success rate (return on dm_control). Rows \"offline only\": runs "
+          "of the same cell trained offline for the same number of updates (no online data), over the same steps. "
+          "The paper's check: online data should mainly lower the evaluation MSE.", "",
+          "| env | script | data | value data | policy data | alpha | seeds | steps | " + " | ".join(columns) + " |",
+          "| --- " * (8 + len(columns)) + "|"]
     for env, mine in sorted(rows.items()):
         for r in mine:
             changes = online_changes(r)
@@ -1445,7 +1519,8 @@ def write_online(rows: dict[str, list[dict]], out: Path) -> list[Path]:
             setting = ["-" if r["value_size"] is None else size_label(r["value_size"]), size_label(r["policy_size"]),
                        "-" if r["alpha"] is None else f"{r['alpha']:g}", str(len(r["seeds"])),
                        str(r["points"][-1]["online_step"])]
-            md.append(f"| {env} | {r['script']} | " + " | ".join(setting + cells) + " |")
+            kind = "offline only" if r.get("offline_only") else "offline + online"
+            md.append(f"| {env} | {script_label(r['script'])} | {kind} | " + " | ".join(setting + cells) + " |")
     return [_write_text(out / "online.md", "\n".join(md) + "\n")]
 
 
@@ -1456,8 +1531,10 @@ def online_figsize(panels: int, lines: int) -> tuple[float, float]:
 
 
 def plot_online(rows: dict[str, list[dict]], out: Path, formats: tuple[str, ...]) -> list[Path]:
-    """Per env: a panel per quantity (the MSEs some row has, then performance) against online environment steps, a
-    line per cell with markers at the evaluated points and a ±std band over seeds, the legend below."""
+    """Per env: a panel per quantity (the MSEs some row has, then performance) against the updates after the offline
+    phase, a solid line per online cell and a dashed one in its colour for its offline-only runs, markers at the
+    evaluated points and a 95% interval band over seeds, the legend below. Axes from zero (success: 0 to 1), so a
+    wiggle of 0.01 looks like one."""
     plt = _pyplot()
     paths = []
     for env, mine in sorted(rows.items()):
@@ -1465,25 +1542,32 @@ def plot_online(rows: dict[str, list[dict]], out: Path, formats: tuple[str, ...]
         fig, axes = plt.subplots(1, len(quantities), figsize=online_figsize(len(quantities), len(mine)),
                                  squeeze=False, layout="constrained")
         cmap = plt.get_cmap("tab10" if len(mine) <= 10 else "tab20")
-        for k, (r, label) in enumerate(zip(mine, online_labels(mine))):
+        colour = -1
+        for r, label in zip(mine, online_labels(mine)):
+            colour += not r.get("offline_only")  # an offline-only row takes its online row's colour, dashed
+            k, style = colour, "--" if r.get("offline_only") else "-"
             for ax, quantity in zip(axes[0], quantities):
                 present = [p for p in r["points"] if quantity in p]
                 x = np.array([p["online_step"] for p in present], np.float64)
                 mean = np.array([p[quantity]["mean"] for p in present], np.float64)
                 band = np.array([p[quantity].get("mean_ci", NO_INTERVAL) for p in present], np.float64)
-                ax.plot(x, mean, marker="o", markersize=3, color=cmap(k % cmap.N), label=label)
+                ax.plot(x, mean, marker="o", markersize=3, color=cmap(k % cmap.N), linestyle=style, label=label)
                 ax.fill_between(x, band[:, 0], band[:, 1], color=cmap(k % cmap.N), alpha=0.2, linewidth=0)
         for ax, quantity in zip(axes[0], quantities):
-            ax.set_xlabel("online environment steps")
+            ax.set_xlabel("updates after the offline phase\n(online: one environment step each)")
             if quantity in ONLINE_MSES:
                 ax.set_ylabel("MSE to the oracle's action")
                 ax.set_title(MSE_LABELS[quantity], fontsize=9)
+                ax.set_ylim(bottom=0)
             else:
                 ax.set_ylabel(METRIC_LABELS[quantity])
                 ax.set_title("performance", fontsize=9)
+                if quantity.endswith("success"):
+                    ax.set_ylim(0, 1)
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncols=len(quantities), fontsize=8)
-        fig.suptitle(f"{env}\noffline-to-online: mean over seeds, 95% bootstrap interval", fontsize=10)
+        fig.suptitle(f"{env}\noffline-to-online against offline only: mean over seeds, 95% bootstrap interval",
+                     fontsize=10)
         paths += save_figure(fig, out, f"online_{env}", formats)
     return paths
 
@@ -1575,7 +1659,10 @@ def main(args: Args) -> list[Path]:
     except OSError as error:
         raise UsageError(f"cannot create --out {out}: {error.strerror}; choose a writable folder") from error
     print(report(sweep))
-    runs = sweep.runs
+    # Offline and online runs of one cell are different experiments, never pooled: the matrices, table, verdicts,
+    # generalization and test-time numbers use the offline runs (a sweep of online runs only: those), the online
+    # comparison both, and summary.json's cells keep them apart by "online_steps".
+    runs = [r for r in sweep.runs if not r.online_steps] or sweep.runs
     boot = Bootstrap(args.bootstrap_reps, args.confidence)
     metric_by_env = {env: performance_metric(env, args.metric) for env in sorted({r.env for r in runs})}
     matrices = build_matrices(runs, metric_by_env, boot)
@@ -1586,7 +1673,7 @@ def main(args: Args) -> list[Path]:
     improvements = improvement_rows(matrices, boot)
     generalization = generalization_rows(runs, matrices, boot)
     testtime = testtime_rows(runs, metric_by_env, boot)
-    online = online_rows(runs, metric_by_env, boot)
+    online = online_rows(sweep.runs, metric_by_env, boot)
     written: list[Path] = []
     if "matrices" in args.only:
         written += plot_matrices(matrices, out, args.format)
@@ -1620,12 +1707,12 @@ def main(args: Args) -> list[Path]:
             print("\noffline-to-online (online step 0 → the last; mean over seeds, the change in parentheses):\n"
                   + online_text(online))
             written += plot_online(online, out, args.format) + write_online(online, out)
-        elif any(run.online_steps for run in runs):
+        elif any(run.online_steps for run in sweep.runs):
             print("online: skipped, the online runs' metrics.jsonl hold no evaluation from the end of offline "
                   "training on")
         else:
             print("online: skipped, no run has online steps (result.json 'online_steps' 0 or absent)")
-    behaviour = behaviour_rows(runs)
+    behaviour = behaviour_rows(sweep.runs)
     if "behaviour" in args.only:
         if behaviour:
             print(f"\nbehaviour: {len(behaviour)} run folder(s) hold evaluate.py's trajectory figures, videos or "
@@ -1637,20 +1724,18 @@ def main(args: Args) -> list[Path]:
     claims = claim_rows(improvements, verdicts, generalization, testtime)
     if "claims" in args.only and claims:
         print(f"\nthe paper's claims at this scale ({100 * args.confidence:g}% intervals):\n" + claims_text(claims))
-        written.append(_write_text(out / "claims.md", "# The paper's claims in this sweep\n\nEach row: where the "
-                                   "sweep tests a claim, the number that decides it with its interval, and the call: "
-                                   "reproduced at this scale when the interval lies on the claim's side of no "
-                                   "effect, not reproduced when on the other side, else inconclusive.\n\n"
-                                   + claims_text(claims, markdown=True) + "\n"))
+        written.append(_write_text(out / "claims.md", claims_page(claims, args.confidence)))
     cells = []
     all_metrics = (*METRICS, *TEST_TIME_KEYS)
-    values = {k: cell_values(runs, k) for k in all_metrics}
-    for key in sorted({key for per_metric in values.values() for key in per_metric}, key=_cell_order):
-        env, script, value, policy, alpha = key
-        cell = {"env": env, "script": script, "value_data_size": value, "policy_data_size": policy, "alpha": alpha,
-                "seeds": sorted({s for k in all_metrics for s in values[k].get(key, {})})}
-        cell.update({k: stats(values[k][key], boot, k) for k in all_metrics if key in values[k]})
-        cells.append(cell)
+    for online_steps in sorted({r.online_steps for r in sweep.runs}):
+        values = {k: cell_values([r for r in sweep.runs if r.online_steps == online_steps], k) for k in all_metrics}
+        for key in sorted({key for per_metric in values.values() for key in per_metric}, key=_cell_order):
+            env, script, value, policy, alpha = key
+            cell = {"env": env, "script": script, "value_data_size": value, "policy_data_size": policy,
+                    "alpha": alpha, "online_steps": online_steps,
+                    "seeds": sorted({s for k in all_metrics for s in values[k].get(key, {})})}
+            cell.update({k: stats(values[k][key], boot, k) for k in all_metrics if key in values[k]})
+            cells.append(cell)
     summary = {"sweep_dir": str(sweep.root), "counts": sweep.counts(), "metric": metric_by_env,
                "incomplete": sweep.incomplete, "failed": sweep.failed, "diverged": sweep.diverged,
                "complete": [str(r.folder) for r in runs], "cells": cells,

@@ -393,8 +393,8 @@ def test_every_artefact_is_written_and_the_table_holds_the_hand_computed_means(t
         assert tt[key]["mean"] == pytest.approx(np.mean(list(per_seed.values()))), key
         assert tt[key]["std"] == pytest.approx(np.std(list(per_seed.values())), abs=1e-9), key
         assert tt[key]["n_seeds"] == 3, key
-    # the figure: performance on top, evaluation MSE below, exactly figsize x dpi pixels
-    width, height = analyze.bars_figsize(1, 2)
+    # the figure: performance per arm, the paired gain, evaluation MSE per arm, exactly figsize x dpi pixels
+    width, height = analyze.bars_figsize(1, 3)
     assert imread(out / f"testtime_{POINTMAZE}.png").shape[:2] == (round(height * analyze.DPI),
                                                                      round(width * analyze.DPI))
     assert f"opex_success {np.mean(list(opex.values())):.3f}" in proc.stdout, proc.stdout
@@ -524,7 +524,7 @@ def test_dm_control_uses_return_and_skips_mse_plots(tmp_path, capsys):
     assert row["return"]["mean"] == pytest.approx(410.0) and row["ttt_return"]["mean"] == pytest.approx(450.0)
     from matplotlib.image import imread
 
-    width, height = analyze.bars_figsize(1, 1)
+    width, height = analyze.bars_figsize(1, 2)  # return per arm and the paired gain (no oracle, no MSE panel)
     assert imread(tmp_path / "analysis" / "testtime_walker-run.png").shape[:2] == (round(height * analyze.DPI),
                                                                                    round(width * analyze.DPI))
 
@@ -618,11 +618,28 @@ def test_online_curves_are_means_over_seeds_from_the_end_of_offline_training(tmp
     # offline-only runs (online_steps 0, or absent as in older result.json) are not part of it
     write_online(write_cell(sweep, {0: 0.5}, script="iql_awr"), {0: {1000: point(0, 0), 1250: point(0, 1)}},
                  online_steps=0)
+    # offline-only runs of the alpha-0.3 cell trained 1500 steps (online_steps 0): its comparison row, over the same
+    # updates (steps 1000 -> 1500), never pooled with the online runs
+    [c] = write_cell(sweep, {2: 0.5}, alpha=0.3, tag="_offline")
+    (c / "result.json").write_text(json.dumps({**json.loads((c / "result.json").read_text()), "steps": 1500}))
+    write_online([c], {2: {500: dict.fromkeys(keys, 7.0), **{1000 + 250 * k: point(0, 2 * k) for k in range(3)}}},
+                 online_steps=0)
+    result = json.loads((c / "result.json").read_text())
+    (c / "result.json").write_text(json.dumps({**result, "online_steps": 0}))
     written = analyze.main(analyze.Args(str(sweep), out=str(out), only=("online",), format=("png",)))
     assert {p.name for p in written} == {f"online_{POINTMAZE}.png", "online.md", "summary.json"}
-    rows = json.loads((out / "summary.json").read_text())["online"][POINTMAZE]
-    assert [(r["script"], r["alpha"], r["seeds"]) for r in rows] == [("iql_ddpgbc", 0.3, [0, 1]),
-                                                                     ("iql_ddpgbc", 3.0, [0, 1])]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["online"][POINTMAZE]
+    offline = rows.pop(1)
+    assert (offline["alpha"], offline["seeds"], offline["offline_only"]) == (0.3, [2], True)
+    assert [(p["online_step"], p["eval_mse"]["mean"]) for p in offline["points"]] == \
+        [(250 * k, pytest.approx(point(0, 2 * k)["eval_mse"])) for k in range(3)]
+    # summary.json's cells keep the offline and the online runs of one cell apart
+    assert sorted((c["alpha"], c["online_steps"], tuple(c["seeds"])) for c in summary["cells"]
+                  if c["script"] == "iql_ddpgbc") == [(0.3, 0, (2,)), (0.3, 500, (0, 1)), (3.0, 250, (1,)),
+                                                      (3.0, 500, (0,))]
+    assert [(r["script"], r["alpha"], r["seeds"], r["offline_only"]) for r in rows] == [
+        ("iql_ddpgbc", 0.3, [0, 1], False), ("iql_ddpgbc", 3.0, [0, 1], False)]
     expected = {0.3: {250 * k: {q: [point(s, k)[q] for s in (0, 1)] for q in keys} for k in range(3)},
                 3.0: {250 * k: {q: [point(0, k)[q], point(1, k + 1)[q]] for q in keys} for k in range(2)}}
     for row in rows:
@@ -641,17 +658,19 @@ def test_online_curves_are_means_over_seeds_from_the_end_of_offline_training(tmp
     assert changes["train_mse"]["change"] == pytest.approx(-0.02)
     printed = capsys.readouterr().out
     # (both seeds change alike, so each change's interval, paired by seed, is the change itself)
-    assert (f"{POINTMAZE} iql_ddpgbc v10k p10k α=0.3 (2 seeds, online step 0 → 500): train_mse 0.1005 → 0.0805 "
+    assert (f"{POINTMAZE} iql_ddpgbc v10k p10k α=0.3 (online; 2 seeds, online step 0 → 500): train_mse 0.1005 → 0.0805 "
             "(-0.02 [-0.02, -0.02], -20%) | val_mse 0.205 → 0.165 (-0.04 [-0.04, -0.04], -20%) | eval_mse 0.625 → "
             "0.425 (-0.2 [-0.2, -0.2], -32%) | success 0.250 → 0.450 (+0.200 [+0.200, +0.200])") in printed, printed
     md = (out / "online.md").read_text()
-    assert f"| {POINTMAZE} | iql_ddpgbc | 10k | 10k | 3 | 2 | 250 | 0.0955 → 0.0855 (-0.01 [-0.01, -0.01], -10%) |" \
-        in md, md
+    assert (f"| {POINTMAZE} | IQL + DDPG+BC | offline + online | 10k | 10k | 3 | 2 | 250 | 0.0955 → 0.0855 (-0.01 "
+            "[-0.01, -0.01], -10%) |") in md, md
+    assert f"| {POINTMAZE} | IQL + DDPG+BC | offline only | 10k | 10k | 0.3 | 1 | 500 |" in md, md
     # the lines differ only in alpha, so the legend names only alpha; the PNG is exactly figsize x DPI pixels
-    assert analyze.online_labels(rows) == ["IQL + DDPG+BC α=0.3", "IQL + DDPG+BC α=3"]
+    assert analyze.online_labels(rows) == ["IQL + DDPG+BC α=0.3, online fine-tuning",
+                                           "IQL + DDPG+BC α=3, online fine-tuning"]
     from matplotlib.image import imread
 
-    width, height = analyze.online_figsize(4, 2)
+    width, height = analyze.online_figsize(4, 3)
     assert imread(out / f"online_{POINTMAZE}.png").shape[:2] == (round(height * analyze.DPI),
                                                                   round(width * analyze.DPI))
     # a damaged online_steps is named
@@ -676,7 +695,7 @@ def test_online_is_skipped_without_online_runs_and_dm_control_draws_performance_
 
     analyze.main(tyro.cli(analyze.Args, args=[str(tmp_path), "--only", "online", "--format", "png"]))
     # seeds changed by +50 and +70: the interval is their spread about +60 (x sqrt(2), analyze.Bootstrap)
-    assert ("walker-run iql_ddpgbc v90k p10k α=0.3 (2 seeds, online step 0 → 100): return 110.0 → 170.0 (+60.0 "
+    assert ("walker-run iql_ddpgbc v90k p10k α=0.3 (online; 2 seeds, online step 0 → 100): return 110.0 → 170.0 (+60.0 "
             "[+45.9, +74.1])") in capsys.readouterr().out
     [row] = json.loads((tmp_path / "analysis" / "summary.json").read_text())["online"]["walker-run"]
     assert row["metric"] == "return" and [set(p) for p in row["points"]] == [{"online_step", "return"}] * 2
@@ -744,3 +763,40 @@ def test_behaviour_links_the_figures_videos_and_evaluations_evaluate_py_wrote(tm
     assert out / "behaviour.md" not in analyze.main(analyze.Args(str(sweep), out=str(tmp_path / "again"),
                                                                  only=("behaviour",)))
     assert "evaluate.py RUN_DIR --trajectories" in capsys.readouterr().out
+
+
+def test_a_cell_has_one_interval_whatever_result_json_keeps_per_task(tmp_path):
+    """A cell's interval resamples its seeds in summary.json's cells and matrices alike, also where result.json keeps
+    per-task success (resampling tasks as strata gave another, narrower interval for the same cell)."""
+    [folder] = write_cell(tmp_path, {0: 0.2, 1: 0.4, 2: 0.6}, split=False)
+    result = json.loads((folder / "result.json").read_text())
+    tasks = {f"task{t}_success": [0.1 * t, 0.1 * t + 0.2, 0.1 * t + 0.4] for t in range(5)}  # seed means 0.2, 0.4, 0.6
+    (folder / "result.json").write_text(json.dumps({**result, **runs.summarize(tasks)}))
+    analyze.main(analyze.Args(str(tmp_path), only=("table",), format=("png",)))
+    summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
+    [cell], [matrix] = summary["cells"], summary["matrices"]
+    by_seed = analyze.stats({0: 0.2, 1: 0.4, 2: 0.6}, BOOT, "success")
+    assert matrix["mean_ci"][0][0] == cell["success"]["mean_ci"] == pytest.approx(by_seed["mean_ci"])
+    assert matrix["iqm"][0][0] == cell["success"]["iqm"]
+
+
+def test_a_zero_gain_on_every_seed_is_no_change_and_close_means_are_a_tie(tmp_path):
+    """OPEX equal to plain on every seed: "no change" (not "inconclusive"), its own rule in claims.md's header; AWR
+    and DDPG+BC whose difference interval straddles zero: "tie", nothing bold; P(X > Y) in the claim's direction."""
+    awr, ddpgbc = {0: 0.20, 1: 0.40, 2: 0.30}, {0: 0.25, 1: 0.35, 2: 0.32}
+    write_cell(tmp_path, awr, script="iql_awr", alpha=3.0)
+    write_cell(tmp_path, ddpgbc, testtime={"opex": dict(ddpgbc), "ttt": {s: x + 0.04 * (s - 1) for s, x in
+                                                                         ddpgbc.items()}})
+    analyze.main(analyze.Args(str(tmp_path), only=("table", "claims", "testtime"), format=("png",)))
+    out = tmp_path / "analysis"
+    summary = json.loads((out / "summary.json").read_text())
+    calls = {r["where"].split()[-1]: r["result"] for r in summary["claims"] if r["claim"] == "testtime"}
+    assert calls == {"OPEX": "no change", "TTT": "inconclusive"}
+    assert analyze.CLAIM_RULES["testtime"] in (out / "claims.md").read_text()
+    [row] = [r for r in summary["table"] if r["kind"] == "final"]
+    assert row["best_extractor"] == "tie" and row["best_margin"]["over"] == "awr"
+    low, high = row["best_margin"]["ci"]
+    assert low < 0 < high and row["best_margin"]["difference"] == pytest.approx(np.mean([0.25, 0.35, 0.32]) - 0.3)
+    assert "**" not in (out / "table.md").read_text()
+    [poi] = summary["improvement"]
+    assert (poi["x"], poi["y"]) == ("ddpgbc", "awr") and poi["poi"] == pytest.approx(5 / 9)  # 5 of 9 pairs above
