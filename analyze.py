@@ -19,12 +19,15 @@ Numbers, from the per-member (per-seed) values in result.json:
   - intervals (every number below carries one): the mean and the interquartile mean (IQM) with a --confidence
     stratified bootstrap interval over seeds (Agarwal et al. 2021, rliable's definitions; --bootstrap-reps draws,
     seeded, so the same runs give the same intervals; each stratum's seeds spread about their mean by
-    sqrt(n / (n - 1)) first, OURS, see `Bootstrap`). Strata: a cell's evaluation tasks (the task<k>_success that
-    result.json keeps per member) where the runs kept them, else its seeds as one stratum; the cells of a matrix
-    average or of a test-time / matrix comparison. No interval ("[n/a]") with fewer than 2 seeds.
+    sqrt(n / (n - 1)) first, OURS, see `Bootstrap`). One definition per quantity, used by summary.json, the tables,
+    the figures and claims.md alike: a cell's interval resamples its seeds (one stratum; per-task success is not a
+    stratum: a seed's tasks share one policy); an average over cells (matrix average, test-time numbers) has the
+    cells as strata, each cell's seeds resampled within it. The headline number is the mean; the IQM is reported
+    beside it, labelled. No interval ("[n/a]") with fewer than 2 seeds.
   - probability of improvement (table; `improvement_rows`): for every two extractors on the same value learner and
-    env, P(X > Y) = per cell both matrices have, the probability that a seed of X scores above a seed of Y (ties
-    half), averaged over those cells, with its interval.
+    env, P(X > Y) with X the later of awr, ddpgbc, sfbc (P(DDPG+BC > AWR), the paper's claim's direction, in the
+    table, the figure and claims.md alike) = per cell both matrices have, the probability that a seed of X scores
+    above a seed of Y (ties half), averaged over those cells, with its interval.
   - performance (--metric): auto = the success rate for OGBench environments, the return for dm_control ones.
   - matrix (per env x script): at each (value size, policy size) the cell of the best alpha, the best alpha chosen
     by the MEAN over seeds (never by the single best seed); ties go to the smaller alpha; missing cells are NaN.
@@ -32,7 +35,9 @@ Numbers, from the per-member (per-seed) values in result.json:
     over every cell's seeds; "std" in table.csv is the std over seeds of the per-seed matrix average, seeds paired
     by seed id across cells (only seeds present in every cell count). "final" is the
     performance metric at the last evaluation, "best" the best success during training (OGBench only); each picks
-    its own best alpha per cell. bc (policy size only) is averaged over its policy sizes, a baseline column.
+    its own best alpha per cell. bc (policy size only) is averaged over its policy sizes, a baseline column. The
+    best extractor of a row is bold only where the interval of its difference to every other extractor (matrix
+    averages, each cell's seeds resampled) excludes zero; otherwise the row's best is "tie".
   - verdict (per env x script; `verdict`): change along the policy axis = mean over value rows of
     perf[v, largest p] - perf[v, smallest p]; along the value axis = mean over policy columns of
     perf[largest v, p] - perf[smallest v, p], each with its interval (each compared cell's seeds resampled within
@@ -62,25 +67,30 @@ Numbers, from the per-member (per-seed) values in result.json:
     performance (success, or return on dm_control; --metric best_success uses success). Per cell, pooled seed by
     seed as above; at each online step that every seed of the cell has, mean and std (ddof=0) over seeds. The
     change from online step 0 to the last (with its interval, paired by seed) is the paper's check that online data
-    mainly lowers evaluation MSE. The
-    matrices, table and verdicts use result.json's final numbers of every run (for an online run: after online
-    fine-tuning).
+    mainly lowers evaluation MSE. Offline-only runs of the same cell that trained past the online runs' offline
+    steps are shown beside them over the same updates (the paper's comparison: as many updates, no online data).
+    Offline and online runs are never pooled: the matrices, table, verdicts, generalization and test-time numbers
+    use the offline runs (a sweep of online runs only: those), and summary.json's cells carry "online_steps".
+  - claims (`claim_rows`, claims.md): each claim is called by its own rule (CLAIM_RULES): an interval against "no
+    effect" (extraction, generalization, test time; "no change" where every seed's paired change is exactly zero)
+    or the verdict rule (data).
 
 Artefacts in --out (default SWEEP_DIR/analysis), each written through a temporary file and a rename:
   matrices_<env>.png/.pdf        one panel per value x extractor script (rows value learner, columns extractor),
-                                 each cell's interval under its mean
+                                 each cell's interval under its mean; success coloured on [0, 1]; not drawn when
+                                 every panel would be one cell
   table.md, table.csv, table.tex matrix-averaged performance per env x value learner x extractor, bc as baseline
                                  (mean and IQM with intervals; table.md also the probabilities of improvement)
   improvement.csv                P(X > Y) with its interval per env x value learner x extractor pair (also printed)
-  aggregate_<env>.png/.pdf       matrix-averaged IQM with interval bars per extractor and value learner, and the
-                                 probabilities of improvement with their intervals (rliable's two figures)
+  aggregate_<env>.png/.pdf       matrix-averaged mean (table.md's) with interval bars per extractor and value
+                                 learner, and the probabilities of improvement with their intervals
   verdicts.md, verdicts.csv      the verdict per matrix and the numbers behind it (also printed)
   generalization_<env>.png/.pdf  train / validation / evaluation MSE per script (numbers printed)
-  testtime_<env>.png/.pdf        per script, plain vs OPEX vs TTT performance (top) and evaluation MSE (bottom,
-                                 where the runs measured it), the same runs and episodes
+  testtime_<env>.png/.pdf        per script, plain vs OPEX vs TTT performance, each method's gain over plain paired
+                                 by seed, and evaluation MSE (where measured), the same runs and episodes
   online_<env>.png/.pdf          offline-to-online curves: train / validation / evaluation MSE (where measured) and
-                                 performance against online environment steps, a line per cell (mean, interval
-                                 band)
+                                 performance against the updates after the offline phase, a line per cell (mean,
+                                 interval band), dashed: offline-only runs of the same updates
   online.md                      per env x cell each quantity at online step 0 -> the last online step, and the change
                                  (also printed)
   behaviour.md                   per run folder holding evaluate.py's files (trajectories_<step>.png shown; videos/
@@ -1081,7 +1091,9 @@ def write_table(rows: list[dict], improvements: list[dict], out: Path, confidenc
     md = ["# Matrix-averaged performance", "",
           f"Each entry: the mean over the matrix's cells (per cell the alpha with the best mean over seeds) and its "
           f"{level} stratified bootstrap interval (strata: the cells; each cell's seeds resampled within it); [n/a]: "
-          "fewer than 2 seeds. Bold: the row's best extractor by mean. bc: behaviour cloning, averaged over its "
+          "fewer than 2 seeds. Bold: the row's best extractor, only where the interval of its difference to every other "
+          "extractor excludes zero (else the row's best is a tie; table.csv's best_extractor says \"tie\"). bc: "
+          "behaviour cloning, averaged over its "
           "policy sizes (a baseline, not a candidate). The IQM (interquartile mean over every cell's seeds) follows "
           "each mean table.", ""]
     tex = [f"% matrix-averaged performance [{level} interval]; bold: best extractor of the row; bc: baseline"]

@@ -291,6 +291,11 @@ def trajectory_figure(checkpoint: Checkpoint, evaluation: Evaluation, member: in
         ax.set_yticks([])
     figure.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="plasma"), ax=axes[0].tolist(), shrink=0.85,
                     label="squared error to the oracle's action")
+    marks = [plt.Line2D([], [], linestyle="", marker="o", color="white", markeredgecolor="black", markersize=6,
+                        label="an episode's start"),
+             plt.Line2D([], [], linestyle="", marker="*", color="#19c219", markeredgecolor="black", markersize=12,
+                        label="its goal")]
+    figure.legend(handles=marks, loc="lower center", ncols=2, fontsize=9, frameon=False)
     figure.suptitle(f"{checkpoint.module.SCRIPT} on {checkpoint.config.env}, step {checkpoint.step}, seed "
                     f"{checkpoint.seeds[member]} (grey: the policy's training data)", fontsize=11)
     return figure
