@@ -21,7 +21,11 @@ decoupling); the reference logs the TD target's mean as critic/q_mean, ours the 
 
 Writes a JSON file and a Markdown table (--out, by default docs/parity/<env>.md): overall and per-task success (mean
 and standard error over seeds, and each seed's) at the last step, value and critic statistics and losses at the logged
-steps, updates/s and wall time of each side.
+steps, updates/s and wall time of each side, and the reference's commit. With the default --out it then rewrites the
+summary table of docs/parity.md (between its two markers) from every docs/parity/*.json; `--summary-only` does just
+that, running nothing:
+
+    python benchmarks/parity.py --summary-only
 """
 
 from __future__ import annotations
@@ -59,8 +63,13 @@ REFERENCE_STATS = {"v_mean": "training/value/v_mean", "q_mean": "training/critic
 
 @dataclasses.dataclass
 class Args:
-    ogbench_dir: str
-    """A checkout of OGBench's repository (the folder holding impls/); never copied, only run."""
+    ogbench_dir: str | None = None
+    """A checkout of OGBench's repository (the folder holding impls/); never copied, only run. Required unless
+    --summary-only."""
+    reference_commit: str | None = None
+    """The checkout's commit, recorded in the report; default: `git rev-parse HEAD` in --ogbench-dir."""
+    summary_only: bool = False
+    """Only rewrite docs/parity.md's summary table from docs/parity/*.json (no run, no --ogbench-dir)."""
     reference_python: str = sys.executable
     """The Python that runs the reference (it needs flax, distrax, ml_collections and wandb)."""
     env: str = "pointmaze-medium-navigate-v0"
@@ -93,7 +102,7 @@ class Args:
 
 def check(args: Args) -> None:
     runs.check([
-        ((Path(args.ogbench_dir).expanduser() / "impls" / "main.py").exists(),
+        (args.ogbench_dir is not None and (Path(args.ogbench_dir).expanduser() / "impls" / "main.py").exists(),
          f"--ogbench-dir {args.ogbench_dir} has no impls/main.py; point it at a checkout of OGBench's repository"),
         (all(p in ("iql_ddpgbc", "iql_awr", "crl_ddpgbc", "crl_awr") for p in args.pairs),
          f"--pairs: {' '.join(args.pairs)}; choose among iql_ddpgbc iql_awr crl_ddpgbc crl_awr"),
@@ -203,10 +212,15 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def mean_se(values: list[float]) -> str:
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (std with ddof=1 over sqrt(n); NaN for one value)."""
     values = np.asarray(values, float)
-    se = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return f"{values.mean():.3f} ± {se:.3f}"
+    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+
+
+def mean_se(values: list[float]) -> str:
+    mean, se = mean_and_se(values)
+    return f"{mean:.3f} ± {se:.3f}"
 
 
 def report(args: Args, results: dict) -> str:
@@ -246,7 +260,63 @@ def report(args: Args, results: dict) -> str:
     return "\n".join(lines)
 
 
+def reference_commit(args: Args) -> str:
+    if args.reference_commit:
+        return args.reference_commit
+    found = subprocess.run(["git", "-C", str(Path(args.ogbench_dir).expanduser()), "rev-parse", "HEAD"],
+                           capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 else "unknown (not a git checkout; see --reference-commit)"
+
+
+SUMMARY_PAGE = ROOT / "docs" / "parity.md"
+SUMMARY_BEGIN = "<!-- the summary table: written by `python benchmarks/parity.py --summary-only`, do not edit -->"
+SUMMARY_END = "<!-- end of the summary table -->"
+
+
+def summary_table(reports: list[Path]) -> str:
+    """One row per dataset x pair of the given parity JSON files: seeds, success of each side (mean ± standard error
+    over seeds), their difference in combined standard errors, the value statistics at the last logged step, wall
+    time and steps/s of each side."""
+    lines = ["| dataset | pair | steps | seeds | reference | ours | ours - reference (combined s.e.) | V, Q, value / "
+             "critic loss at the end: reference / ours | wall time, all seeds (s): reference / ours | steps/s: "
+             "reference (one seed) / ours (seeds packed) | reference commit |",
+             "| --- " * 11 + "|"]
+    for path in reports:
+        report = json.loads(path.read_text())
+        args = report["args"]
+        for pair, sides in report["results"].items():
+            ref, ours = sides["reference"], sides["ours"]
+            (rm, rse), (om, ose) = mean_and_se(ref["success"]), mean_and_se(ours["success"])
+            combined = math.hypot(rse, ose)
+            apart = f"{om - rm:+.3f} ({abs(om - rm) / combined:.1f})" if combined > 0 else f"{om - rm:+.3f} (-)"
+            last = str(max(int(step) for step in ours["stats"]))
+            stats = ", ".join(f"{ref['stats'].get(last, {}).get(k, math.nan):.4g} / {ours['stats'][last].get(k, math.nan):.4g}"
+                              for k in ("v_mean", "q_mean", "value_loss", "critic_loss"))
+            lines.append(f"| [{args['env']}](parity/{path.stem}.md) | {pair} | {args['steps']} | {len(ours['success'])} | "
+                         f"{rm:.3f} ± {rse:.3f} | {om:.3f} ± {ose:.3f} | {apart} | {stats} | "
+                         f"{ref['wall_seconds']:.0f} / {ours['wall_seconds']:.0f} | "
+                         f"{ref['updates_per_second']:.0f} / {ours['updates_per_second']:.0f} | "
+                         f"{report.get('reference_commit', 'not recorded')[:7]} |")
+    return "\n".join(lines)
+
+
+def write_summary(page: Path = SUMMARY_PAGE) -> str:
+    """Rewrite the table between docs/parity.md's markers from every docs/parity/*.json; returns the table."""
+    text = page.read_text()
+    if SUMMARY_BEGIN not in text or SUMMARY_END not in text:
+        raise runs.UsageError(f"{page} lacks the summary table's markers; put these two lines where it goes:\n"
+                              f"{SUMMARY_BEGIN}\n{SUMMARY_END}")
+    table = summary_table(sorted(page.with_suffix("").glob("*.json")))
+    head, rest = text.split(SUMMARY_BEGIN)
+    runs.write_atomic(page, lambda f: f.write(head + SUMMARY_BEGIN + "\n" + table + "\n" + SUMMARY_END
+                                              + rest.split(SUMMARY_END, 1)[1]))
+    return table
+
+
 def main(args: Args) -> dict:
+    if args.summary_only:
+        print(write_summary())
+        return {}
     check(args)
     work = Path(args.work_dir).resolve() / args.env
     home = work / "home"
@@ -263,12 +333,17 @@ def main(args: Args) -> dict:
         print(f"{pair}: reference ...", flush=True)
         reference = run_reference(args, pair, reference_home, reference_runs / pair)
         results[pair] = {"ours": ours, "reference": reference}
-    text = report(args, results)
+    commit = reference_commit(args)
+    text = report(args, results).replace("\n\nMatched settings:", f"\n\nReference: OGBench at {commit}.\n\n"
+                                         "Matched settings:", 1)
     out = Path(args.out or ROOT / "docs" / "parity" / f"{args.env}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     runs.write_atomic(out, lambda f: f.write(text + "\n"))
-    runs.write_json_atomic(out.with_suffix(".json"), {"args": dataclasses.asdict(args), "results": results})
+    runs.write_json_atomic(out.with_suffix(".json"), {"args": dataclasses.asdict(args), "reference_commit": commit,
+                                                      "results": results})
     print(text)
+    if args.out is None:
+        write_summary()
     return results
 
 

@@ -86,7 +86,14 @@ def test_parity_needs_a_reference_checkout_and_consecutive_seeds(tmp_path):
     with pytest.raises(runs.UsageError, match="--pairs"):
         parity.check(parity.Args(ogbench_dir=str(tmp_path), pairs=("iql_sfbc",)))
     # the matched settings come from our table: the reference's tuned pointmaze alpha for IQL + DDPG+BC
-    assert parity.settings(parity.Args(ogbench_dir=str(tmp_path)), "iql_ddpgbc") == {"alpha": 0.003, "discount": 0.99}
+    assert parity.settings(parity.Args(ogbench_dir=str(tmp_path)), "iql_ddpgbc") == {
+        "alpha": 0.003, "discount": 0.99, "actor_p_randomgoal": 0.0}
+    # on stitch data the reference gets our table's actor goals: half random, half from the trajectory (GCIQL's and
+    # CRL's hyperparameters.sh rows); the mixture is handed over, never left at the reference's default
+    stitch = parity.Args(ogbench_dir=str(tmp_path), env="pointmaze-medium-stitch-v0")
+    assert parity.settings(stitch, "crl_ddpgbc") == {"alpha": 0.03, "discount": 0.99, "actor_p_randomgoal": 0.5}
+    with pytest.raises(runs.UsageError, match="has no impls/main.py"):
+        parity.check(parity.Args())
 
 
 FAKE_REFERENCE = '''#!{python}
@@ -104,6 +111,8 @@ home = Path(os.environ["HOME"]) / ".ogbench" / "data"
 rows = [len(np.load(home / (flags["env_name"] + suffix))["terminals"]) for suffix in (".npz", "-val.npz")]
 with open(Path({calls!r}), "a") as f:
     f.write(" ".join([flags["seed"], *map(str, rows)]) + "\\n")
+with open(Path({calls!r} + ".flags"), "a") as f:
+    f.write(" ".join(sys.argv[3:]) + "\\n")
 with open(folder / "train.csv", "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["step", "training/value/v_mean", "training/critic/q_mean", "training/value/value_loss",
@@ -126,6 +135,7 @@ def test_parity_runs_both_sides_in_blocks_and_reuses_completed_runs(tmp_path, da
     import parity
 
     calls = tmp_path / "reference_calls.txt"
+    flags = tmp_path / "reference_calls.txt.flags"
     (tmp_path / "ogbench" / "impls").mkdir(parents=True)
     (tmp_path / "ogbench" / "impls" / "main.py").write_text("")
     fake = tmp_path / "reference_python"
@@ -145,6 +155,7 @@ def test_parity_runs_both_sides_in_blocks_and_reuses_completed_runs(tmp_path, da
     # script the same folder, training on the whole training file and validating on the -val file
     rows = [len(np.load(data / f"{POINTMAZE}{suffix}")["terminals"]) for suffix in (".npz", "-val.npz")]
     assert calls.read_text().split() == ["4", *map(str, rows), "5", *map(str, rows)]
+    assert "--agent.actor_p_randomgoal=0.0" in flags.read_text() and "--agent.actor_p_trajgoal=1.0" in flags.read_text()
     ours_dir = tmp_path / "work" / POINTMAZE / "ours-official-split" / "iql_ddpgbc"
     assert sorted(p.name for p in ours_dir.iterdir() if p.is_dir()) == ["s4-4", "s5-5"]
     config = json.loads((ours_dir / "s4-4" / "config.json").read_text())
