@@ -55,10 +55,15 @@ REFERENCE_LAUNCHER = ("import runpy, sys, wandb; init = wandb.init; "
                       "wandb.init = lambda **kwargs: init(**{**kwargs, 'mode': 'disabled'}); "
                       "sys.argv = ['main.py', *sys.argv[1:]]; runpy.run_path('main.py', run_name='__main__')")
 REFERENCE_AGENT = {"iql": "gciql.py", "crl": "crl.py"}  # our value learner -> the reference's agent file
-STATS = ("v_mean", "q_mean", "value_loss", "critic_loss", "actor_loss")  # ours; the reference's names below
-REFERENCE_STATS = {"v_mean": "training/value/v_mean", "q_mean": "training/critic/q_mean",
-                   "value_loss": "training/value/value_loss", "critic_loss": "training/critic/critic_loss",
-                   "actor_loss": "training/actor/actor_loss"}
+STATS = ("v_mean", "q_mean", "value_loss", "critic_loss", "critic_categorical_accuracy", "actor_loss")  # ours
+# ... and the reference's columns for each (the first one its train.csv has): GCIQL's, then CRL's contrastive critic
+REFERENCE_STATS = {"v_mean": ("training/value/v_mean",), "q_mean": ("training/critic/q_mean",),
+                   "value_loss": ("training/value/value_loss",),
+                   "critic_loss": ("training/critic/critic_loss", "training/critic/contrastive_loss"),
+                   "critic_categorical_accuracy": ("training/critic/categorical_accuracy",),
+                   "actor_loss": ("training/actor/actor_loss",)}
+SUMMARY_STATS = {"v_mean": "V", "q_mean": "Q", "value_loss": "value loss", "critic_loss": "critic loss",
+                 "critic_categorical_accuracy": "critic accuracy"}  # compared in the summary where both sides log it
 
 
 @dataclasses.dataclass
@@ -197,8 +202,10 @@ def run_reference(args: Args, pair: str, home: Path, out: Path) -> dict:
     stats = {}
     for step in range(args.log_interval, args.steps + 1, args.log_interval):
         rows = [[row for row in train if int(row["step"]) == step][0] for _, train in per_seed]
-        stats[step] = {ours: float(np.mean([float(r[theirs]) for r in rows]))
-                       for ours, theirs in REFERENCE_STATS.items() if rows[0].get(theirs, "") != ""}
+        for ours, candidates in REFERENCE_STATS.items():
+            theirs = next((c for c in candidates if rows[0].get(c, "") != ""), None)
+            if theirs:
+                stats.setdefault(step, {})[ours] = float(np.mean([float(r[theirs]) for r in rows]))
     epoch = [float(row["time/epoch_time"]) for _, train in per_seed for row in train[1:]]
     return {"wall_seconds": seconds,
             "success": [float(row["evaluation/overall_success"]) for row in final],
@@ -277,8 +284,8 @@ def summary_table(reports: list[Path]) -> str:
     """One row per dataset x pair of the given parity JSON files: seeds, success of each side (mean ± standard error
     over seeds), their difference in combined standard errors, the value statistics at the last logged step, wall
     time and steps/s of each side."""
-    lines = ["| dataset | pair | steps | seeds | reference | ours | ours - reference (combined s.e.) | V, Q, value / "
-             "critic loss at the end: reference / ours | wall time, all seeds (s): reference / ours | steps/s: "
+    lines = ["| dataset | pair | steps | seeds | reference | ours | ours - reference (combined s.e.) | value "
+             "statistics at the end: reference / ours | wall time, all seeds (s): reference / ours | steps/s: "
              "reference (one seed) / ours (seeds packed) | reference commit |",
              "| --- " * 11 + "|"]
     for path in reports:
@@ -290,8 +297,9 @@ def summary_table(reports: list[Path]) -> str:
             combined = math.hypot(rse, ose)
             apart = f"{om - rm:+.3f} ({abs(om - rm) / combined:.1f})" if combined > 0 else f"{om - rm:+.3f} (-)"
             last = str(max(int(step) for step in ours["stats"]))
-            stats = ", ".join(f"{ref['stats'].get(last, {}).get(k, math.nan):.4g} / {ours['stats'][last].get(k, math.nan):.4g}"
-                              for k in ("v_mean", "q_mean", "value_loss", "critic_loss"))
+            theirs, mine = ref["stats"].get(last, {}), ours["stats"][last]
+            stats = ", ".join(f"{label} {theirs[k]:.4g} / {mine[k]:.4g}" for k, label in SUMMARY_STATS.items()
+                              if k in theirs and k in mine)
             lines.append(f"| [{args['env']}](parity/{path.stem}.md) | {pair} | {args['steps']} | {len(ours['success'])} | "
                          f"{rm:.3f} ± {rse:.3f} | {om:.3f} ± {ose:.3f} | {apart} | {stats} | "
                          f"{ref['wall_seconds']:.0f} / {ours['wall_seconds']:.0f} | "
