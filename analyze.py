@@ -968,40 +968,42 @@ def online_rows(runs: list[Run], metric_by_env: dict[str, str], boot: Bootstrap)
     "offline_only": True of those runs over the same updates (step - the online runs' offline steps): the
     comparison the paper makes, with the same number of updates and no online data."""
     out: dict[str, list[dict]] = {}
+    key_of = lambda run: (run.env, run.script, run.value_size, run.policy_size, run.alpha)  # noqa: E731
     for env, metric in sorted(metric_by_env.items()):
-        base = "return" if metric == "return" else "success"  # best_success has no per-evaluation counterpart
-
-        def pool(chosen: list[tuple[Run, tuple[int, int] | None]]) -> dict:
-            seen: dict[str, dict[int, dict[int, list[float]]]] = {}
-            for run, window in chosen:
-                for quantity, per_seed in read_online_curve(run, (*ONLINE_MSES, base), window).items():
-                    for seed, curve in per_seed.items():
-                        for step, value in curve.items():
-                            seen.setdefault(quantity, {}).setdefault(seed, {}).setdefault(step, []).append(value)
-            return {q: {seed: {step: float(np.mean(v)) for step, v in sorted(curve.items())}
-                        for seed, curve in sorted(seen[q].items())} for q in (*ONLINE_MSES, base) if q in seen}
-
-        def row(key: CellKey, curves: dict, offline_only: bool) -> dict:
-            return {"script": key[1], "value_size": key[2], "policy_size": key[3], "alpha": key[4], "metric": base,
-                    "offline_only": offline_only,
-                    "seeds": sorted({seed for per_seed in curves.values() for seed in per_seed}),
-                    "points": online_points(curves, boot), "change_ci": online_change_intervals(curves, boot)}
-
-        key_of = lambda run: (run.env, run.script, run.value_size, run.policy_size, run.alpha)  # noqa: E731
+        quantities = (*ONLINE_MSES, "return" if metric == "return" else "success")  # best_success: no counterpart
         online = [run for run in runs if run.env == env and run.online_steps > 0]
         for key in sorted({key_of(r) for r in online}, key=lambda k: (script_order(k[1]), *_cell_order(k)[2:])):
             mine = [run for run in online if key_of(run) == key]
-            curves = pool([(run, None) for run in mine])
+            curves = _pooled_curves([(run, None) for run in mine], quantities)
             if not curves:
                 continue
-            out.setdefault(env, []).append(row(key, curves, False))
+            out.setdefault(env, []).append(_online_row(key, curves, quantities[-1], False, boot))
             split, length = min(run.steps for run in mine), max(run.online_steps for run in mine)
             offline = [run for run in runs if key_of(run) == key and not run.online_steps
                        and isinstance(run.steps, int) and run.steps > split]
-            offline_curves = pool([(run, (split, split + length)) for run in offline])
+            offline_curves = _pooled_curves([(run, (split, split + length)) for run in offline], quantities)
             if offline_curves:
-                out[env].append(row(key, offline_curves, True))
+                out[env].append(_online_row(key, offline_curves, quantities[-1], True, boot))
     return out
+
+
+def _pooled_curves(chosen: list[tuple[Run, tuple[int, int] | None]], quantities: tuple[str, ...]) -> dict:
+    """The curves (`read_online_curve`, each run over its window) of several runs of one cell, pooled seed by seed:
+    a seed's values at a step from several folders averaged."""
+    seen: dict[str, dict[int, dict[int, list[float]]]] = {}
+    for run, window in chosen:
+        for quantity, per_seed in read_online_curve(run, quantities, window).items():
+            for seed, curve in per_seed.items():
+                for step, value in curve.items():
+                    seen.setdefault(quantity, {}).setdefault(seed, {}).setdefault(step, []).append(value)
+    return {q: {seed: {step: float(np.mean(v)) for step, v in sorted(curve.items())}
+                for seed, curve in sorted(seen[q].items())} for q in quantities if q in seen}
+
+
+def _online_row(key: CellKey, curves: dict, metric: str, offline_only: bool, boot: Bootstrap) -> dict:
+    return {"script": key[1], "value_size": key[2], "policy_size": key[3], "alpha": key[4], "metric": metric,
+            "offline_only": offline_only, "seeds": sorted({seed for per_seed in curves.values() for seed in per_seed}),
+            "points": online_points(curves, boot), "change_ci": online_change_intervals(curves, boot)}
 
 
 def online_changes(row: dict) -> dict[str, dict]:
@@ -1091,8 +1093,8 @@ def write_table(rows: list[dict], improvements: list[dict], out: Path, confidenc
     md = ["# Matrix-averaged performance", "",
           f"Each entry: the mean over the matrix's cells (per cell the alpha with the best mean over seeds) and its "
           f"{level} stratified bootstrap interval (strata: the cells; each cell's seeds resampled within it); [n/a]: "
-          "fewer than 2 seeds. Bold: the row's best extractor, only where the interval of its difference to every other "
-          "extractor excludes zero (else the row's best is a tie; table.csv's best_extractor says \"tie\"). bc: "
+          "fewer than 2 seeds. Bold: the row's best extractor, only where the interval of its difference to every "
+          "other extractor excludes zero (else the row's best is a tie; table.csv's best_extractor says \"tie\"). bc: "
           "behaviour cloning, averaged over its "
           "policy sizes (a baseline, not a candidate). The IQM (interquartile mean over every cell's seeds) follows "
           "each mean table.", ""]
@@ -1398,7 +1400,8 @@ def generalization_text(rows: dict[str, list[dict]]) -> str:
 def plot_generalization(rows: dict[str, list[dict]], out: Path, formats: tuple[str, ...]) -> list[Path]:
     paths = []
     for env, mine in sorted(rows.items()):
-        groups = [f"{script_label(r['script'])}\n" + ("" if r["value_size"] is None else f"v{size_label(r['value_size'])} ")
+        groups = [f"{script_label(r['script'])}\n"
+                  + ("" if r["value_size"] is None else f"v{size_label(r['value_size'])} ")
                   + f"p{size_label(r['policy_size'])}" + ("" if r["alpha"] is None else f" α={r['alpha']:g}")
                   for r in mine]
         series = {name: [r[key] for r in mine] for name, key in

@@ -300,7 +300,8 @@ def summary_table(reports: list[Path]) -> str:
             theirs, mine = ref["stats"].get(last, {}), ours["stats"][last]
             stats = ", ".join(f"{label} {theirs[k]:.4g} / {mine[k]:.4g}" for k, label in SUMMARY_STATS.items()
                               if k in theirs and k in mine)
-            lines.append(f"| [{args['env']}](parity/{path.stem}.md) | {pair} | {args['steps']} | {len(ours['success'])} | "
+            lines.append(f"| [{args['env']}](parity/{path.stem}.md) | {pair} | {args['steps']} | "
+                         f"{len(ours['success'])} | "
                          f"{rm:.3f} ± {rse:.3f} | {om:.3f} ± {ose:.3f} | {apart} | {stats} | "
                          f"{ref['wall_seconds']:.0f} / {ours['wall_seconds']:.0f} | "
                          f"{ref['updates_per_second']:.0f} / {ours['updates_per_second']:.0f} | "
