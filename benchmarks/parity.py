@@ -234,7 +234,7 @@ def report(args: Args, results: dict) -> str:
     lines = [f"# Parity with the reference implementation: {args.env}", "",
              f"Generated with `{' '.join(['python', 'benchmarks/parity.py', *sys.argv[1:]])}` on "
              f"{time.strftime('%Y-%m-%d')} (runs reused from earlier calls keep their own wall times); both sides on "
-             "this machine's CPU, one run at a time.", "",
+             "this machine's CPU. Wall times are as measured: they include whatever else shared the CPU then.", "",
              f"Matched settings: {args.steps} steps, batch {args.batch_size}, hidden widths "
              f"{' x '.join(map(str, args.hidden_dims))}, {args.eval_episodes} evaluation episodes per task at the last "
              f"step, seeds {' '.join(map(str, args.seeds))}, dataset generated here ({args.episodes} episodes + 10% "
