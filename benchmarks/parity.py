@@ -230,11 +230,12 @@ def mean_se(values: list[float]) -> str:
     return f"{mean:.3f} ± {se:.3f}"
 
 
-def report(args: Args, results: dict) -> str:
+def report(args: Args, results: dict, commit: str) -> str:
     lines = [f"# Parity with the reference implementation: {args.env}", "",
              f"Generated with `{' '.join(['python', 'benchmarks/parity.py', *sys.argv[1:]])}` on "
              f"{time.strftime('%Y-%m-%d')} (runs reused from earlier calls keep their own wall times); both sides on "
              "this machine's CPU. Wall times are as measured: they include whatever else shared the CPU then.", "",
+             f"Reference: OGBench at {commit}.", "",
              f"Matched settings: {args.steps} steps, batch {args.batch_size}, hidden widths "
              f"{' x '.join(map(str, args.hidden_dims))}, {args.eval_episodes} evaluation episodes per task at the last "
              f"step, seeds {' '.join(map(str, args.seeds))}, dataset generated here ({args.episodes} episodes + 10% "
@@ -343,8 +344,7 @@ def main(args: Args) -> dict:
         reference = run_reference(args, pair, reference_home, reference_runs / pair)
         results[pair] = {"ours": ours, "reference": reference}
     commit = reference_commit(args)
-    text = report(args, results).replace("\n\nMatched settings:", f"\n\nReference: OGBench at {commit}.\n\n"
-                                         "Matched settings:", 1)
+    text = report(args, results, commit)
     out = Path(args.out or ROOT / "docs" / "parity" / f"{args.env}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     runs.write_atomic(out, lambda f: f.write(text + "\n"))
