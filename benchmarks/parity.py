@@ -97,6 +97,8 @@ class Args:
     """Hidden widths of every network on both sides (the reference's default is 512 512 512)."""
     eval_episodes: int = 10
     """Evaluation episodes per task on both sides, at the last step."""
+    eval_interval: int | None = None
+    """Steps between evaluations on both sides (a success curve in the report); default: only at the last step."""
     alpha: float | None = None
     """The extractor's alpha on both sides; default: our per-dataset table (envs.HYPERPARAMETERS)."""
     work_dir: str = "parity"
@@ -136,8 +138,9 @@ def run_ours(args: Args, pair: str, data_dir: Path, out: Path) -> dict:
         folder = out / f"s{block[0]}-{block[-1]}"
         command = [sys.executable, str(ROOT / "algos" / f"{pair}.py"), "--env", args.env, "--dataset-dir",
                    str(data_dir), "--steps", str(args.steps), "--log-interval", str(args.log_interval),
-                   "--eval-interval", str(args.steps), "--hidden-dims", *map(str, args.hidden_dims), "--batch-size",
-                   str(args.batch_size), "--eval-episodes", str(args.eval_episodes), "--seed", str(block[0]),
+                   "--eval-interval", str(args.eval_interval or args.steps), "--hidden-dims",
+                   *map(str, args.hidden_dims), "--batch-size", str(args.batch_size), "--eval-episodes",
+                   str(args.eval_episodes), "--seed", str(block[0]),
                    "--num-seeds", str(len(block)), "--alpha", repr(s["alpha"]), "--discount", repr(s["discount"]),
                    "--out-dir", str(folder), "--no-progress"]
         log, wall = folder.with_suffix(".log"), folder.with_suffix(".wall.json")
@@ -155,8 +158,12 @@ def run_ours(args: Args, pair: str, data_dir: Path, out: Path) -> dict:
         speeds += [r["updates_per_second"] for r in block_records if r["event"] == "train" and r["member"] == 0][1:]
     final = [r for r in records if r["event"] == "eval" and r["step"] == args.steps]
     train = [r for r in records if r["event"] == "train"]
+    every = args.eval_interval or args.steps
+    evaluated = sorted({r["step"] for r in records if r["event"] == "eval" and r["step"] and r["step"] % every == 0})
     return {"wall_seconds": seconds,
             "success": [r["success"] for r in final],
+            "success_by_step": {step: [r["success"] for r in records if r["event"] == "eval" and r["step"] == step]
+                                for step in evaluated},
             "tasks": {k: [r[k] for r in final] for k in sorted(final[0]) if k.startswith("task")},
             "stats": {step: {k: float(np.mean([r[k] for r in train if r["step"] == step and k in r]))
                              for k in STATS if any(k in r for r in train)}
@@ -175,7 +182,8 @@ def run_reference(args: Args, pair: str, home: Path, out: Path) -> dict:
         save, wall = out / f"s{seed}", out / f"s{seed}.wall.json"
         command = [args.reference_python, "-c", REFERENCE_LAUNCHER, f"--env_name={args.env}", f"--seed={seed}",
                    f"--train_steps={args.steps}", f"--log_interval={args.log_interval}",
-                   f"--eval_interval={args.steps}", f"--eval_episodes={args.eval_episodes}", "--video_episodes=0",
+                   f"--eval_interval={args.eval_interval or args.steps}", f"--eval_episodes={args.eval_episodes}",
+                   "--video_episodes=0",
                    f"--save_dir={save}", "--run_group=parity", f"--agent=agents/{REFERENCE_AGENT[value]}",
                    f"--agent.actor_loss={extractor}", f"--agent.alpha={s['alpha']}",
                    f"--agent.batch_size={args.batch_size}", f"--agent.discount={s['discount']}",
@@ -207,8 +215,12 @@ def run_reference(args: Args, pair: str, home: Path, out: Path) -> dict:
             if theirs:
                 stats.setdefault(step, {})[ours] = float(np.mean([float(r[theirs]) for r in rows]))
     epoch = [float(row["time/epoch_time"]) for _, train in per_seed for row in train[1:]]
+    every = args.eval_interval or args.steps  # (main.py also evaluates at step 1)
+    evaluated = sorted({int(row["step"]) for evals, _ in per_seed for row in evals if int(row["step"]) % every == 0})
     return {"wall_seconds": seconds,
             "success": [float(row["evaluation/overall_success"]) for row in final],
+            "success_by_step": {step: [float(row["evaluation/overall_success"]) for evals, _ in per_seed
+                                       for row in evals if int(row["step"]) == step] for step in evaluated},
             # evaluation/task1_horizontal_success -> task1_success, our name (OGBench adds the task's name)
             "tasks": {k.split("/")[1].split("_")[0] + "_success": [float(row[k]) for row in final] for k in task_keys},
             "stats": stats, "updates_per_second": 1.0 / float(np.median(epoch)) if epoch else math.nan}
@@ -238,7 +250,8 @@ def report(args: Args, results: dict, commit: str) -> str:
              f"Reference: OGBench at {commit}.", "",
              f"Matched settings: {args.steps} steps, batch {args.batch_size}, hidden widths "
              f"{' x '.join(map(str, args.hidden_dims))}, {args.eval_episodes} evaluation episodes per task at the last "
-             f"step, seeds {' '.join(map(str, args.seeds))}, dataset generated here ({args.episodes} episodes + 10% "
+             f"step{f' and every {args.eval_interval}' if args.eval_interval else ''}, seeds "
+             f"{' '.join(map(str, args.seeds))}, dataset generated here ({args.episodes} episodes + 10% "
              "for -val); both sides train on the whole training file and validate on the -val file. Success is mean "
              "± standard error over seeds.",
              ""]
@@ -254,6 +267,9 @@ def report(args: Args, results: dict, commit: str) -> str:
             lines.append(f"| {task} | {mean_se(ref['tasks'][task]) if task in ref['tasks'] else '-'} | "
                          f"{mean_se(ours['tasks'][task]) if task in ours['tasks'] else '-'} |")
         packed = min(args.seeds_per_run, len(args.seeds))
+        curve = sorted(set(ref.get("success_by_step", {})) & set(ours.get("success_by_step", {})))
+        lines += [f"| success at step {step} | {mean_se(ref['success_by_step'][step])} | "
+                  f"{mean_se(ours['success_by_step'][step])} |" for step in curve if step != args.steps]
         lines += [f"| steps/s (reference: one seed; ours: {packed} seeds in one program) | "
                   f"{ref['updates_per_second']:.0f} | {ours['updates_per_second']:.0f} |",
                   f"| wall time, all seeds (s) | {ref['wall_seconds']:.0f} | {ours['wall_seconds']:.0f} |", "",
@@ -337,11 +353,13 @@ def main(args: Args) -> dict:
     reference_home, reference_runs = home, work / "reference"  # the very files our script reads
     results = {}
     for pair in args.pairs:
+        # a run is reused only by a call with the same length (other settings are the command's, kept alike)
+        length = f"{args.steps}-steps"
+        print(f"{pair}: reference ...", flush=True)
+        reference = run_reference(args, pair, reference_home, reference_runs / pair / length)
         print(f"{pair}: ours ...", flush=True)
         # (work/ours/ holds runs of the former protocol, trained on a 90% split of the file: never reused)
-        ours = run_ours(args, pair, data_dir, work / "ours-official-split" / pair)
-        print(f"{pair}: reference ...", flush=True)
-        reference = run_reference(args, pair, reference_home, reference_runs / pair)
+        ours = run_ours(args, pair, data_dir, work / "ours-official-split" / pair / length)
         results[pair] = {"ours": ours, "reference": reference}
     commit = reference_commit(args)
     text = report(args, results, commit)

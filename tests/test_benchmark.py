@@ -51,6 +51,119 @@ def test_tiny_benchmark_writes_every_number(tmp_path):
     assert doubled["reference_updates_per_second"] is None
 
 
+def test_op_profile_puts_each_compiled_operation_in_its_kind():
+    """benchmarks/op_profile.py reads kinds from the compiled HLO: a fused matmul is a matmul, a row gather is a
+    gather, a sum is a reduction, a transpose is a layout change, the rest is elementwise."""
+    import os
+
+    before = os.environ.get("XLA_FLAGS")
+    import op_profile  # it asks XLA for trace events: harmless here (the backend has started), undone below
+
+    if before is None:
+        os.environ.pop("XLA_FLAGS", None)
+    else:
+        os.environ["XLA_FLAGS"] = before
+    kinds, sources = op_profile.hlo_kinds(COMPILED_HLO)
+    assert kinds == {"ynn_fusion": "matmul", "dot.3": "matmul", "gather_fusion": "gather/slice",
+                     "reduce_fusion": "reduction", "copy.5": "copy/layout", "transpose_fusion": "copy/layout",
+                     "loop_fusion": "elementwise"}  # the while loop and its plumbing are not operations of their own
+    assert sources["ynn_fusion"] == "jit(chunk)/while/body/jvp(mlp)/dot_general"
+    assert op_profile.phase(sources["ynn_fusion"]) == "forward"
+    assert op_profile.phase("jit(chunk)/while/body/transpose(jvp(mlp))/dot_general") == "backward"
+    assert op_profile.phase("jit(chunk)/while/body/adam/mul") == "rest"
+
+
+# the shape of XLA:CPU's compiled text (jax 0.10), cut down to one instruction of each kind
+COMPILED_HLO = """HloModule jit_chunk, is_scheduled=true
+
+%fused_dot (p0: f32[8,4], p1: f32[4,4]) -> f32[8,4] {
+  %p0 = f32[8,4]{1,0} parameter(0)
+  %p1 = f32[4,4]{1,0} parameter(1)
+  %dot.1 = f32[8,4]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %tanh.1 = f32[8,4]{1,0} tanh(%dot.1)
+}
+
+%fused_gather (p0.1: f32[100,4], p1.1: s32[8,1]) -> f32[8,4] {
+  %p0.1 = f32[100,4]{1,0} parameter(0)
+  %p1.1 = s32[8,1]{1,0} parameter(1)
+  ROOT %gather.1 = f32[8,4]{1,0} gather(%p0.1, %p1.1), offset_dims={1}, slice_sizes={1,4}
+}
+
+%add_region (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %add.1 = f32[] add(%a, %b)
+}
+
+%fused_reduce (p0.2: f32[8,4]) -> f32[4] {
+  %p0.2 = f32[8,4]{1,0} parameter(0)
+  %c = f32[] constant(0)
+  %mul.1 = f32[8,4]{1,0} multiply(%p0.2, %p0.2)
+  ROOT %reduce.1 = f32[4]{0} reduce(%mul.1, %c), dimensions={0}, to_apply=%add_region
+}
+
+%fused_transpose (p0.3: f32[8,4]) -> f32[4,8] {
+  %p0.3 = f32[8,4]{1,0} parameter(0)
+  ROOT %transpose.1 = f32[4,8]{0,1} transpose(%p0.3), dimensions={1,0}
+}
+
+%fused_loop (p0.4: f32[8,4]) -> f32[8,4] {
+  %p0.4 = f32[8,4]{1,0} parameter(0)
+  %exp.1 = f32[8,4]{1,0} exponential(%p0.4)
+  ROOT %mul.2 = f32[8,4]{1,0} multiply(%exp.1, %p0.4)
+}
+
+%body (t: (f32[8,4], f32[4,4], f32[100,4], s32[8,1])) -> (f32[8,4], f32[4,4], f32[100,4], s32[8,1]) {
+  %t = (f32[8,4]{1,0}, f32[4,4]{1,0}, f32[100,4]{1,0}, s32[8,1]{1,0}) parameter(0)
+  %x = f32[8,4]{1,0} get-tuple-element(%t), index=0
+  %w = f32[4,4]{1,0} get-tuple-element(%t), index=1
+  %data = f32[100,4]{1,0} get-tuple-element(%t), index=2
+  %rows = s32[8,1]{1,0} get-tuple-element(%t), index=3
+  %gather_fusion = f32[8,4]{1,0} fusion(%data, %rows), kind=kLoop, calls=%fused_gather
+  %ynn_fusion = f32[8,4]{1,0} fusion(%gather_fusion, %w), kind=kCustom, calls=%fused_dot, \
+metadata={op_name="jit(chunk)/while/body/jvp(mlp)/dot_general" stack_frame_id=3}
+  %dot.3 = f32[8,4]{1,0} dot(%ynn_fusion, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %reduce_fusion = f32[4]{0} fusion(%dot.3), kind=kInput, calls=%fused_reduce
+  %transpose_fusion = f32[4,8]{0,1} fusion(%dot.3), kind=kLoop, calls=%fused_transpose
+  %loop_fusion = f32[8,4]{1,0} fusion(%dot.3), kind=kLoop, calls=%fused_loop
+  %copy.5 = f32[8,4]{1,0} copy(%loop_fusion)
+  ROOT %tuple.1 = (f32[8,4]{1,0}, f32[4,4]{1,0}, f32[100,4]{1,0}, s32[8,1]{1,0}) tuple(%copy.5, %w, %data, %rows)
+}
+
+ENTRY %main (x.1: f32[8,4], w.1: f32[4,4], d.1: f32[100,4], r.1: s32[8,1]) -> f32[8,4] {
+  %x.1 = f32[8,4]{1,0} parameter(0)
+  %w.1 = f32[4,4]{1,0} parameter(1)
+  %d.1 = f32[100,4]{1,0} parameter(2)
+  %r.1 = s32[8,1]{1,0} parameter(3)
+  %tuple.0 = (f32[8,4]{1,0}, f32[4,4]{1,0}, f32[100,4]{1,0}, s32[8,1]{1,0}) tuple(%x.1, %w.1, %d.1, %r.1)
+  %while.1 = (f32[8,4]{1,0}, f32[4,4]{1,0}, f32[100,4]{1,0}, s32[8,1]{1,0}) while(%tuple.0), body=%body
+  ROOT %out = f32[8,4]{1,0} get-tuple-element(%while.1), index=0
+}
+"""
+
+
+@pytest.mark.slow
+def test_op_profile_traces_a_real_chunk_and_accounts_for_all_its_time(tmp_path):
+    """The per-operation profile of a script's real chunk at toy size, in its own process (XLA's flag must be set
+    before the backend starts): every kind and phase is there, their shares add up to the whole, matmuls are found.
+    Slow (a process of its own that compiles a chunk): it is the only test that the trace events are read at all."""
+    out = tmp_path / "profile.json"
+    proc = run_script("benchmarks/op_profile.py", "--script", "iql_ddpgbc", "--hidden-dims", "16", "--batch-size",
+                      "16", "--members", "1", "--chunk", "3", "--dataset-size", "2000", "--top", "3",
+                      "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert [row["members"] for row in result["members"]] == [1]
+    for row in result["members"]:
+        assert row["operations_per_update"] > 10 and row["wall_us_per_update"] > 0
+        for split in ("kinds", "phases"):
+            assert sum(v["share"] for v in row[split].values()) == pytest.approx(1.0)
+            assert sum(v["us_per_update"] for v in row[split].values()) == pytest.approx(row["op_us_per_update"])
+        assert row["kinds"]["matmul"]["share"] > 0 and row["phases"]["backward"]["share"] > 0
+        assert len(row["costliest"]) == 3 and all(op["kind"] in row["kinds"] for op in row["costliest"])
+    assert "| K | wall us per member-update |" in proc.stdout
+
+
 def test_bad_script_exits_2():
     proc = run_script("benchmarks/throughput.py", "--script", "iql_dpgbc")
     assert proc.returncode == 2 and "--script iql_dpgbc is not one of" in proc.stderr
@@ -122,7 +235,9 @@ with open(folder / "train.csv", "w", newline="") as f:
 with open(folder / "eval.csv", "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["step", "evaluation/overall_success", *(f"evaluation/task{{k}}_shape_success" for k in range(1, 6))])
-    w.writerow([steps, seed / 10, *(seed / 10 for _ in range(5))])
+    every = int(flags["eval_interval"])
+    for step in [1] + [k for k in range(every, steps + 1, every) if k > 1]:  # main.py evaluates at step 1 too
+        w.writerow([step, seed / 10 * step / steps, *(seed / 10 * step / steps for _ in range(5))])
 '''
 
 
@@ -148,15 +263,15 @@ def test_parity_runs_both_sides_in_blocks_and_reuses_completed_runs(tmp_path, da
         shutil.copy(f, data)
     args = parity.Args(ogbench_dir=str(tmp_path / "ogbench"), reference_python=str(fake), env=POINTMAZE,
                        pairs=("iql_ddpgbc",), seeds=(4, 5), seeds_per_run=1, steps=2, log_interval=1,
-                       hidden_dims=(16,), batch_size=8, eval_episodes=1, work_dir=str(tmp_path / "work"),
-                       out=str(tmp_path / "parity.md"))
+                       hidden_dims=(16,), batch_size=8, eval_episodes=1, eval_interval=1,
+                       work_dir=str(tmp_path / "work"), out=str(tmp_path / "parity.md"))
     results = parity.main(args)["iql_ddpgbc"]
     # both sides read the same two files, whole: the reference the training and -val files where OGBench looks, our
     # script the same folder, training on the whole training file and validating on the -val file
     rows = [len(np.load(data / f"{POINTMAZE}{suffix}")["terminals"]) for suffix in (".npz", "-val.npz")]
     assert calls.read_text().split() == ["4", *map(str, rows), "5", *map(str, rows)]
     assert "--agent.actor_p_randomgoal=0.0" in flags.read_text() and "--agent.actor_p_trajgoal=1.0" in flags.read_text()
-    ours_dir = tmp_path / "work" / POINTMAZE / "ours-official-split" / "iql_ddpgbc"
+    ours_dir = tmp_path / "work" / POINTMAZE / "ours-official-split" / "iql_ddpgbc" / "2-steps"
     assert sorted(p.name for p in ours_dir.iterdir() if p.is_dir()) == ["s4-4", "s5-5"]
     config = json.loads((ours_dir / "s4-4" / "config.json").read_text())
     assert config["validation"] == envs.VALIDATION_FILE and config["config"]["dataset_dir"] == str(data)
@@ -166,12 +281,18 @@ def test_parity_runs_both_sides_in_blocks_and_reuses_completed_runs(tmp_path, da
     assert len(ours["success"]) == 2 and sorted(ours["tasks"]) == sorted(reference["tasks"])
     # every statistic but CRL's critic accuracy
     assert set(ours["stats"]) == {1, 2} and set(ours["stats"][2]) == set(parity.STATS) - {"critic_categorical_accuracy"}
+    # the success curve, every --eval-interval steps on both sides (the reference's extra step-1 evaluation left out)
+    assert reference["success_by_step"] == {1: [0.2, 0.25], 2: [0.4, 0.5]} and set(ours["success_by_step"]) == {1, 2}
+    assert ours["success_by_step"][2] == ours["success"]
     table = (tmp_path / "parity.md").read_text()
     assert "| overall success | 0.450 ± 0.050 |" in table and "| success per seed | 0.40 0.50 |" in table
+    assert "| success at step 1 | 0.225 ± 0.025 |" in table
     # a second call reruns nothing on either side and writes the same numbers
     again = parity.main(args)["iql_ddpgbc"]
     assert calls.read_text().split() == ["4", *map(str, rows), "5", *map(str, rows)]
     assert again["ours"]["success"] == ours["success"] and again["reference"] == reference
+    # ... while a call of another length has runs of its own (never a 2-step run read as a 3-step one)
+    assert [p.name for p in (tmp_path / "work" / POINTMAZE / "reference" / "iql_ddpgbc").iterdir()] == ["2-steps"]
 
 
 @pytest.mark.slow
