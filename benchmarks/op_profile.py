@@ -1,7 +1,7 @@
 """Where a chunk's time goes: XLA's per-operation trace of one script's jitted chunk, summed by kind of work.
 
     python benchmarks/op_profile.py --script iql_awr --no-goal-conditioned --obs-dim 29 --action-dim 8 \
-        --dataset-size 1000000 --members 1 16 --chunk 200
+        --dataset-size 1000000 --members 1 16 --chunk 50
 
 The chunk is compiled exactly as `benchmarks/throughput.py` compiles it (the script's own `make_train_chunk`, the
 same synthetic data and flags), run once to warm up, then once under `jax.profiler` with XLA:CPU's per-operation
@@ -58,13 +58,31 @@ INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = .*? ([a-z][a-z0-9-]*)\((.*)$")
 
 
 @dataclasses.dataclass
-class Args(throughput.Args):
+class Args:
+    script: str = "iql_awr"
+    """Script in algos/ to profile (its chunk, exactly as it trains)."""
+    hidden_dims: tuple[int, ...] = (256, 256)
+    """Hidden layer widths of every MLP."""
+    batch_size: int = 256
+    """Transitions per batch (value batch and policy batch alike)."""
     members: tuple[int, ...] = (1, 16)
     """Numbers K of members in the chunk to profile, one trace each."""
-    chunk: int = 200
-    """Updates per jitted lax.scan chunk (the profiled chunk runs this many)."""
+    chunk: int = 50
+    """Updates per jitted lax.scan chunk (the profiled chunk runs this many; every operation is an event)."""
+    goal_conditioned: bool = True
+    """Goal-conditioned data and losses (CRL requires it)."""
+    obs_dim: int = 2
+    """Observation width of the synthetic data (pointmaze: 2)."""
+    action_dim: int = 2
+    """Action width of the synthetic data (pointmaze: 2)."""
+    dataset_size: int = 100_000
+    """Transitions of synthetic data on the device."""
+    trajectory_length: int = 200
+    """Length of each synthetic trajectory (goals are sampled from a trajectory's future)."""
     top: int = 12
     """Costliest operations to list per K."""
+    out: str | None = None
+    """JSON file to write (default: benchmarks/results/op_profile-<script>-cpu-<widths>.json)."""
 
 
 def hlo_kinds(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -120,11 +138,7 @@ def trace_events(trace_dir: Path) -> list[dict]:
 
 def profile_members(algo, config, args: Args, data, count: int) -> dict:
     """One traced chunk of `count` members: time per kind and the costliest operations, per member-update."""
-    gc, dims = args.goal_conditioned, (args.obs_dim, args.obs_dim if args.goal_conditioned else 0, args.action_dim)
-    states = jax.vmap(lambda k: algo.init_state(k, *dims, config))(jax.random.split(jax.random.PRNGKey(0), count))
-    fields = throughput.member_fields(algo, count, args.dataset_size)
-    online = () if args.script == "bc" else (None,)
-    compiled = algo.make_train_chunk(config, gc).lower(states, data, fields, *online).compile()
+    compiled, (states, fields, online), _ = throughput.compile_chunk(algo, config, args, data, count)
     kinds, sources = hlo_kinds(compiled.as_text())
     states, infos = compiled(states, data, fields, *online)  # warm-up
     jax.block_until_ready(infos)

@@ -156,15 +156,21 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def prepare_members(algo, config, args: Args, data, count: int) -> tuple[dict, Callable[[], float]]:
-    """Compile and warm up the chunk of `count` vmapped members; returns the row so far and a timer of one chunk."""
+def compile_chunk(algo, config, args, data, count: int) -> tuple[Callable, tuple, float]:
+    """The script's own jitted chunk for `count` members, compiled: (the compiled chunk, its arguments: fresh
+    states, the members' fields and online rows where the script takes them, seconds to compile)."""
     gc, dims = args.goal_conditioned, (args.obs_dim, args.obs_dim if args.goal_conditioned else 0, args.action_dim)
     states = jax.vmap(lambda k: algo.init_state(k, *dims, config))(jax.random.split(jax.random.PRNGKey(0), count))
     fields = member_fields(algo, count, args.dataset_size)
     online = () if args.script == "bc" else (None,)  # the Q scripts' chunk also takes online rows: none here
     start = time.perf_counter()
     compiled = algo.make_train_chunk(config, gc).lower(states, data, fields, *online).compile()
-    compile_seconds = time.perf_counter() - start
+    return compiled, (states, fields, online), time.perf_counter() - start
+
+
+def prepare_members(algo, config, args: Args, data, count: int) -> tuple[dict, Callable[[], float]]:
+    """Compile and warm up the chunk of `count` vmapped members; returns the row so far and a timer of one chunk."""
+    compiled, (states, fields, online), compile_seconds = compile_chunk(algo, config, args, data, count)
     states, infos = compiled(states, data, fields, *online)  # warm-up
     jax.block_until_ready(infos)
 
