@@ -98,7 +98,8 @@ class Args:
     eval_episodes: int = 10
     """Evaluation episodes per task on both sides, at the last step."""
     eval_interval: int | None = None
-    """Steps between evaluations on both sides (a success curve in the report); default: only at the last step."""
+    """Steps between evaluations on both sides (a success curve in the report); default: only at the last step. A
+    reused run keeps the evaluations it made: the curve has the steps both sides evaluated."""
     alpha: float | None = None
     """The extractor's alpha on both sides; default: our per-dataset table (envs.HYPERPARAMETERS)."""
     work_dir: str = "parity"
