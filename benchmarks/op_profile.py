@@ -58,27 +58,13 @@ INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = .*? ([a-z][a-z0-9-]*)\((.*)$")
 
 
 @dataclasses.dataclass
-class Args:
+class Args(throughput.ChunkShape):
     script: str = "iql_awr"
     """Script in algos/ to profile (its chunk, exactly as it trains)."""
-    hidden_dims: tuple[int, ...] = (256, 256)
-    """Hidden layer widths of every MLP."""
-    batch_size: int = 256
-    """Transitions per batch (value batch and policy batch alike)."""
     members: tuple[int, ...] = (1, 16)
     """Numbers K of members in the chunk to profile, one trace each."""
     chunk: int = 50
     """Updates per jitted lax.scan chunk (the profiled chunk runs this many; every operation is an event)."""
-    goal_conditioned: bool = True
-    """Goal-conditioned data and losses (CRL requires it)."""
-    obs_dim: int = 2
-    """Observation width of the synthetic data (pointmaze: 2)."""
-    action_dim: int = 2
-    """Action width of the synthetic data (pointmaze: 2)."""
-    dataset_size: int = 100_000
-    """Transitions of synthetic data on the device."""
-    trajectory_length: int = 200
-    """Length of each synthetic trajectory (goals are sampled from a trajectory's future)."""
     top: int = 12
     """Costliest operations to list per K."""
     out: str | None = None

@@ -51,7 +51,10 @@ SCRIPTS = runs.SCRIPTS
 
 
 @dataclasses.dataclass
-class Args:
+class ChunkShape:
+    """What a measured chunk is: the script, its sizes and the synthetic data it trains on (throughput.py and
+    op_profile.py share these flags)."""
+
     script: str = "iql_ddpgbc"
     """Script in algos/ to measure (its update, exactly as it trains)."""
     hidden_dims: tuple[int, ...] = (256, 256)
@@ -62,10 +65,6 @@ class Args:
     """Numbers K of vmapped members to measure."""
     chunk: int = 1000
     """Updates per jitted lax.scan chunk."""
-    repeats: int = 3
-    """Timing rounds; each times one chunk of every K and --reference-steps of each reference; medians are reported."""
-    reference_steps: int = 300
-    """Steps per round of each per-step reference (after 20 warm-up steps); 0 skips them."""
     goal_conditioned: bool = True
     """Goal-conditioned data and losses (CRL requires it)."""
     obs_dim: int = 2
@@ -76,6 +75,14 @@ class Args:
     """Transitions of synthetic data on the device."""
     trajectory_length: int = 200
     """Length of each synthetic trajectory (goals are sampled from a trajectory's future)."""
+
+
+@dataclasses.dataclass
+class Args(ChunkShape):
+    repeats: int = 3
+    """Timing rounds; each times one chunk of every K and --reference-steps of each reference; medians are reported."""
+    reference_steps: int = 300
+    """Steps per round of each per-step reference (after 20 warm-up steps); 0 skips them."""
     matmul_size: int = 2048
     """N of the N x N x N float32 product that measures the device's matmul peak."""
     out: str | None = None
@@ -124,7 +131,7 @@ def matmul_peak(size: int, repeats: int = 10) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def synthetic_split(args: Args) -> dict[str, np.ndarray]:
+def synthetic_split(args: ChunkShape) -> dict[str, np.ndarray]:
     """A training split shaped like envs.split_dataset's output: random states, trajectories of fixed length."""
     rng = np.random.default_rng(0)
     n = args.dataset_size
@@ -156,7 +163,7 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def compile_chunk(algo, config, args, data, count: int) -> tuple[Callable, tuple, float]:
+def compile_chunk(algo, config, args: ChunkShape, data, count: int) -> tuple[Callable, tuple, float]:
     """The script's own jitted chunk for `count` members, compiled: (the compiled chunk, its arguments: fresh
     states, the members' fields and online rows where the script takes them, seconds to compile)."""
     gc, dims = args.goal_conditioned, (args.obs_dim, args.obs_dim if args.goal_conditioned else 0, args.action_dim)
