@@ -198,7 +198,7 @@ def evaluate_checkpoint(checkpoint: Checkpoint, test_time: tuple[str, ...] = (),
     size = runs.resolve_data_size(config.policy_data_size, len(train["actions"]), "--policy-data-size")
     probe = envs.OracleProbe(spec, train, val, [size] * len(checkpoint.seeds), harness.mse_samples, config.split_seed)
     evaluator = envs.Evaluator(spec, len(checkpoint.seeds), harness.eval_episodes, harness.eval_envs,
-                               recorder.size if recorder else None)
+                               recorder.size if recorder else None, harness.eval_max_steps)
     policy = checkpoint.policy()
     rollout = evaluator.evaluate(recorder.wrap(policy, evaluator) if recorder else policy, checkpoint.seeds)
     metrics = {**envs.rollout_metrics(rollout, probe), **probe.train_val(policy)}

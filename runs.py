@@ -198,6 +198,9 @@ class Harness:
     eval_envs: int | None = None
     """Environments stepped at once by an evaluation, all members together (at least one per member); more episodes
     run in later waves (same results). Default: 16 for cube, scene and puzzle (up to ~160 MB each), 256 otherwise."""
+    eval_max_steps: int | None = None
+    """Cut every evaluation episode at this many steps (an episode still running then counts as a failure); default:
+    the environment's own time limit, as the reference evaluates. For quick checks, not for reported numbers."""
     download: bool = True
     """Download a missing official OGBench dataset on first use (--no-download, or OFFRL_NO_DOWNLOAD=1, forbids it)."""
     mse_samples: int = 2048
@@ -241,6 +244,8 @@ class Harness:
             (self.eval_episodes is None or self.eval_episodes >= 1, f"--eval-episodes must be >= 1, got "
                                                                      f"{self.eval_episodes}"),
             (self.eval_envs is None or self.eval_envs >= 1, f"--eval-envs must be >= 1, got {self.eval_envs}"),
+            (self.eval_max_steps is None or self.eval_max_steps >= 1,
+             f"--eval-max-steps must be >= 1, got {self.eval_max_steps}"),
             (interval is None or (interval >= 0 and interval % self.log_interval == 0),
              f"--resume-interval must be 0 or a multiple of --log-interval {self.log_interval}"),
             (self.debug_poison_step >= 0 and self.debug_poison_step % self.log_interval == 0,

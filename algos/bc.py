@@ -228,7 +228,7 @@ def main(config: Config) -> list[dict]:
     # HARNESS: success and the oracle MSEs (envs.py)
     probe = envs.OracleProbe(spec, train, val, run.arrays["policy_data_size"].tolist(), h.mse_samples,
                              config.split_seed)
-    evaluator = envs.Evaluator(spec, len(run.seeds), h.eval_episodes, h.eval_envs)
+    evaluator = envs.Evaluator(spec, len(run.seeds), h.eval_episodes, h.eval_envs, max_steps=h.eval_max_steps)
     states = run.resume(states, lambda: probe.train_val(policy))  # --resume: continue bit for bit
     for step in run.chunks():
         device_data = run.poisoned(step, device_data)  # test hook (--debug-poison-step), off by default

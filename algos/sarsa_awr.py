@@ -294,7 +294,7 @@ def main(config: Config) -> list[dict]:
     # HARNESS: success and the oracle MSEs (envs.py), and --test-time methods on the same episodes (testtime.py)
     probe = envs.OracleProbe(spec, train, val, run.arrays["policy_data_size"].tolist(), h.mse_samples,
                              config.split_seed)
-    evaluator = envs.Evaluator(spec, len(run.seeds), h.eval_episodes, h.eval_envs)
+    evaluator = envs.Evaluator(spec, len(run.seeds), h.eval_episodes, h.eval_envs, max_steps=h.eval_max_steps)
     test_time = testtime.Methods(h, evaluator, probe, act, q_value, mean_action)
 
     def evaluate(step):

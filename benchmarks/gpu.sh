@@ -21,7 +21,7 @@ if [ "${TINY:-0}" = 1 ]; then
                 --dataset-size 2000 --matmul-size 64 --no-progress)
     matrix=(--value-sizes 1000 2000 --policy-sizes 1000 2000 --seeds 0 1 --steps 20 --generate-episodes 12
             -- --hidden-dims 16 --batch-size 32 --log-interval 10 --eval-interval 20 --eval-episodes 1
-            --mse-samples 64)
+            --eval-max-steps 50 --mse-samples 64)
 else
     throughput=(--hidden-dims 512 512 512 --batch-size 1024 --members 1 16 64 256 --chunk 100 --repeats 3)
     matrix=(--value-sizes 10000 100000 --policy-sizes 10000 100000 --seeds 0 1 --steps 5000 --generate-episodes 100

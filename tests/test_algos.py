@@ -492,7 +492,7 @@ VALUE_KEYS = {"q_mean", "critic_loss"}
 def smoke_config(script, env, data_dir, out_dir, **overrides):
     flags = {"env": env, "dataset_dir": str(data_dir), "steps": 100, "log_interval": 50, "eval_interval": 100,
              "hidden_dims": (32,), "batch_size": 32, "eval_episodes": 1, "mse_samples": 128,
-             "out_dir": out_dir and str(out_dir), "progress": False}
+             "eval_max_steps": 50, "out_dir": out_dir and str(out_dir), "progress": False}
     return runs.make_config(load(script).Config, **{**flags, **overrides})
 
 

@@ -99,7 +99,7 @@ def test_a_real_sweep_says_the_same_thing_in_every_artefact(data_dir, tmp_path, 
                       "--policy-sizes", "40", "80", "--seeds", "0", "1", "2", "--steps", "100", "--pack", "6",
                       "--workers", "2", "--dataset-dir", str(data_dir), "--sweep-dir", str(sweep), "--no-progress",
                       "--", "--log-interval", "50", "--eval-interval", "100", "--hidden-dims", "16", "--batch-size",
-                      "32", "--eval-episodes", "1")
+                      "32", "--eval-episodes", "1", "--eval-max-steps", "100")
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = {}
     save = analyze.save_figure

@@ -597,6 +597,26 @@ def test_evaluation_in_waves_gives_the_numbers_of_one_wave(name, members, episod
         envs.Evaluator(spec, members, episodes, max_envs=0)
 
 
+def test_eval_max_steps_cuts_every_episode_and_counts_a_running_one_as_failed():
+    """--eval-max-steps: the oracle, which solves every task within the time limit, cut at 5 steps (far too few to
+    cross the maze): every episode runs exactly 5 steps and none succeeds; a cut beyond the limit is the limit."""
+    spec = envs.parse_env(POINTMAZE)
+    oracle = envs.make_oracle(spec)
+
+    def policy(obs, goals):
+        flat = obs.reshape(-1, obs.shape[-1])
+        return oracle(flat, goals.reshape(len(flat), -1)).reshape(*obs.shape[:2], -1)
+
+    cut = envs.Evaluator(spec, 2, 1, max_steps=5)
+    out = cut.evaluate(policy, seeds=[0, 1])
+    assert cut.max_steps == 5 and out["valid"].shape == (2, envs.num_eval_tasks(spec), 5)
+    assert out["valid"].all() and not out["success"].any()
+    limit = envs.Evaluator(spec, 1, 1).max_steps
+    assert envs.Evaluator(spec, 1, 1, max_steps=10 * limit).max_steps == limit
+    with pytest.raises(runs.UsageError, match="--eval-max-steps must be >= 1"):
+        envs.Evaluator(spec, 1, 1, max_steps=0)
+
+
 # ---------------------------------------------------------------- names and bad input
 def test_teleport_mazes_are_not_offered_for_the_mse_metrics(capsys):
     """pointmaze-teleport's BFS waypoints ignore the teleporters, so its oracle's labels are not optimal actions."""

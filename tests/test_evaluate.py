@@ -28,7 +28,7 @@ def load(script):
 def tiny_flags(data_dir, out_dir, **overrides):
     return {"env": POINTMAZE, "dataset_dir": str(data_dir), "steps": 100, "log_interval": 50, "eval_interval": 100,
             "hidden_dims": (32,), "batch_size": 32, "eval_episodes": 1, "mse_samples": 128, "checkpoint_interval": 100,
-            "out_dir": out_dir and str(out_dir), "progress": False, **overrides}
+            "eval_max_steps": 50, "out_dir": out_dir and str(out_dir), "progress": False, **overrides}
 
 
 def train(script, monkeypatch, **flags) -> dict:
@@ -210,12 +210,12 @@ def test_video_films_the_chosen_episodes_where_mujoco_draws_offscreen(bc_run, ca
         evaluate.check_video(envs.parse_env(POINTMAZE), "gif", 32)
     except runs.UsageError as error:  # CI installs EGL (.ci/run); elsewhere the exit-2 test above covers this
         pytest.skip(f"no offscreen GL here: {error}")
-    flags = ["--video-stride", "250", "--video-size", "32", "--video-episodes", "2", "--video-fps", "20"]
+    flags = ["--video-stride", "10", "--video-size", "32", "--video-episodes", "2", "--video-fps", "20"]
     code, err = run_in_process("evaluate.py", [str(bc_run), "--capture-video", *flags], capsys)
     assert code == 0, err
     from PIL import Image
 
-    # 100 steps of training reach no goal, so every episode runs to pointmaze's 1000-step limit: 4 frames at stride 250
+    # 100 steps of training reach no goal, so every episode runs to the run's --eval-max-steps 50: 5 frames at stride 10
     assert json.loads((bc_run / runs.EVAL_FILE.format(100)).read_text())["success"]["per_member"] == [0.0, 0.0]
     files = sorted((bc_run / runs.VIDEO_DIR.format(100)).iterdir())
     assert [f.name for f in files] == [f"task{t}_episode{j}.gif" for t in range(1, 6) for j in range(2)]
@@ -225,4 +225,4 @@ def test_video_films_the_chosen_episodes_where_mujoco_draws_offscreen(bc_run, ca
             for i in range(gif.n_frames):
                 gif.seek(i)
                 durations.append(gif.info["duration"])
-            assert sum(durations) == 4 * 50 and gif.size == (32, 32)  # 20 fps: 50 ms a frame
+            assert sum(durations) == 5 * 50 and gif.size == (32, 32)  # 20 fps: 50 ms a frame

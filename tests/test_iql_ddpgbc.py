@@ -16,7 +16,7 @@ from algos import iql_ddpgbc as algo
 def _common(out_dir, data_dir, *extra):
     return ["--dataset-dir", str(data_dir), "--steps", "200", "--log-interval", "100", "--eval-interval", "200",
             "--hidden-dims", "32", "32", "--batch-size", "64", "--eval-episodes", "1", "--mse-samples", "256",
-            "--out-dir", str(out_dir), "--no-progress", *extra]
+            "--eval-max-steps", "50", "--out-dir", str(out_dir), "--no-progress", *extra]
 
 
 def _finite(result, keys):
@@ -52,7 +52,7 @@ def test_smoke_cli_three_seeds_writes_a_complete_run_folder(data_dir, tmp_path):
 def test_smoke_reward_based_envs(data_dir, tmp_path, env):
     config = runs.make_config(algo.Config, env=env, dataset_dir=str(data_dir), steps=100, log_interval=100,
                               eval_interval=100, hidden_dims=(32,), batch_size=32, eval_episodes=1, mse_samples=128,
-                              out_dir=str(tmp_path / "run"), progress=False)
+                              eval_max_steps=50, out_dir=str(tmp_path / "run"), progress=False)
     [result] = algo.main(config)
     assert math.isfinite(result["return"]["mean"])
     # the flags left unset came from the dataset's row of the table, and config.json says so (the given ones did not)
@@ -90,7 +90,8 @@ def test_learning_lowers_validation_mse(data_dir, tmp_path):
     # 3000 steps: the reference's actor starts from a 0.01-scaled output layer and learns more slowly at first
     config = runs.make_config(algo.Config, env=POINTMAZE, dataset_dir=str(data_dir), steps=3000, log_interval=1000,
                               eval_interval=3000, hidden_dims=(64, 64), batch_size=128, eval_episodes=1,
-                              mse_samples=512, alpha=1.0, out_dir=str(tmp_path / "run"), progress=False)
+                              mse_samples=512, eval_max_steps=50, alpha=1.0, out_dir=str(tmp_path / "run"),
+                              progress=False)
     [result] = algo.main(config)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     initial = next(r for r in records if r["event"] == "init")["val_mse"]

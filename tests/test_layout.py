@@ -87,7 +87,7 @@ def test_a_forked_script_runs_from_a_folder_of_its_own(data_dir, tmp_path):
         shutil.copy(ROOT / name, fork)
     flags = ["--env", POINTMAZE, "--dataset-dir", str(data_dir), "--steps", "50", "--log-interval", "50",
              "--hidden-dims", "16", "--batch-size", "32", "--eval-episodes", "1", "--mse-samples", "32",
-             "--out-dir", "run", "--no-progress"]
+             "--eval-max-steps", "50", "--out-dir", "run", "--no-progress"]
     code = ("import runpy, sys; sys.argv = ['iql_awr.py', *sys.argv[1:]]; sys.path.insert(0, '.'); "
             "runpy.run_path('iql_awr.py', run_name='__main__'); "
             "print('imported', *(sys.modules[m].__file__ for m in ('envs', 'runs', 'testtime')))")

@@ -116,7 +116,7 @@ def test_buffer_stores_consistent_transitions_the_same_alone_or_packed():
 def online_config(script, env, data_dir, out_dir, **overrides):
     flags = {"env": env, "dataset_dir": str(data_dir), "steps": 100, "log_interval": 50, "eval_interval": 100,
              "hidden_dims": (32,), "batch_size": 32, "eval_episodes": 1, "mse_samples": 64, "out_dir": str(out_dir),
-             "progress": False}
+             "eval_max_steps": 50, "progress": False}
     return runs.make_config(load(script).Config, **{**flags, **overrides})
 
 

@@ -22,7 +22,7 @@ import runs
 import scaling
 
 SMALL = ["--env", POINTMAZE, "--log-interval", "50", "--hidden-dims", "32", "--batch-size", "32",
-         "--eval-episodes", "1", "--mse-samples", "64", "--no-progress"]
+         "--eval-episodes", "1", "--mse-samples", "64", "--eval-max-steps", "50", "--no-progress"]
 TIMING = {"seconds", "updates_per_second"}  # the only numbers allowed to differ between two runs
 
 
@@ -160,7 +160,7 @@ def test_a_resume_carries_every_host_field_with_a_success_above_zero(data_dir, t
     success = {100: [0.8, 0.4], 200: [0.3, 0.1]}
     flags = {"env": POINTMAZE, "dataset_dir": str(data_dir), "steps": 200, "log_interval": 50, "eval_interval": 100,
              "resume_interval": 50, "num_seeds": 2, "num_samples": 4, "hidden_dims": (32,), "batch_size": 32,
-             "eval_episodes": 1, "mse_samples": 64, "progress": False}
+             "eval_episodes": 1, "mse_samples": 64, "eval_max_steps": 50, "progress": False}
     real_record, real_save, real_resume, real_finish = runs.Run.record, runs.Run.save_resume, runs.Run.resume, \
         runs.Run.finish
     saved, restored, final = {}, {}, {}  # per run folder: {step: host state} at each resume state; at restore; at end
@@ -410,6 +410,7 @@ def test_bad_inputs_across_every_entry_point_exit_2_with_one_line(data_dir, tmp_
         (script("iql_ddpgbc", "--resume-interval", "70"), "--resume-interval must be 0 or a multiple"),
         (script("iql_ddpgbc", "--debug-poison-step", "-50"), "--debug-poison-step must be 0 or a multiple"),
         (script("iql_ddpgbc", "--eval-envs", "0"), "--eval-envs must be >= 1"),
+        (script("sarsa_awr", "--eval-max-steps", "0"), "--eval-max-steps must be >= 1"),
         (script("iql_ddpgbc", "--out-dir", str(not_a_folder / "run")), "cannot write to --out-dir"),
         (script("iql_ddpgbc", "--members-file", str(tmp_path / "absent.json")), "cannot read --members-file"),
         (sweep("--scripts", "iql_dpgbc"), "--scripts: iql_dpgbc is not a script"),
@@ -426,7 +427,7 @@ def test_bad_inputs_across_every_entry_point_exit_2_with_one_line(data_dir, tmp_
     for folder, message in corrupted_exorl(data_dir, tmp_path):
         cases.append((script("iql_ddpgbc", "--env", "walker-run-random", "--dataset-dir", folder), message))
     assert {entry for (entry, _), _ in cases} == set(ENTRY_POINTS)  # every entry point, each of its cases
-    assert len({(entry, tuple(args)) for (entry, args), _ in cases}) == len(cases) == 40  # no case twice; the
+    assert len({(entry, tuple(args)) for (entry, args), _ in cases}) == len(cases) == 41  # no case twice; the
     # count docs/reliability.md gives
     first = set()
     for (entry, args), message in cases:

@@ -19,7 +19,7 @@ import runs
 import scaling
 
 TINY = ["--", "--log-interval", "50", "--eval-interval", "100", "--hidden-dims", "16", "--batch-size", "32",
-        "--eval-episodes", "1", "--mse-samples", "64"]
+        "--eval-episodes", "1", "--mse-samples", "64", "--eval-max-steps", "50"]
 
 
 def sweep_args(data_dir, sweep_dir, *extra):
@@ -93,7 +93,7 @@ def test_killed_sweep_resumes_only_what_is_missing(data_dir, tmp_path, sig):
     sweep_dir = tmp_path / "sweep"
     args = [*sweep_args(data_dir, sweep_dir, "--workers", "1")[:-len(TINY)], "--", "--log-interval", "50",
             "--eval-interval", "400", "--resume-interval", "50", "--hidden-dims", "16", "--batch-size", "32",
-            "--eval-episodes", "1", "--mse-samples", "64"]
+            "--eval-episodes", "1", "--mse-samples", "64", "--eval-max-steps", "50"]
     args[args.index("--steps") + 1] = "400"
     folders = [sweep_dir / POINTMAZE / "iql_ddpgbc" / f"v{v}_p{p}_s0" for v in (2000, 4000) for p in (2000, 4000)]
     launcher = subprocess.Popen([sys.executable, str(ROOT / "scaling.py"), *args], cwd=ROOT,

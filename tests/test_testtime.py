@@ -99,7 +99,7 @@ def test_ttt_never_touches_the_trained_parameters_and_lr_0_equals_plain_evaluati
     common = ["--env", POINTMAZE, "--dataset-dir", str(data_dir), "--steps", "100", "--log-interval", "50",
               "--eval-interval", "100", "--hidden-dims", "16", "--batch-size", "32", "--eval-episodes", "1",
               "--mse-samples", "64", "--num-seeds", "2", "--checkpoint-interval", "100", "--no-progress",
-              "--eval-envs", "4"]
+              "--eval-envs", "4", "--eval-max-steps", "50"]
     variants = {"plain": [], "one-wave": ["--eval-envs", "10"],
                 "lr0-never": ["--test-time", "ttt", "--ttt-lr", "0", "--ttt-reset", "never"],
             "lr0-episode": ["--test-time", "ttt", "--ttt-lr", "0"],

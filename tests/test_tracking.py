@@ -18,7 +18,8 @@ import runs
 import scaling
 
 TINY = ["--env", POINTMAZE, "--steps", "100", "--log-interval", "50", "--eval-interval", "100", "--hidden-dims", "32",
-        "--batch-size", "32", "--eval-episodes", "1", "--mse-samples", "128", "--num-seeds", "2", "--no-progress"]
+        "--batch-size", "32", "--eval-episodes", "1", "--mse-samples", "128", "--num-seeds", "2", "--no-progress",
+        "--eval-max-steps", "50"]
 
 
 def offline_wandb(monkeypatch, root: Path) -> None:
