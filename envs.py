@@ -1191,7 +1191,8 @@ class Evaluator:
     member) in lockstep, and the policy is called once per step for all of them with obs [M, wave, d]; a last,
     shorter wave is padded with copies that are never stepped. `render_size`: environments that also draw frames
     (`render_frame`), for evaluate.py's videos; while `evaluate` runs, slot j of wave `wave_index` is episode
-    wave_index * wave + j.
+    wave_index * wave + j. `max_steps` (--eval-max-steps) cuts every episode there, a running one counting as a
+    failure; default: the environment's own time limit.
 
     Member m's start states and goals come from `seeds[m]` alone (each env is reseeded per episode; numpy's global
     generator, from which OGBench draws start and goal noise, runs one stream per member across its resets), so a
