@@ -1208,14 +1208,14 @@ class Evaluator:
         max_envs = default_eval_envs(spec) if max_envs is None else max_envs
         if max_envs < 1:
             raise UsageError(f"--eval-envs must be >= 1, got {max_envs}")
+        if max_steps is not None and max_steps < 1:
+            raise UsageError(f"--eval-max-steps must be >= 1, got {max_steps}")
         self.spec, self.num_members = spec, num_members
         self.tasks = np.repeat(np.arange(1, num_eval_tasks(spec) + 1), episodes_per_task)
         self.wave = max(1, min(len(self.tasks), max_envs // num_members))  # episodes per member per wave
         self.waves = -(-len(self.tasks) // self.wave)
         self.envs = [[make_env(spec, render_size) for _ in range(self.wave)] for _ in range(num_members)]
         time_limit = 1000 if spec.family == "dmc" else self.envs[0][0].spec.max_episode_steps
-        if max_steps is not None and max_steps < 1:
-            raise UsageError(f"--eval-max-steps must be >= 1, got {max_steps}")
         self.max_steps = time_limit if max_steps is None else min(max_steps, time_limit)  # --eval-max-steps cuts
         self.alive = None  # during `evaluate`: [M, wave], the episodes of this wave still running at the current step
         self.wave_index = None  # during `evaluate`: which wave runs (a test-time method may start afresh at each)
