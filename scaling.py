@@ -1,6 +1,6 @@
 """scaling.py: data-scaling sweeps over environments x scripts x value sizes x policy sizes x alphas x seeds.
 
-    python scaling.py --preset quickstart                      # AWR vs DDPG+BC, 3 seeds, on generated pointmaze data
+    python scaling.py --preset quickstart                      # AWR vs DDPG+BC, 4 seeds, on generated pointmaze data
     python scaling.py --preset matrix --dry-run                # the paper-size grid: print the plan, run nothing
     python scaling.py --envs cube-single-play-v0 --scripts iql_ddpgbc sarsa_ddpgbc \\
         --value-sizes 100000 1000000 --policy-sizes 100000 1000000 --ddpgbc-alphas 0.03 0.3 --seeds 0 1 \\
@@ -95,7 +95,7 @@ class Args:
     256`). Flags left out come from --preset, else from the defaults shown."""
 
     preset: Literal["quickstart", "cpu-study", "matrix", "coverage", "testtime", "online"] | None = None
-    """A predefined sweep (docs/sweeps.md): quickstart (AWR vs DDPG+BC on pointmaze, 3 seeds, minutes on a CPU),
+    """A predefined sweep (docs/sweeps.md): quickstart (AWR vs DDPG+BC on pointmaze, 4 seeds, minutes on a CPU),
     cpu-study (the paper's claims at CPU scale, docs/results.md), matrix (paper size), coverage (narrow vs
     high-coverage data), testtime (plain vs OPEX vs TTT), online (offline-to-online)."""
     sweep_dir: str | None = None
