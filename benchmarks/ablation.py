@@ -1,11 +1,13 @@
 """Where our IQL + AWR update differs from JAX-CORL's iql.py in cost: our chunk (one member, the runs.over_members
-path) with JAX-CORL's choices swapped in one at a time, timed in interleaved rounds in one process. Measurement only:
-the variants are built here by rebinding the script's functions; the scripts never change.
+path) with JAX-CORL's choices swapped in (its networks, its one batch: each alone, then together), timed in
+interleaved rounds in one process. Measurement only: the variants are built here by rebinding the script's
+functions; the scripts never change.
 
     python benchmarks/ablation.py        # 1M synthetic rows, obs 29, action 8, 2 x 256, batch 256 (docs/speed.md)
 """
 
 import importlib
+import statistics
 import sys
 import time
 import types
@@ -106,6 +108,7 @@ def variant(relu, ln_value_only, one_batch):
 progs = {}
 for name, flags in {
     "ours (GELU, LayerNorm on V and Q, two batches)": (False, False, False),
+    "ours, one batch for V, Q and actor": (False, False, True),
     "ReLU": (True, False, False),
     "ReLU, LayerNorm on V only (JAX-CORL's nets)": (True, True, False),
     "JAX-CORL's nets and one batch for V, Q and actor": (True, True, True),
@@ -125,7 +128,7 @@ for name, flags in {
     }
     progs[name] = [mod.make_train_chunk(config, False), state, member]
 times = {k: [] for k in progs}
-for r in range(4):
+for r in range(6):
     for name, box in progs.items():
         f, s, m = box
         t = time.perf_counter()
@@ -136,4 +139,5 @@ for r in range(4):
         if r:
             times[name].append(CHUNK / dt)
 for name, v in times.items():
-    print(f"{name:52s} {sorted(v)[1]:6.1f} updates/s ({', '.join(f'{x:.0f}' for x in v)})", flush=True)
+    rounds = ", ".join(f"{x:.0f}" for x in v)
+    print(f"{name:52s} {statistics.median(v):6.1f} updates/s (median of rounds 2-6: {rounds})", flush=True)

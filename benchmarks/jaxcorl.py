@@ -40,7 +40,8 @@ Modes (--modes):
 
 Prints updates/s (the median window, and each) and writes JSON (--out): JAX-CORL's commit and iql.py's sha256 (and
 whether git sees it modified), the settings, updates/s, compile seconds, and the versions of jax, jaxlib, flax, optax,
-distrax on the reference side and jax on ours. iql.py sets XLA_FLAGS on import (a GPU flag); the value in effect is
+distrax on the reference side and jax on ours. The scan mode also counts the matmul FLOPs of one reference update in
+the reference process (benchmarks/matmul_flops.py, the counter throughput.py reports for ours) and its GFLOP/s. iql.py sets XLA_FLAGS on import (a GPU flag); the value in effect is
 recorded. JAX_PLATFORMS is set to --platform (cpu by default) for the reference process.
 """
 
@@ -105,9 +106,14 @@ import jax, tqdm
 sys.argv = ["iql.py", *S["cli"]]  # iql.py reads its config from the command line (OmegaConf.from_cli)
 result = {"mode": S["mode"]}
 
-def versions():
-    from importlib.metadata import version
-    return {name: version(name) for name in ("jax", "jaxlib", "flax", "optax", "distrax", "numpy")}
+def versions():  # None for a package this Python lacks (a stand-in iql.py needs only jax)
+    from importlib.metadata import PackageNotFoundError, version
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+    return {name: installed(name) for name in ("jax", "jaxlib", "flax", "optax", "distrax", "numpy")}
 
 if S["mode"] == "shipped":
     real_tqdm = tqdm.tqdm
@@ -168,8 +174,14 @@ elif S["mode"] == "scan":
             train_state, key, info = chunk(train_state, dataset, key)
         jax.block_until_ready(train_state)
         windows.append(S["chunks_per_repeat"] * S["chunk"] / (time.perf_counter() - t0))
+    # Matmul FLOPs per update, counted after the timing by our counter (benchmarks/matmul_flops.py: jax and numpy
+    # only), the count throughput.py reports for ours: the work of one update, to compare rates per FLOP.
+    sys.path.insert(0, S["benchmarks_dir"])
+    from matmul_flops import count_matmul_flops
+    flops = count_matmul_flops(jax.make_jaxpr(chunk)(train_state, dataset, key).jaxpr) / S["chunk"]
     result.update(updates_per_s=statistics.median(windows), windows=windows, first_call_s=first, setup_s=setup,
-                  last_losses={k: float(v) for k, v in info.items()})
+                  last_losses={k: float(v) for k, v in info.items()}, matmul_flops_per_update=flops,
+                  gflops_per_s=statistics.median(windows) * flops / 1e9)
 result.update(versions=versions(), xla_flags=os.environ.get("XLA_FLAGS"), devices=[str(d) for d in jax.devices()],
               python=sys.version.split()[0])
 with open(S["result"], "w") as f:
@@ -243,7 +255,7 @@ def settings_for(args: Args, mode: str, result: Path) -> dict:
             "obs_dim": args.obs_dim, "action_dim": args.action_dim, "episode_length": args.episode_length,
             "data_seed": args.data_seed, "n_jitted_updates": n, "warmup_calls": args.warmup_calls,
             "calls": args.calls, "repeats": args.repeats, "chunk": args.chunk,
-            "chunks_per_repeat": args.chunks_per_repeat}
+            "chunks_per_repeat": args.chunks_per_repeat, "benchmarks_dir": str(ROOT / "benchmarks")}
 
 
 def main(args: Args) -> None:
@@ -285,12 +297,17 @@ def main(args: Args) -> None:
         print(f"  {mode:8s} {m['updates_per_s']:9.1f} updates/s  ({how}; windows "
               f"{', '.join(f'{w:.1f}' for w in m['windows'])}; first call {m['first_call_s']:.1f} s, "
               f"setup {m['setup_s']:.1f} s)")
+    if "scan" in modes:
+        flops = modes["scan"]["matmul_flops_per_update"]
+        rates = ", ".join(f"{mode} {m['updates_per_s'] * flops / 1e9:.1f}" for mode, m in modes.items())
+        print(f"  {flops / 1e6:.1f} MFLOP (matmul, fwd + bwd) per update; GFLOP/s: {rates}")
     out = {
         "jaxcorl": {"repository": "nissymori/JAX-CORL", "commit": commit, "file": "algos/iql.py",
                     "sha256": hashlib.sha256(iql.read_bytes()).hexdigest(),
                     "modified": None if status is None else bool(status)},
         "settings": {k: v for k, v in dataclasses.asdict(args).items() if k not in ("out",)},
         "updates_per_s": {mode: m["updates_per_s"] for mode, m in modes.items()},
+        "matmul_flops_per_update": modes["scan"]["matmul_flops_per_update"] if "scan" in modes else None,
         "modes": modes,
         "jax_version": reference["versions"]["jax"],
         "ours_jax_version": jax.__version__,

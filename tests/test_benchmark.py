@@ -13,11 +13,12 @@ from conftest import POINTMAZE, ROOT, run_script
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import envs  # noqa: E402
 import runs  # noqa: E402
+import matmul_flops  # noqa: E402
 import throughput  # noqa: E402
 
 
 def flops(fn, *args):
-    return throughput.count_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+    return matmul_flops.count_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def test_matmul_flops_are_counted_by_hand_through_grad_scan_and_vmap():
@@ -50,6 +51,90 @@ def test_tiny_benchmark_writes_every_number(tmp_path):
     assert doubled["matmul_flops_per_update"] == 2 * result["matmul_flops_per_update"]
     assert doubled["reference_updates_per_second"] is None
 
+
+
+# A stand-in for JAX-CORL's algos/iql.py with the names benchmarks/jaxcorl.py's launcher reads (config, IQL,
+# get_dataset, create_iql_train_state; a __main__ loop over tqdm holding `train_state`): a linear regression whose
+# update is two known products, x @ w and its gradient's x.T @ residual.
+STAND_IN_IQL = """
+import sys
+from typing import NamedTuple
+
+import d4rl, gym, jax, tqdm, wandb
+import jax.numpy as jnp
+
+class Config(NamedTuple):
+    batch_size: int
+    n_jitted_updates: int
+    max_steps: int
+    env_name: str
+    seed: int = 0
+
+given = dict(arg.split("=", 1) for arg in sys.argv[1:])
+config = Config(*(int(given[k]) for k in ("batch_size", "n_jitted_updates", "max_steps")), given["env_name"])
+
+class Transition(NamedTuple):
+    observations: jax.Array
+    actions: jax.Array
+
+def get_dataset(env, config):
+    data = d4rl.qlearning_dataset(env)
+    return Transition(jnp.asarray(data["observations"]), jnp.asarray(data["actions"])), 0.0, 1.0
+
+def create_iql_train_state(key, observation, action, config):
+    return jnp.zeros((observation.shape[-1], action.shape[-1]))
+
+class IQL:
+    @staticmethod
+    def update_n_times(w, dataset, rng, config):
+        for _ in range(config.n_jitted_updates):
+            rng, key = jax.random.split(rng)
+            rows = jax.random.randint(key, (config.batch_size,), 0, len(dataset.observations))
+            x, y = dataset.observations[rows], dataset.actions[rows]
+            grad = jax.grad(lambda w: ((x @ w - y) ** 2).mean())(w)
+            w = w - 0.01 * grad
+        return w, {"grad_norm": (grad ** 2).sum()}
+
+if __name__ == "__main__":
+    wandb.init()
+    rng = jax.random.PRNGKey(0)
+    dataset, _, _ = get_dataset(gym.make("stand-in"), config)
+    train_state = create_iql_train_state(rng, dataset.observations[0], dataset.actions[0], config)
+    update_fn = jax.jit(IQL.update_n_times, static_argnums=(3,))
+    for i in tqdm.tqdm(range(1, config.max_steps // config.n_jitted_updates + 1)):
+        rng, key = jax.random.split(rng)
+        train_state, info = update_fn(train_state, dataset, key, config)
+    wandb.finish()
+"""
+
+
+def test_jaxcorl_launcher_times_both_modes_and_counts_the_reference_update(tmp_path):
+    """benchmarks/jaxcorl.py against a stand-in iql.py (the real one needs the network): both modes run through the
+    launcher's stand-ins for d4rl, gym and wandb, and the matmul FLOPs it counts in the reference process are the
+    stand-in update's, by hand."""
+    import hashlib
+
+    import jaxcorl
+
+    (tmp_path / "algos").mkdir()
+    (tmp_path / "algos" / "iql.py").write_text(STAND_IN_IQL)
+    out = tmp_path / "jaxcorl.json"
+    args = jaxcorl.Args(jaxcorl_dir=str(tmp_path), python=sys.executable, dataset_size=500, obs_dim=5, action_dim=3,
+                        episode_length=50, batch_size=16, n_jitted_updates=4, warmup_calls=2, calls=3, repeats=2,
+                        chunk=10, chunks_per_repeat=1, jaxcorl_commit="stand-in", out=str(out))
+    jaxcorl.main(args)
+    result = json.loads(out.read_text())
+    assert result["jaxcorl"]["commit"] == "stand-in"
+    assert result["jaxcorl"]["sha256"] == hashlib.sha256(STAND_IN_IQL.encode()).hexdigest()
+    assert set(result["updates_per_s"]) == {"shipped", "scan"}
+    for mode in ("shipped", "scan"):
+        assert result["updates_per_s"][mode] > 0 and len(result["modes"][mode]["windows"]) == 2
+    assert "batch_size=16" in result["modes"]["scan"]["iql_cli"]
+    assert "n_jitted_updates=1" in result["modes"]["scan"]["iql_cli"]  # the scan mode runs one update per step
+    flops = 2 * (2 * 16 * 5 * 3)  # x @ w, then x.T @ residual: 2 x batch x obs x action each
+    assert result["matmul_flops_per_update"] == flops == result["modes"]["scan"]["matmul_flops_per_update"]
+    assert result["modes"]["scan"]["gflops_per_s"] == pytest.approx(result["updates_per_s"]["scan"] * flops / 1e9)
+    assert result["jax_version"] == jax.__version__  # the same Python ran both sides here
 
 def test_op_profile_puts_each_compiled_operation_in_its_kind():
     """benchmarks/op_profile.py reads kinds from the compiled HLO: a fused matmul is a matmul, a row gather is a
