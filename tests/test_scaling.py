@@ -145,22 +145,27 @@ def test_failing_runs_are_recorded_retried_and_listed(data_dir, tmp_path):
     assert not (Path(failed[0]["folder"]) / "result.json").exists()
 
 
-def test_dry_run_prints_the_plan_and_touches_nothing(data_dir, tmp_path):
+def dry_run(capsys, *args: str) -> str:
+    """scaling.py --dry-run called in this process (no JAX start-up per call): its standard output."""
+    capsys.readouterr()
+    assert scaling.main([*args, "--dry-run"]) == 0
+    return capsys.readouterr().out
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys):
     sweep_dir = tmp_path / "sweep"
-    proc = run_script("scaling.py", "--preset", "quickstart", "--dataset-dir", str(tmp_path / "no-data"),
-                      "--sweep-dir", str(sweep_dir), "--dry-run")
-    assert proc.returncode == 0, proc.stderr
+    out = dry_run(capsys, "--preset", "quickstart", "--dataset-dir", str(tmp_path / "no-data"),
+                  "--sweep-dir", str(sweep_dir))
     # AWR vs DDPG+BC on IQL: 2 scripts x 4 seeds on all the data, each script's 4 runs packed in one process
-    assert "8 runs, 0 complete, 8 to run in 2 processes (up to 4 runs each), 80,000 member-updates" in proc.stdout
-    assert "would generate 100 episodes" in proc.stdout and "--members-file" in proc.stdout
+    assert "8 runs, 0 complete, 8 to run in 2 processes (up to 4 runs each), 80,000 member-updates" in out
+    assert "would generate 100 episodes" in out and "--members-file" in out
     assert not sweep_dir.exists() and not (tmp_path / "no-data").exists()
     # the CPU study: 2 scripts x 2 x 2 cells x 3 seeds; the largest cell's runs also evaluate OPEX and TTT, packed
     # apart from the others
-    proc = run_script("scaling.py", "--preset", "cpu-study", "--dataset-dir", str(tmp_path / "no-data"),
-                      "--sweep-dir", str(sweep_dir), "--dry-run")
-    assert proc.returncode == 0, proc.stderr
-    assert "24 runs, 0 complete, 24 to run in 4 processes (up to 9 runs each), 480,000 member-updates" in proc.stdout
-    assert "test time: 6 runs of the largest cell also evaluate OPEX and TTT" in proc.stdout
+    out = dry_run(capsys, "--preset", "cpu-study", "--dataset-dir", str(tmp_path / "no-data"),
+                  "--sweep-dir", str(sweep_dir))
+    assert "24 runs, 0 complete, 24 to run in 4 processes (up to 9 runs each), 480,000 member-updates" in out
+    assert "test time: 6 runs of the largest cell also evaluate OPEX and TTT" in out
     settings = scaling.resolve(scaling.Args(preset="cpu-study", sweep_dir=str(sweep_dir)), [])
     procs = scaling.processes(scaling.plan(settings), settings)
     tested = [p for p in procs if "--test-time" in p.command]
@@ -171,37 +176,32 @@ def test_dry_run_prints_the_plan_and_touches_nothing(data_dir, tmp_path):
                for p in procs if p not in tested for r in p.runs)
     # the paper-size preset: 9 pairs x 2 envs x 16 cells x 4 seeds x the table's alpha grids: 4 for AWR (the paper's),
     # 3 for DDPG+BC (each dataset's tuned alpha and a decade either side), 1 for SfBC; the discount from the table too
-    proc = run_script("scaling.py", "--preset", "matrix", "--dataset-dir", str(tmp_path / "no-data"),
-                      "--sweep-dir", str(sweep_dir), "--dry-run")
-    assert proc.returncode == 0, proc.stderr
-    assert f"{2 * 16 * 4 * 3 * (4 + 3 + 1)} runs" in proc.stdout
+    out = dry_run(capsys, "--preset", "matrix", "--dataset-dir", str(tmp_path / "no-data"),
+                  "--sweep-dir", str(sweep_dir))
+    assert f"{2 * 16 * 4 * 3 * (4 + 3 + 1)} runs" in out
     # (CRL's DDPG+BC grid is centred on CRL's tuned alpha, IQL's and SARSA's on GCIQL's: the reference tunes each)
     assert ("pointmaze-large-navigate-v0 from envs.HYPERPARAMETERS: discount 0.99 (reference); alpha grids awr 0.3 1 "
-            "3 10, iql/sarsa_ddpgbc 0.0003 0.003 0.03, crl_ddpgbc 0.003 0.03 0.3") in proc.stdout
+            "3 10, iql/sarsa_ddpgbc 0.0003 0.003 0.03, crl_ddpgbc 0.003 0.03 0.3") in out
     assert "cube-single-play-v0 from envs.HYPERPARAMETERS: discount 0.99 (reference); alpha grids awr 0.3 1 3 10, " \
-           "iql/sarsa_ddpgbc 0.1 1 10, crl_ddpgbc 0.3 3 30" in proc.stdout
+           "iql/sarsa_ddpgbc 0.1 1 10, crl_ddpgbc 0.3 3 30" in out
     # a flag overrides the table: the given grid, for every dataset
-    proc = run_script("scaling.py", "--preset", "matrix", "--dataset-dir", str(tmp_path / "no-data"),
-                      "--sweep-dir", str(sweep_dir), "--dry-run", "--ddpgbc-alphas", "0.5")
-    assert proc.returncode == 0, proc.stderr
-    assert f"{2 * 16 * 4 * 3 * (4 + 1 + 1)} runs" in proc.stdout and "ddpgbc 0.1 1 10" not in proc.stdout
+    out = dry_run(capsys, "--preset", "matrix", "--dataset-dir", str(tmp_path / "no-data"),
+                  "--sweep-dir", str(sweep_dir), "--ddpgbc-alphas", "0.5")
+    assert f"{2 * 16 * 4 * 3 * (4 + 1 + 1)} runs" in out and "ddpgbc 0.1 1 10" not in out
     # plain vs OPEX vs TTT: 2 envs x 3 scripts x 4 seeds, each run evaluating all three, the seeds packed
-    proc = run_script("scaling.py", "--preset", "testtime", "--dataset-dir", str(tmp_path / "no-data"),
-                      "--sweep-dir", str(sweep_dir), "--dry-run")
-    assert proc.returncode == 0, proc.stderr
-    assert "24 runs, 0 complete, 24 to run in 6 processes" in proc.stdout and "--test-time opex ttt" in proc.stdout
+    out = dry_run(capsys, "--preset", "testtime", "--dataset-dir", str(tmp_path / "no-data"),
+                  "--sweep-dir", str(sweep_dir))
+    assert "24 runs, 0 complete, 24 to run in 6 processes" in out and "--test-time opex ttt" in out
     # narrow vs high coverage: 4 datasets x (2 DDPG+BC scripts x 2 policy sizes x 3 alphas + bc x 2 sizes) x 4 seeds
-    proc = run_script("scaling.py", "--preset", "coverage", "--dataset-dir", str(tmp_path / "no-data"),
-                      "--sweep-dir", str(sweep_dir), "--dry-run")
-    assert proc.returncode == 0, proc.stderr
-    assert f"{4 * (2 * 2 * 3 + 2) * 4} runs" in proc.stdout and "pointmaze-large-explore-v0" in proc.stdout
-    assert "would generate official episodes" in proc.stdout
+    out = dry_run(capsys, "--preset", "coverage", "--dataset-dir", str(tmp_path / "no-data"),
+                  "--sweep-dir", str(sweep_dir))
+    assert f"{4 * (2 * 2 * 3 + 2) * 4} runs" in out and "pointmaze-large-explore-v0" in out
+    assert "would generate official episodes" in out
     # offline-to-online: 2 envs x 3 scripts x 4 seeds, 1M offline + 0.5M online updates each
-    proc = run_script("scaling.py", "--preset", "online", "--dataset-dir", str(tmp_path / "no-data"),
-                      "--sweep-dir", str(sweep_dir), "--dry-run")
-    assert proc.returncode == 0, proc.stderr
-    assert "24 runs, 0 complete, 24 to run in 6 processes (up to 4 runs each), 36,000,000 member-updates" in proc.stdout
-    assert "--online-steps 500000" in proc.stdout
+    out = dry_run(capsys, "--preset", "online", "--dataset-dir", str(tmp_path / "no-data"),
+                  "--sweep-dir", str(sweep_dir))
+    assert "24 runs, 0 complete, 24 to run in 6 processes (up to 4 runs each), 36,000,000 member-updates" in out
+    assert "--online-steps 500000" in out
 
 
 def test_bad_inputs_exit_2(data_dir, tmp_path, capsys):
