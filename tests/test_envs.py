@@ -545,18 +545,23 @@ def preset_oracle_envs() -> list[str]:
     return sorted(by_env.values())
 
 
-@pytest.mark.parametrize("name", [*preset_oracle_envs(), "pointmaze-medium-navigate-singletask-v0"])
-def test_oracle_solves_evaluation_tasks_closed_loop(name):
-    spec = envs.parse_env(name)
+def oracle_policy(spec):
+    """The oracle as an Evaluator's policy: obs [M, N, d] and goals [M, N, g] (None: the singletask goal) -> actions."""
     oracle, fixed = envs.make_oracle(spec), envs.task_goal(spec)
-    evaluator = envs.Evaluator(spec, num_members=1, episodes_per_task=1)
 
     def policy(obs, goals):
         flat = obs.reshape(-1, obs.shape[-1])
         g = goals.reshape(len(flat), -1) if goals is not None else np.broadcast_to(fixed, (len(flat), len(fixed)))
         return oracle(flat, g).reshape(*obs.shape[:2], -1)
 
-    out = evaluator.evaluate(policy, seeds=[0])
+    return policy
+
+
+@pytest.mark.parametrize("name", [*preset_oracle_envs(), "pointmaze-medium-navigate-singletask-v0"])
+def test_oracle_solves_evaluation_tasks_closed_loop(name):
+    spec = envs.parse_env(name)
+    evaluator = envs.Evaluator(spec, num_members=1, episodes_per_task=1)
+    out = evaluator.evaluate(oracle_policy(spec), seeds=[0])
     assert out["success"].shape == (1, envs.num_eval_tasks(spec))
     assert out["success"].all()
     assert out["valid"][0].sum() > 0
@@ -569,13 +574,12 @@ def test_evaluation_in_waves_gives_the_numbers_of_one_wave(name, members, episod
     """Fewer environments than episodes (a manipulation env holds ~160 MB): the episodes run in waves on reused
     environments, the last wave padded, with the same starts, goals, actions and results as all at once."""
     spec = envs.parse_env(name)
-    oracle = envs.make_oracle(spec)
+    oracle = oracle_policy(spec)
     calls = []
 
     def policy(obs, goals):
         calls.append(obs.shape[:2])
-        flat = obs.reshape(-1, obs.shape[-1])
-        return oracle(flat, goals.reshape(len(flat), -1)).reshape(*obs.shape[:2], -1)
+        return oracle(obs, goals)
 
     waves = envs.Evaluator(spec, members, episodes, max_envs)
     total = members * episodes * envs.num_eval_tasks(spec)
@@ -601,14 +605,8 @@ def test_eval_max_steps_cuts_every_episode_and_counts_a_running_one_as_failed():
     """--eval-max-steps: the oracle, which solves every task within the time limit, cut at 5 steps (far too few to
     cross the maze): every episode runs exactly 5 steps and none succeeds; a cut beyond the limit is the limit."""
     spec = envs.parse_env(POINTMAZE)
-    oracle = envs.make_oracle(spec)
-
-    def policy(obs, goals):
-        flat = obs.reshape(-1, obs.shape[-1])
-        return oracle(flat, goals.reshape(len(flat), -1)).reshape(*obs.shape[:2], -1)
-
     cut = envs.Evaluator(spec, 2, 1, max_steps=5)
-    out = cut.evaluate(policy, seeds=[0, 1])
+    out = cut.evaluate(oracle_policy(spec), seeds=[0, 1])
     assert cut.max_steps == 5 and out["valid"].shape == (2, envs.num_eval_tasks(spec), 5)
     assert out["valid"].all() and not out["success"].any()
     limit = envs.Evaluator(spec, 1, 1).max_steps
