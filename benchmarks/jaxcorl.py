@@ -41,8 +41,9 @@ Modes (--modes):
 Prints updates/s (the median window, and each) and writes JSON (--out): JAX-CORL's commit and iql.py's sha256 (and
 whether git sees it modified), the settings, updates/s, compile seconds, and the versions of jax, jaxlib, flax, optax,
 distrax on the reference side and jax on ours. The scan mode also counts the matmul FLOPs of one reference update in
-the reference process (benchmarks/matmul_flops.py, the counter throughput.py reports for ours) and its GFLOP/s. iql.py sets XLA_FLAGS on import (a GPU flag); the value in effect is
-recorded. JAX_PLATFORMS is set to --platform (cpu by default) for the reference process.
+the reference process (benchmarks/matmul_flops.py, the counter throughput.py reports for ours) and its GFLOP/s.
+iql.py sets XLA_FLAGS on import (a GPU flag); the value in effect is recorded. JAX_PLATFORMS is set to --platform
+(cpu by default) for the reference process.
 """
 
 from __future__ import annotations
@@ -297,8 +298,8 @@ def main(args: Args) -> None:
         print(f"  {mode:8s} {m['updates_per_s']:9.1f} updates/s  ({how}; windows "
               f"{', '.join(f'{w:.1f}' for w in m['windows'])}; first call {m['first_call_s']:.1f} s, "
               f"setup {m['setup_s']:.1f} s)")
-    if "scan" in modes:
-        flops = modes["scan"]["matmul_flops_per_update"]
+    flops = modes["scan"]["matmul_flops_per_update"] if "scan" in modes else None  # the scan mode counts them
+    if flops is not None:
         rates = ", ".join(f"{mode} {m['updates_per_s'] * flops / 1e9:.1f}" for mode, m in modes.items())
         print(f"  {flops / 1e6:.1f} MFLOP (matmul, fwd + bwd) per update; GFLOP/s: {rates}")
     out = {
@@ -307,7 +308,7 @@ def main(args: Args) -> None:
                     "modified": None if status is None else bool(status)},
         "settings": {k: v for k, v in dataclasses.asdict(args).items() if k not in ("out",)},
         "updates_per_s": {mode: m["updates_per_s"] for mode, m in modes.items()},
-        "matmul_flops_per_update": modes["scan"]["matmul_flops_per_update"] if "scan" in modes else None,
+        "matmul_flops_per_update": flops,
         "modes": modes,
         "jax_version": reference["versions"]["jax"],
         "ours_jax_version": jax.__version__,

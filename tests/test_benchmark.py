@@ -52,7 +52,6 @@ def test_tiny_benchmark_writes_every_number(tmp_path):
     assert doubled["reference_updates_per_second"] is None
 
 
-
 # A stand-in for JAX-CORL's algos/iql.py with the names benchmarks/jaxcorl.py's launcher reads (config, IQL,
 # get_dataset, create_iql_train_state; a __main__ loop over tqdm holding `train_state`): a linear regression whose
 # update is two known products, x @ w and its gradient's x.T @ residual.
