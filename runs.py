@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import importlib
 import json
 import math
@@ -216,7 +217,8 @@ class Harness:
     resume_interval: int | None = None
     """Steps between resume states (the whole training state, deleted at the end); default --eval-interval."""
     debug_poison_step: int = 0
-    """Test hook: NaN observations from the chunk ending at this step on (0: off), to exercise the NaN guard."""
+    """Test hook: the chunk ending at this step reports NaN losses and parameters (0: off), to exercise the NaN
+    guard."""
     progress: bool = True
     """Show a progress bar."""
     track: bool = False
@@ -353,15 +355,47 @@ def resolve_data_size(size: int | None, available: int, flag: str) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Run folders
 # ----------------------------------------------------------------------------------------------------------------
-def package_versions() -> dict[str, str]:
-    """Versions of the packages a result depends on (stored in config.json)."""
+REQUIREMENTS_LOCK = Path(__file__).resolve().parent / "requirements.lock"  # the README installs from it
+LOCK_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)==([^\s;\\]+)\s*(?:;\s*(.+?))?\s*\\?$")
+
+
+def locked_pins(lock_text: str, python: str | None = None) -> dict[str, str]:
+    """{canonical name: version} of a requirements.lock's pins that apply to `python` ("3.11"; None: this
+    interpreter). .ci/lock.py checks the lock with it too."""
+    from packaging.markers import Marker
+    from packaging.utils import canonicalize_name
+
+    env = None if python is None else {"python_version": python, "python_full_version": f"{python}.0"}
+    out = {}
+    for line in lock_text.splitlines():
+        match = LOCK_PIN.match(line)
+        if match and (match[3] is None or Marker(match[3]).evaluate(env)):
+            out[canonicalize_name(match[1])] = match[2]
+    return out
+
+
+def package_versions(lock: Path = REQUIREMENTS_LOCK) -> dict:
+    """Versions of the packages a result depends on, and the lock's sha256 with the installed packages that differ
+    from its pins ({} where the install is the lock's: the same numbers on the same CPU family), stored in
+    config.json. A copied script without the lock beside it records "lock": null."""
     out = {"python": sys.version.split()[0]}
     for name in ("jax", "jaxlib", "optax", "numpy", "ogbench", "mujoco", "dm_control", "gymnasium", "tyro"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = "absent"
-    return out
+    if not lock.exists():
+        return {**out, "lock": None}
+    text, differ = lock.read_text(), {}
+    for name, pinned in locked_pins(text).items():
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            installed = "absent"
+        if installed != pinned:
+            differ[name] = f"{installed} (locked {pinned})"
+    return {**out, "lock": {"file": lock.name, "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                            "differs": differ}}
 
 
 LOCK_FILE = ".lock"  # in a run folder and a sweep folder: holds the writing process's PID
@@ -821,17 +855,14 @@ class Run(Members):
             self._bar.update(h.log_interval)
         self._bar.close()
 
-    def poisoned(self, step: int, device_data: dict) -> dict:
-        """Test hook --debug-poison-step: from that step on, NaN observations (every loss reading them turns NaN)."""
-        if step != self.harness.debug_poison_step:
-            return device_data
-        return {**device_data, "observations": device_data["observations"] * float("nan")}
-
     def record(self, step: int, infos: dict, states, evaluate: Callable[[int], dict]) -> None:
         """After a chunk: log its metrics (the chunk's only host transfer), stop on NaN / inf (exit 3), evaluate when
         due, write checkpoints and resume states when due."""
         h, progress = self.harness, self.progress
         action_calls_at_eval = progress.action_calls
+        if step == h.debug_poison_step:  # test hook --debug-poison-step: as if this chunk diverged (NaN losses, params)
+            infos, states = jax.tree_util.tree_map(
+                lambda x: x * np.nan if jnp.issubdtype(x.dtype, jnp.floating) else x, (infos, states))
         infos = jax.device_get(infos)
         records = member_records("train", step, self.seeds, infos, seconds=time.time() - self._start,
                                  updates_per_second=h.log_interval / (time.time() - self._chunk_start))

@@ -210,11 +210,9 @@ def main(config: Config) -> list[dict]:
     validate(config)
     spec = envs.parse_env(config.env)
     config, from_table = envs.fill_from_table(config, SCRIPT)  # unset flags: the dataset's row of the table
-    # the whole training file, and the official -val file to validate on (ExORL: a 10% hold-out); downloaded if absent
     train, val, validation = envs.load_splits(spec, config.dataset_dir, config.split_seed, config.harness.download)
     gc, h = spec.goal_conditioned, config.harness
     obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]
-    # Members: --num-seeds seeds in one run folder, or scaling.py's --members-file (seeds, policy data sizes).
     run = runs.Run(config, SCRIPT, len(train["actions"]), from_table, validation)
     states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim if gc else 0, action_dim, config))(run.keys())
     device_data, train_chunk = envs.to_device(train), make_train_chunk(config, gc)
@@ -231,7 +229,6 @@ def main(config: Config) -> list[dict]:
     evaluator = envs.Evaluator(spec, len(run.seeds), h.eval_episodes, h.eval_envs, max_steps=h.eval_max_steps)
     states = run.resume(states, lambda: probe.train_val(policy))  # --resume: continue bit for bit
     for step in run.chunks():
-        device_data = run.poisoned(step, device_data)  # test hook (--debug-poison-step), off by default
         states, infos = train_chunk(states, device_data, run.arrays)
         run.record(step, infos, states, lambda step: envs.evaluate(evaluator, probe, policy, run.seeds))
     return run.finish()

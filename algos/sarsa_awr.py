@@ -252,9 +252,8 @@ def make_train_chunk(config: Config, goal_conditioned: bool):
         state, infos = jax.lax.scan(body, state, None, length=config.harness.log_interval)
         return state, jax.tree_util.tree_map(jnp.mean, infos)
 
-    # The dataset is an argument, shared, never a closed-over constant; states are donated (updated in place).
-    # `online`: None offline, else each member's online rows. Members: vmapped on accelerators, one after another
-    # on CPU, where that is faster (runs.over_members).
+    # The dataset is an argument, never a closed-over constant; states are donated. `online`: None offline, else
+    # each member's online rows. Members: vmapped on accelerators, one after another on CPU (runs.over_members).
     return jax.jit(runs.over_members(chunk), donate_argnums=(0,))
 
 
@@ -278,11 +277,9 @@ def main(config: Config) -> list[dict]:
     validate(config)
     spec = envs.parse_env(config.env)
     config, from_table = envs.fill_from_table(config, SCRIPT)  # unset flags: the dataset's row of the table
-    # the whole training file, and the official -val file to validate on (ExORL: a 10% hold-out); downloaded if absent
     train, val, validation = envs.load_splits(spec, config.dataset_dir, config.split_seed, config.harness.download)
     gc, h = spec.goal_conditioned, config.harness
     obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]
-    # Members: --num-seeds seeds in one run folder, or scaling.py's --members-file (seeds, data sizes, alphas).
     run = runs.Run(config, SCRIPT, len(train["actions"]), from_table, validation)
     states = jax.vmap(lambda k: init_state(k, obs_dim, obs_dim if gc else 0, action_dim, config))(run.keys())
     device_data, train_chunk = envs.to_device(train), make_train_chunk(config, gc)
@@ -304,7 +301,6 @@ def main(config: Config) -> list[dict]:
     online = envs.OnlineBuffer(spec, run.seeds, h.online_steps, h.online_noise) if h.online_steps else None
     states = run.resume(states, lambda: probe.train_val(policy))  # --resume: continue bit for bit
     for step in run.chunks():
-        device_data = run.poisoned(step, device_data)  # test hook (--debug-poison-step), off by default
         # Offline-to-online: after --steps, collect --log-interval environment steps before each chunk.
         online_rows = online.collect(policy, h.log_interval) if step > config.steps else None
         states, infos = train_chunk(states, device_data, run.arrays, online_rows)
