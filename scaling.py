@@ -59,12 +59,15 @@ PRESETS: dict[str, dict] = {
         # OURS for the CPU budget: 256x256, batch 256 (the reference's 1024 costs 4x per update), 5 episodes per task
         script_args=("--hidden-dims", "256", "256", "--batch-size", "256", "--eval-episodes", "5", "--log-interval",
                      "1000", "--eval-interval", "10000")),
-    "cpu-study": dict(  # the paper's four claims at CPU scale (docs/results.md): at most 2 hours on 2 cores
-        envs=("pointmaze-medium-navigate-v0",), scripts=("iql_awr", "iql_ddpgbc"), value_sizes=(30_000, 270_000),
-        policy_sizes=(30_000, 270_000), seeds=(0, 1, 2), steps=20_000, pack=9, test_time_cell=True,
-        dataset_dir="data/cpu-study", generate_episodes=300,
-        script_args=("--hidden-dims", "256", "256", "--batch-size", "256", "--eval-episodes", "10", "--log-interval",
-                     "2000", "--eval-interval", "20000")),
+    "cpu-study": dict(  # the paper's claims at CPU scale, designed from a pilot (docs/results.md): ~75 min on 2 cores
+        envs=("pointmaze-medium-navigate-v0",), scripts=("iql_awr", "iql_ddpgbc"),
+        value_sizes=(10_000, 30_000, 100_000), policy_sizes=(10_000, 30_000, 100_000),
+        awr_alphas=(10.0,), ddpgbc_alphas=(0.001,),  # each the pilot's best on its seeds (100-102), all-data cell
+        seeds=(0, 1, 2, 3, 4), steps=20_000, pack=9, test_time_cell=True, online_cell=10_000,
+        cell_eval_interval=5_000, dataset_dir="data/cpu-study", generate_episodes=100,
+        # OURS for the CPU budget: 128x128 and batch 128 (the pilot's size), 10 episodes per task
+        script_args=("--hidden-dims", "128", "128", "--batch-size", "128", "--eval-episodes", "10", "--log-interval",
+                     "2500", "--eval-interval", "20000")),
     "matrix": dict(  # the paper's grid: 4 x 4 sizes, 4 seeds, each dataset's alpha grids (the table), 1M steps
         envs=("pointmaze-large-navigate-v0", "cube-single-play-v0"), scripts=tuple(SCRIPTS[:-1]),
         value_sizes=(100_000, 200_000, 500_000, 1_000_000), policy_sizes=(100_000, 200_000, 500_000, 1_000_000),
@@ -86,7 +89,7 @@ PRESETS: dict[str, dict] = {
 DEFAULTS = dict(envs=("pointmaze-medium-navigate-v0",), scripts=("iql_ddpgbc",), value_sizes=(None,),
                 policy_sizes=(None,), awr_alphas=(), ddpgbc_alphas=(), seeds=(0,), steps=1_000_000, online_steps=0,
                 pack=1, dataset_dir=envs.DEFAULT_DATASET_DIR, generate_episodes=None, table_alphas=False,
-                test_time_cell=False, script_args=())
+                test_time_cell=False, online_cell=0, cell_eval_interval=None, script_args=())
 
 
 @dataclasses.dataclass
@@ -96,8 +99,9 @@ class Args:
 
     preset: Literal["quickstart", "cpu-study", "matrix", "coverage", "testtime", "online"] | None = None
     """A predefined sweep (docs/sweeps.md): quickstart (AWR vs DDPG+BC on pointmaze, 4 seeds, minutes on a CPU),
-    cpu-study (the paper's claims at CPU scale, docs/results.md), matrix (paper size), coverage (narrow vs
-    high-coverage data), testtime (plain vs OPEX vs TTT), online (offline-to-online)."""
+    cpu-study (the paper's claims at CPU scale: a 3 x 3 matrix, test time, offline-to-online; docs/results.md),
+    matrix (paper size), coverage (narrow vs high-coverage data), testtime (plain vs OPEX vs TTT), online
+    (offline-to-online)."""
     sweep_dir: str | None = None
     """Folder of the sweep's run folders and sweep.json; default sweeps/<preset or 'custom'>."""
     envs: tuple[str, ...] | None = None
@@ -131,6 +135,14 @@ class Args:
     test_time_cell: bool = False
     """Runs of the largest cell (largest value and policy sizes) also evaluate OPEX and TTT (`--test-time opex ttt`,
     the same episodes), in processes of their own; bc has no Q and does not. On in the cpu-study preset."""
+    online_cell: int | None = None
+    """Offline-to-online beside offline-only on the largest cell: each of its runs (scripts with a Q) gets a twin
+    that trains --steps minus this many steps offline, then this many online (one update per environment step), in
+    a folder ending _o<N>_s<seed>; both have --steps updates, so the cell's own runs are the offline-only comparison
+    (analyze.py draws them together). 0: none. Default: 0."""
+    cell_eval_interval: int | None = None
+    """Evaluation interval of the largest cell's runs and their online twins (a multiple of the scripts'
+    --log-interval), so that their curves have points over the online phase; default: the scripts' own."""
     workers: int | None = None
     """Processes at a time (local backend). Default: the number of GPUs, else of CPU cores."""
     retries: int = 1
@@ -159,6 +171,8 @@ class Run:
     seed: int
     folder: Path
     test_time: bool = False  # also evaluates OPEX and TTT (--test-time-cell)
+    online_steps: int = 0  # the last online_steps of --steps are online (--online-cell's twins)
+    eval_interval: int | None = None  # overrides the scripts' --eval-interval (--cell-eval-interval)
 
     @property
     def complete(self) -> bool:
@@ -216,6 +230,12 @@ def resolve(args: Args, script_args: list[str]) -> dict:
         raise UsageError("--steps and --pack must be >= 1 and --retries >= 0")
     if settings["online_steps"] < 0:
         raise UsageError(f"--online-steps must be >= 0, got {settings['online_steps']}")
+    if not 0 <= settings["online_cell"] < settings["steps"]:
+        raise UsageError(f"--online-cell must be in [0, --steps), got {settings['online_cell']}")
+    if settings["online_cell"] and settings["online_steps"]:
+        raise UsageError("--online-cell and --online-steps exclude each other: --online-steps makes every run online")
+    if settings["cell_eval_interval"] is not None and settings["cell_eval_interval"] < 1:
+        raise UsageError(f"--cell-eval-interval must be >= 1, got {settings['cell_eval_interval']}")
     if settings["online_steps"] and "bc" in settings["scripts"]:
         raise UsageError("--online-steps: bc has no value function to fine-tune online; drop bc from --scripts")
     if args.workers is not None and args.workers < 1:
@@ -278,9 +298,15 @@ def plan(settings: dict) -> list[Run]:
                             name = "" if script == "bc" else f"v{size_name(value)}_"
                             name += f"p{size_name(policy)}" + ("" if alpha is None else f"_a{alpha:g}") + f"_s{seed}"
                             folder = Path(settings["sweep_dir"]) / env / script / name
-                            test_time = settings["test_time_cell"] and script != "bc" and (value,
-                                                                                         policy) == test_time_cell
-                            runs.append(Run(env, script, value, policy, alpha, seed, folder, test_time))
+                            in_cell = script != "bc" and (value, policy) == test_time_cell
+                            cell_eval = settings["cell_eval_interval"] if in_cell else None
+                            runs.append(Run(env, script, value, policy, alpha, seed, folder,
+                                            settings["test_time_cell"] and in_cell, eval_interval=cell_eval))
+                            if in_cell and settings["online_cell"]:  # its offline-to-online twin
+                                twin = folder.with_name(f"{folder.name.rsplit('_s', 1)[0]}_o{settings['online_cell']}"
+                                                        f"_s{seed}")
+                                runs.append(Run(env, script, value, policy, alpha, seed, twin,
+                                                online_steps=settings["online_cell"], eval_interval=cell_eval))
     return runs
 
 
@@ -333,30 +359,33 @@ class Process:
 
 
 def processes(pending: list[Run], settings: dict) -> list[Process]:
-    """Group pending runs into script invocations: up to --pack runs of one env x script (and test-time setting) per
-    process."""
+    """Group pending runs into script invocations: up to --pack runs of one env x script (and test-time, online and
+    evaluation setting) per process."""
     out, sweep = [], Path(settings["sweep_dir"])
-    groups: dict[tuple[str, str, bool], list[Run]] = {}
+    groups: dict[tuple, list[Run]] = {}
     for run in pending:
-        groups.setdefault((run.env, run.script, run.test_time), []).append(run)
-    for (env, script, test_time), runs in groups.items():
+        groups.setdefault((run.env, run.script, run.test_time, run.online_steps, run.eval_interval), []).append(run)
+    for (env, script, test_time, online, eval_interval), runs in groups.items():
         for start in range(0, len(runs), settings["pack"]):
             members = runs[start:start + settings["pack"]]
             base = [sys.executable, str(ROOT / "algos" / f"{script}.py"), "--env", env, "--dataset-dir",
-                    settings["dataset_dir"], "--steps", str(settings["steps"]), "--no-progress", "--resume"]
-            if settings["online_steps"]:
-                base += ["--online-steps", str(settings["online_steps"])]
+                    settings["dataset_dir"], "--steps", str(settings["steps"] - online), "--no-progress", "--resume"]
+            if settings["online_steps"] or online:
+                base += ["--online-steps", str(settings["online_steps"] or online)]
             if test_time:
                 base += ["--test-time", "opex", "ttt"]
+            # after the sweep's script flags, which would otherwise override it
+            overrides = [] if eval_interval is None else ["--eval-interval", str(eval_interval)]
             if len(members) == 1:
                 command = base + members[0].flags()
                 log = members[0].folder / "output.log"
             else:
-                tag = f"{env}-{script}{'-testtime' if test_time else ''}-{start // settings['pack']:04d}"
+                tag = (f"{env}-{script}{'-testtime' if test_time else ''}{f'-online{online}' if online else ''}"
+                       f"-{start // settings['pack']:04d}")
                 members_file = sweep / "packs" / f"{tag}.json"
                 command = base + ["--members-file", str(members_file)]
                 log = sweep / "packs" / f"{tag}.log"
-            out.append(Process(members, command + list(settings["script_args"]), log))
+            out.append(Process(members, command + list(settings["script_args"]) + overrides, log))
     return out
 
 
@@ -554,6 +583,13 @@ def describe(settings: dict, runs: list[Run], procs: list[Process], dataset_line
     if tested:
         lines.append(f"  test time: {len(tested)} runs of the largest cell also evaluate OPEX and TTT "
                      "(--test-time opex ttt), in processes of their own")
+    twins = [run for run in pending if run.online_steps]
+    if twins:
+        lines.append(f"  offline-to-online: {len(twins)} runs of the largest cell train "
+                     f"{settings['steps'] - settings['online_cell']:,} steps offline, then {settings['online_cell']:,} "
+                     "online; the cell's own runs are their offline-only comparison")
+    if settings["cell_eval_interval"]:
+        lines.append(f"  the largest cell's runs evaluate every {settings['cell_eval_interval']:,} steps")
     if procs:
         lines.append("  first process: " + shlex.join(procs[0].command))
     return "\n".join(lines)

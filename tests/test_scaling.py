@@ -128,6 +128,37 @@ def test_killed_sweep_resumes_only_what_is_missing(data_dir, tmp_path, sig):
                                                                                 else []), folder
 
 
+def test_online_cell_twins_the_largest_cell_and_analyze_draws_them_beside_its_runs(data_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["--envs", POINTMAZE, "--scripts", "iql_ddpgbc", "--value-sizes", "2000", "4000", "--policy-sizes", "4000",
+            "--steps", "200", "--online-cell", "100", "--cell-eval-interval", "50", "--dataset-dir", str(data_dir),
+            "--sweep-dir", str(sweep), "--no-progress", "--pack", "4", *TINY[:-2], "--eval-interval", "200"]
+    proc = run_script("scaling.py", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "offline-to-online: 1 runs of the largest cell train 100 steps offline, then 100 online" in proc.stdout
+    cell, twin = (sweep / POINTMAZE / "iql_ddpgbc" / name for name in ("v4000_p4000_s0", "v4000_p4000_o100_s0"))
+    other = sweep / POINTMAZE / "iql_ddpgbc" / "v2000_p4000_s0"
+    result = json.loads((twin / "result.json").read_text())
+    assert (result["steps"], result["online_steps"]) == (100, 100)
+    assert json.loads((cell / "result.json").read_text())["online_steps"] == 0
+
+    def evals(folder):
+        return [r["step"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+                if "eval_mse" in r]
+
+    # the cell and its twin evaluate every --cell-eval-interval (given after the sweep's own --eval-interval); the
+    # rest of the matrix at its own interval
+    assert evals(cell) == evals(twin) == [50, 100, 150, 200] and evals(other) == [200]
+    analyze.main(analyze.Args(sweep_dir=str(sweep), out=str(tmp_path / "out"), only=("online",)))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    online = summary["online"][POINTMAZE]
+    assert [row.get("offline_only", False) for row in online] == [False, True]
+    assert all([p["online_step"] for p in row["points"]] == [0, 50, 100] for row in online)
+    # the matrix holds the two offline cells, each of one seed: the twin is never pooled into its cell
+    cells = {(c["value_data_size"], c["policy_data_size"]): c for c in summary["cells"] if not c.get("online_steps")}
+    assert set(cells) == {(2000, 4000), (4000, 4000)} and all(c["success"]["n_seeds"] == 1 for c in cells.values())
+
+
 def test_failing_runs_are_recorded_retried_and_listed(data_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
     # CRL on a reward-based task exits 2; IQL on it completes
@@ -160,20 +191,35 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys):
     assert "8 runs, 0 complete, 8 to run in 2 processes (up to 4 runs each), 80,000 member-updates" in out
     assert "would generate 100 episodes" in out and "--members-file" in out
     assert not sweep_dir.exists() and not (tmp_path / "no-data").exists()
-    # the CPU study: 2 scripts x 2 x 2 cells x 3 seeds; the largest cell's runs also evaluate OPEX and TTT, packed
-    # apart from the others
+    # the CPU study (docs/results.md, the pre-registered design): 2 scripts x 3 x 3 cells x 5 seeds, one alpha each;
+    # the largest cell's runs also evaluate OPEX and TTT and have offline-to-online twins, each in processes apart
     out = dry_run(capsys, "--preset", "cpu-study", "--dataset-dir", str(tmp_path / "no-data"),
                   "--sweep-dir", str(sweep_dir))
-    assert "24 runs, 0 complete, 24 to run in 4 processes (up to 9 runs each), 480,000 member-updates" in out
-    assert "test time: 6 runs of the largest cell also evaluate OPEX and TTT" in out
+    assert "100 runs, 0 complete, 100 to run in 14 processes (up to 9 runs each), 2,000,000 member-updates" in out
+    # the page states the plan the preset makes: every line of its dry-run block, as printed (paths aside)
+    page = (ROOT / "docs" / "results.md").read_text()
+    block = page.split("<!-- the cpu-study plan -->")[1].split("```")[1].strip().splitlines()[1:]
+    plan_lines = [line for line in out.splitlines() if "data/cpu-study" not in line and "first process" not in line]
+    assert block and all(line.replace("sweeps/cpu-study", str(sweep_dir)) in plan_lines for line in block), block
     settings = scaling.resolve(scaling.Args(preset="cpu-study", sweep_dir=str(sweep_dir)), [])
+    assert (settings["value_sizes"], settings["policy_sizes"]) == ((10_000, 30_000, 100_000),) * 2
+    assert (settings["awr_alphas"], settings["ddpgbc_alphas"]) == ((10.0,), (0.001,))
+    assert settings["seeds"] == (0, 1, 2, 3, 4)
     procs = scaling.processes(scaling.plan(settings), settings)
     tested = [p for p in procs if "--test-time" in p.command]
-    assert len(tested) == 2 and all(len(p.runs) == 3 and "--test-time opex ttt" in " ".join(p.command)
-                                    for p in tested)
-    assert {(r.value_data_size, r.policy_data_size) for p in tested for r in p.runs} == {(270_000, 270_000)}
-    assert all(not r.test_time and (r.value_data_size, r.policy_data_size) != (270_000, 270_000)
-               for p in procs if p not in tested for r in p.runs)
+    twins = [p for p in procs if "--online-steps" in p.command]
+    assert len(tested) == len(twins) == 2 and all(len(p.runs) == 5 for p in tested + twins)
+    assert all("--test-time opex ttt" in " ".join(p.command) for p in tested)
+    assert all(p.command[p.command.index("--steps") + 1] == "10000" and
+               p.command[p.command.index("--online-steps") + 1] == "10000" and
+               all(r.folder.name == f"v100000_p100000_a{r.alpha:g}_o10000_s{r.seed}" for r in p.runs) for p in twins)
+    assert {(r.value_data_size, r.policy_data_size) for p in tested + twins for r in p.runs} == {(100_000, 100_000)}
+    # the cell and its twins evaluate every 5000 steps (the last --eval-interval wins), the rest at the end only
+    for p in procs:
+        intervals = [p.command[i + 1] for i, arg in enumerate(p.command) if arg == "--eval-interval"]
+        assert intervals[-1] == ("5000" if p in tested + twins else "20000"), p.command
+    assert all(not r.test_time and not r.online_steps and (r.value_data_size, r.policy_data_size) != (100_000, 100_000)
+               for p in procs if p not in tested + twins for r in p.runs)
     # the paper-size preset: 9 pairs x 2 envs x 16 cells x 4 seeds x the table's alpha grids: 4 for AWR (the paper's),
     # 3 for DDPG+BC (each dataset's tuned alpha and a decade either side), 1 for SfBC; the discount from the table too
     out = dry_run(capsys, "--preset", "matrix", "--dataset-dir", str(tmp_path / "no-data"),
