@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 # at the digits shown.
 # ----------------------------------------------------------------------------------------------------------------
 
-PAGES = ("README.md", "docs/results.md", "docs/parity.md", "docs/testtime.md", "docs/analysis.md")
+PAGES = ("README.md", "docs/results.md", "docs/parity.md", "docs/analysis.md")
 QUOTE = re.compile(r"<!--q (\S+) (.+?)-->(.*?)<!--/q-->", re.S)
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 

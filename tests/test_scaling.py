@@ -198,7 +198,7 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys):
     assert "100 runs, 0 complete, 100 to run in 14 processes (up to 9 runs each), 2,000,000 member-updates" in out
     # the page states the plan the preset makes: every line of its dry-run block, as printed (paths aside)
     page = (ROOT / "docs" / "results.md").read_text()
-    block = page.split("<!-- the cpu-study plan -->")[1].split("```")[1].strip().splitlines()[1:]
+    block = page.split("<!-- the cpu-study plan -->")[1].split("```")[1].strip().splitlines()
     plan_lines = [line for line in out.splitlines() if "data/cpu-study" not in line and "first process" not in line]
     assert block and all(line.replace("sweeps/cpu-study", str(sweep_dir)) in plan_lines for line in block), block
     settings = scaling.resolve(scaling.Args(preset="cpu-study", sweep_dir=str(sweep_dir)), [])
