@@ -267,14 +267,23 @@ def table_entry(entries: dict[str, tuple], key: str, script: str) -> tuple | Non
 
 def fill_from_table(config, script: str):
     """`config` with every flag of TABLE_FLAGS it has and the user left unset (None) taken from the table row of its
-    --env; returns (config, {flag: "value (source)"}) so that config.json can say which values came from the table."""
+    --env for `script` (a script's TABLE_ROW: a renamed copy keeps its original's entries); returns (config,
+    {flag: "value (source)"}) so that config.json can say which values came from the table. A flag still unset after
+    the lookup is a UsageError naming the flag and the fix: never a silent None (an alpha of NaN downstream)."""
     flags, entries = runs.flat_flags(config), hyperparameters(config.env)
     filled = {}
     for flag in TABLE_FLAGS:
+        if flag not in flags or flags[flag] is not None:
+            continue
         entry = table_entry(entries, flag, script)
-        if flag in flags and flags[flag] is None and entry is not None:
-            flags[flag], source = entry
-            filled[flag] = f"{flags[flag]} ({source})"
+        if entry is None:
+            keys = " / ".join(dict.fromkeys((f"{flag}/{script}", f"{flag}/{script.split('_')[-1]}", flag)))
+            raise runs.UsageError(
+                f"--{flag.replace('_', '-')} is unset and envs.HYPERPARAMETERS has no {keys} entry for "
+                f"{config.env}: give --{flag.replace('_', '-')}, or set the script's TABLE_ROW to the script whose "
+                "entries it inherits (e.g. TABLE_ROW = \"iql_ddpgbc\")")
+        flags[flag], source = entry
+        filled[flag] = f"{flags[flag]} ({source})"
     return runs.make_config(type(config), **flags), filled
 
 

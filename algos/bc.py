@@ -40,7 +40,7 @@ import optax  # noqa: E402
 import runs  # noqa: E402
 import tyro  # noqa: E402
 
-SCRIPT = "bc"
+SCRIPT, TABLE_ROW = "bc", "bc"  # TABLE_ROW: whose per-dataset table entries (alpha, ...) it takes
 
 
 # ALGO LOGIC: the algorithm's flags ----------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def act(params, obs, goals, key, obs_transform: str = "none", obs_transform_freq
 def main(config: Config) -> list[dict]:
     validate(config)
     spec = envs.parse_env(config.env)
-    config, from_table = envs.fill_from_table(config, SCRIPT)  # unset flags: the dataset's row of the table
+    config, from_table = envs.fill_from_table(config, TABLE_ROW)  # unset flags: the dataset's row of the table
     train, val, validation = envs.load_splits(spec, config.dataset_dir, config.split_seed, config.harness.download)
     gc, h = spec.goal_conditioned, config.harness
     obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]

@@ -44,7 +44,7 @@ import runs  # noqa: E402
 import testtime  # noqa: E402
 import tyro  # noqa: E402
 
-SCRIPT = "crl_sfbc"
+SCRIPT, TABLE_ROW = "crl_sfbc", "crl_sfbc"  # TABLE_ROW: whose per-dataset table entries (alpha, ...) it takes
 
 
 # ALGO LOGIC: the algorithm's flags ----------------------------------------------------------------------------------
@@ -291,7 +291,7 @@ def main(config: Config) -> list[dict]:
     if not spec.goal_conditioned:
         raise runs.UsageError(f"{SCRIPT} needs a goal-conditioned environment (CRL's critic is a function of goals), "
                               f"and {config.env} has none; use iql_sfbc or sarsa_sfbc for it")
-    config, from_table = envs.fill_from_table(config, SCRIPT)  # unset flags: the dataset's row of the table
+    config, from_table = envs.fill_from_table(config, TABLE_ROW)  # unset flags: the dataset's row of the table
     train, val, validation = envs.load_splits(spec, config.dataset_dir, config.split_seed, config.harness.download)
     h = config.harness
     obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]

@@ -41,7 +41,7 @@ import runs  # noqa: E402
 import testtime  # noqa: E402
 import tyro  # noqa: E402
 
-SCRIPT = "sarsa_awr"
+SCRIPT, TABLE_ROW = "sarsa_awr", "sarsa_awr"  # TABLE_ROW: whose per-dataset table entries (alpha, ...) it takes
 EXPECTILE = 0.5  # the mean, not an upper expectile: the behaviour policy's value
 
 
@@ -276,7 +276,7 @@ def mean_action(actor_params, obs, goals):
 def main(config: Config) -> list[dict]:
     validate(config)
     spec = envs.parse_env(config.env)
-    config, from_table = envs.fill_from_table(config, SCRIPT)  # unset flags: the dataset's row of the table
+    config, from_table = envs.fill_from_table(config, TABLE_ROW)  # unset flags: the dataset's row of the table
     train, val, validation = envs.load_splits(spec, config.dataset_dir, config.split_seed, config.harness.download)
     gc, h = spec.goal_conditioned, config.harness
     obs_dim, action_dim = train["observations"].shape[1], train["actions"].shape[1]

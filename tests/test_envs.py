@@ -2,6 +2,8 @@
 
 import math
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import ogbench
 import pytest
-from conftest import POINTMAZE, run_in_process
+from conftest import POINTMAZE, ROOT, run_in_process
 
 import envs
 import runs
@@ -656,6 +658,40 @@ def test_the_table_fills_only_the_flags_left_unset():
     giant = envs.fill_from_table(runs.make_config(iql_ddpgbc.Config, env="pointmaze-giant-stitch-v0"), "iql_ddpgbc")[0]
     assert (giant.alpha, giant.discount, giant.actor_p_randomgoal) == (0.003, 0.995, 0.5)
     assert fill(bc, "antmaze-large-explore-v0", "bc").actor_p_randomgoal == 0
+
+
+def test_a_flag_the_table_cannot_fill_is_a_usage_error_never_a_silent_none(data_dir, tmp_path):
+    from algos import iql_ddpgbc
+
+    config = runs.make_config(iql_ddpgbc.Config, env="pointmaze-medium-navigate-v0")
+    message = ("--alpha is unset and envs.HYPERPARAMETERS has no alpha/iql_newloss / alpha/newloss / alpha entry for "
+               "pointmaze-medium-navigate-v0: give --alpha, or set the script's TABLE_ROW to the script whose entries "
+               'it inherits (e.g. TABLE_ROW = "iql_ddpgbc")')
+    with pytest.raises(runs.UsageError) as caught:
+        envs.fill_from_table(config, "iql_newloss")
+    assert str(caught.value) == message
+    # given on the command line: no lookup, no error; a renamed copy that keeps TABLE_ROW takes its original's row
+    assert envs.fill_from_table(runs.make_config(iql_ddpgbc.Config, alpha=0.5), "iql_newloss")[0].alpha == 0.5
+    assert iql_ddpgbc.TABLE_ROW == iql_ddpgbc.SCRIPT == "iql_ddpgbc"
+    assert envs.fill_from_table(config, iql_ddpgbc.TABLE_ROW)[0].alpha == 0.003
+    # every script's own name finds every flag it has, on every kind of dataset
+    from test_algos import SCRIPTS, load
+
+    for script in SCRIPTS:
+        for env in ("pointmaze-medium-navigate-v0", "cube-single-noisy-v0", "walker-run-random"):
+            module = load(script)
+            if script.startswith("crl") and not envs.parse_env(env).goal_conditioned:
+                continue
+            filled = envs.fill_from_table(runs.make_config(module.Config, env=env), module.TABLE_ROW)[0]
+            assert None not in [getattr(filled, f, 0) for f in envs.TABLE_FLAGS], (script, env)
+    # a copy with a new name and no --alpha exits 2 before it trains: the error, not "diverged" at step 100
+    source = (ROOT / "algos" / "iql_ddpgbc.py").read_text().replace(
+        'SCRIPT, TABLE_ROW = "iql_ddpgbc", "iql_ddpgbc"', 'SCRIPT, TABLE_ROW = "iql_newloss", "iql_newloss"')
+    (tmp_path / "iql_newloss.py").write_text(source)
+    proc = subprocess.run([sys.executable, str(tmp_path / "iql_newloss.py"), "--dataset-dir", str(data_dir),
+                           "--steps", "10", "--log-interval", "10", "--out-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == runs.USAGE_EXIT and proc.stderr.strip().endswith(message), proc.stderr[-2000:]
 
 
 def test_env_names():
