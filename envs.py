@@ -962,7 +962,9 @@ def to_device(part: dict[str, np.ndarray]):
 
 def sample_batch(key, data, data_size, batch_size: int, goals: Literal["none", "value", "actor"],
                  goal_config: GoalConfig = GoalConfig(), online=None, actor_p_random: float = 0.0):
-    """Draw `batch_size` transitions from the first `data_size` rows (a traced int), with goals if asked.
+    """Draw `batch_size` transitions from the first `data_size` rows (a traced int), with goals if asked. Every batch
+    holds observations, actions, next_observations, rewards, masks and next_actions (the action of the next row of the
+    same trajectory inside the subset; a trajectory's last row there repeats its own action).
 
     For goal-conditioned data, `goals="value"` adds `goals`, `rewards` and `masks` from OGBench's value-goal mixture;
     `goals="actor"` adds `goals` drawn from the future of each trajectory, or with probability `actor_p_random`
@@ -987,11 +989,13 @@ def sample_batch(key, data, data_size, batch_size: int, goals: Literal["none", "
         return jnp.where(is_online, own, offline)
 
     batch = {k: rows(k, idxs) for k in ("observations", "actions", "next_observations", "rewards", "masks")}
-    if goals == "none":
-        return batch
     final = jnp.minimum(data["final_idxs"][jnp.minimum(idxs, data_size - 1)], data_size - 1)
     if online is not None:  # an online row's trajectory ends at its episode's last row (the newest row, if open)
         final = jnp.where(idxs >= data_size, data_size + rows("final_idxs", idxs), final)
+    # a' for SARSA-style targets: the next row's action in the same trajectory and subset (at its last row, its own)
+    batch["next_actions"] = rows("actions", jnp.minimum(idxs + 1, final))
+    if goals == "none":
+        return batch
     uniform = jax.random.uniform(k_uniform, (batch_size,))
     if goals == "actor":
         # Uniformly among the strict future (the last state itself when there is none), or with probability

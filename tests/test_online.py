@@ -65,6 +65,26 @@ def test_online_rows_follow_the_subset_and_goals_stay_inside_their_episode(data_
             assert 0.65 < same_episode.mean() < 0.8  # 20% current + 50% geometric + a few random hits
 
 
+def test_next_actions_are_the_next_row_of_the_same_trajectory_subset_and_online_episode(data_dir):
+    data, online, data_size = indexed_data(data_dir)
+    final_offline = np.minimum(np.asarray(data["final_idxs"]), data_size - 1)
+    assert (final_offline[:data_size] < data_size - 1).any()  # trajectories end inside the subset, and one is cut
+    filled, episode_end = int(online["size"]), 11
+    for with_online in (None, online):
+        for goals in ("none", "actor", "value"):
+            batch = envs.sample_batch(jax.random.PRNGKey(5), data, data_size, 20_000, goals, online=with_online)
+            ids = np.asarray(batch["observations"][:, 0]).astype(np.int64)
+            nxt = np.asarray(batch["next_actions"][:, 0]).astype(np.int64)
+            offline = ids < OFFSET
+            expected = np.minimum(ids[offline] + 1, final_offline[ids[offline]])
+            np.testing.assert_array_equal(nxt[offline], expected)
+            assert (nxt[offline] == ids[offline]).any() and (nxt[offline] == ids[offline] + 1).mean() > 0.9
+            row = ids[~offline] - OFFSET
+            final = np.where(row <= episode_end, episode_end, filled - 1)
+            np.testing.assert_array_equal(nxt[~offline] - OFFSET, np.minimum(row + 1, final))
+            assert with_online is None or (~offline).any()
+
+
 def test_empty_online_rows_sample_exactly_the_offline_batch(data_dir):
     data, online, data_size = indexed_data(data_dir)
     online = {**online, "size": jnp.asarray(0, jnp.int32)}
