@@ -125,7 +125,14 @@ from runs import (EVAL_FILE, EXTRACTORS, RESULT_METRICS, TASK_SUCCESS, TEST_TIME
                   VALUE_LEARNERS, VIDEO_DIR, UsageError, exit_on_usage_error, read_metrics,
                   write_atomic, write_json_atomic)
 
-TABLE_COLUMNS = (*EXTRACTORS, "bc")
+TABLE_COLUMNS = (*EXTRACTORS, "bc")  # the table's columns; a forked script's unknown extractor adds one (table_columns)
+
+
+def table_columns(rows: list[dict]) -> list[str]:
+    """TABLE_COLUMNS, with every extractor of a forked script (iql_myloss: "myloss") before bc, in order of first
+    use."""
+    extra = [c for r in rows for c in r.get("extractors", ()) if c not in TABLE_COLUMNS]
+    return [*EXTRACTORS, *dict.fromkeys(extra), "bc"]
 METRICS = (*RESULT_METRICS, "best_success")  # per member in result.json
 TEST_TIME_REQUIRED = ("success", "return")  # result.json has <method>_<key> for each method in "test_time"
 TEST_TIME_OPTIONAL = ("eval_mse",)  # ... and this one where the env has an oracle
@@ -712,14 +719,18 @@ def table_rows(final: list[Matrix], best: list[Matrix], boot: Bootstrap) -> list
         for env in sorted({m.env for m in matrices}):
             mine = {m.script: m for m in matrices if m.env == env}
             bc = matrix_average(mine["bc"], boot) if "bc" in mine else None
-            learners = [v for v in VALUE_LEARNERS if any(s.startswith(v + "_") for s in mine)] or ["-"]
+            # a forked script (iql_myloss, mine_awr) adds its value learner as a row, its extractor as a column
+            parts = [s.partition("_") for s in sorted(mine, key=script_order) if s != "bc"]
+            learners = list(dict.fromkeys([*(v for v in VALUE_LEARNERS if any(p[0] == v for p in parts)),
+                                           *(p[0] for p in parts)])) or ["-"]
+            extractors = list(dict.fromkeys([*EXTRACTORS, *(p[2] for p in parts)]))
             for learner in learners:
                 row = {"kind": kind, "env": env, "metric": next(iter(mine.values())).metric, "value": learner,
-                       "bc": bc}
-                for extractor in EXTRACTORS:
+                       "bc": bc, "extractors": extractors}
+                for extractor in extractors:
                     script = f"{learner}_{extractor}"
                     row[extractor] = matrix_average(mine[script], boot) if script in mine else None
-                scored = sorted(((row[e]["mean"], e) for e in EXTRACTORS if row[e] and math.isfinite(row[e]["mean"])),
+                scored = sorted(((row[e]["mean"], e) for e in extractors if row[e] and math.isfinite(row[e]["mean"])),
                                 key=lambda x: -x[0])
                 row["best_extractor"], row["best_margin"] = (scored[0][1] if scored else None), None
                 if len(scored) > 1:
@@ -1099,20 +1110,21 @@ def write_table(rows: list[dict], improvements: list[dict], out: Path, confidenc
           "policy sizes (a baseline, not a candidate). The IQM (interquartile mean over every cell's seeds) follows "
           "each mean table.", ""]
     tex = [f"% matrix-averaged performance [{level} interval]; bold: best extractor of the row; bc: baseline"]
+    columns = table_columns(rows)
     for kind, title in kinds.items():
         mine = [r for r in rows if r["kind"] == kind]
         if not mine:
             continue
         for key, heading in (("mean", title), ("iqm", f"{title}: IQM")):
-            md += [f"## {heading}", "", "| env | metric | value | " + " | ".join(TABLE_COLUMNS) + " |",
-                   "| --- " * (3 + len(TABLE_COLUMNS)) + "|"]
+            md += [f"## {heading}", "", "| env | metric | value | " + " | ".join(columns) + " |",
+                   "| --- " * (3 + len(columns)) + "|"]
             if key == "mean":
-                tex += [f"% {title}", "\\begin{tabular}{lll" + "c" * len(TABLE_COLUMNS) + "}", "\\hline",
-                        "env & metric & value & " + " & ".join(TABLE_COLUMNS) + " \\\\", "\\hline"]
+                tex += [f"% {title}", "\\begin{tabular}{lll" + "c" * len(columns) + "}", "\\hline",
+                        "env & metric & value & " + " & ".join(columns) + " \\\\", "\\hline"]
             for row in mine:
                 md_cells, tex_cells = [], []
-                for column in TABLE_COLUMNS:
-                    text = "" if row[column] is None else _with_interval(row[column], row["metric"], key)
+                for column in columns:
+                    text = "" if row.get(column) is None else _with_interval(row[column], row["metric"], key)
                     bold = column == row["best_extractor"] and key == "mean"
                     md_cells.append(f"**{text}**" if bold and text else text)
                     tex_cells.append(f"\\textbf{{{text}}}" if bold and text else text)
@@ -1131,15 +1143,15 @@ def write_table(rows: list[dict], improvements: list[dict], out: Path, confidenc
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     header = ["kind", "env", "metric", "value_learner"]
-    for column in TABLE_COLUMNS:
+    for column in columns:
         header += [f"{column}_{k}" for k in ("mean", "ci_low", "ci_high", "iqm", "iqm_ci_low", "iqm_ci_high", "std",
                                              "seeds", "cells")]
     writer.writerow(header + ["best_extractor"])
     number = lambda x: f"{x:.6g}" if x is not None and math.isfinite(x) else ""  # noqa: E731
     for row in rows:
         line = [row["kind"], row["env"], row["metric"], row["value"]]
-        for column in TABLE_COLUMNS:
-            a = row[column]
+        for column in columns:
+            a = row.get(column)
             line += [""] * 9 if a is None else [number(a["mean"]), *map(number, a["mean_ci"]), number(a["iqm"]),
                                                *map(number, a["iqm_ci"]), number(a["std"]), a["n_seeds"],
                                                a["cells"]]
@@ -1354,13 +1366,13 @@ def plot_aggregates(rows: list[dict], improvements: list[dict], out: Path, forma
     for env in sorted({r["env"] for r in rows}):
         mine = [r for r in rows if r["env"] == env and r["kind"] == "final"]
         pairs = [r for r in improvements if r["env"] == env]
-        columns = [c for c in TABLE_COLUMNS if any(r[c] for r in mine)]
+        columns = [c for c in table_columns(mine) if any(r.get(c) for r in mine)]
         if not columns:
             continue
         fig, axes = plt.subplots(1, 2 if pairs else 1, figsize=(bars_figsize(len(mine))[0] + 4.5 * bool(pairs), 3.8),
                                  squeeze=False, layout="constrained")
         missing = {"mean": math.nan, "mean_ci": NO_INTERVAL}
-        series = {NAMES.get(c, c): [r[c] or missing for r in mine] for c in columns}
+        series = {NAMES.get(c, c): [r.get(c) or missing for r in mine] for c in columns}
         _draw_bars(axes[0, 0], [NAMES.get(r["value"], r["value"]) for r in mine], series,
                    METRIC_LABELS.get(mine[0]["metric"], mine[0]["metric"]),
                    f"{env}\nmatrix-averaged mean (table.md), 95% bootstrap interval")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import importlib.util
 import inspect
 import itertools
 import json
@@ -91,10 +92,20 @@ def checkpoint_steps(run_dir: str | Path) -> list[int]:
     return sorted(int(p.stem.split("_")[1]) for p in (Path(run_dir) / runs.CHECKPOINT_DIR).glob("step_*.npz"))
 
 
-def load_script(name: str):
-    """The module of algos/<name>.py, beside this file (importable from a notebook in any folder)."""
+def load_script(name: str, path: str | Path | None = None):
+    """The module of the script file at `path` (a forked script: config.json's script_path, or --script) when that
+    file exists and is not algos/<name>.py beside this file; else of algos/<name>.py (importable from a notebook in
+    any folder; a run folder moved from another checkout finds its script here)."""
+    if path is not None and Path(path).is_file() and Path(path).resolve() != ROOT / "algos" / f"{name}.py":
+        module_spec = importlib.util.spec_from_file_location(name, path)  # a forked script, run from its own file
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+        return module
     if name not in runs.SCRIPTS:
-        raise runs.UsageError(f"config.json names the script {name!r}, which is not one of {', '.join(runs.SCRIPTS)}")
+        where = f"was trained from {path}, which does not exist here" if path else "records no script file"
+        raise runs.UsageError(f"config.json names the script {name!r}, which is not in algos/ "
+                              f"({', '.join(runs.SCRIPTS)}) and {where}; give its file with --script PATH")
     if str(ROOT) not in sys.path:
         sys.path.append(str(ROOT))
     return importlib.import_module(f"algos.{name}")
@@ -108,12 +119,13 @@ def load_config(module, flags: dict):
     return runs.make_config(module.Config, **{**kept, "members_file": None, "resume": False, "progress": False})
 
 
-def load_checkpoint(run_dir: str | Path, step: int | None = None) -> Checkpoint:
+def load_checkpoint(run_dir: str | Path, step: int | None = None, script: str | Path | None = None) -> Checkpoint:
     """A run folder's checkpoint at `step` (default: the latest), checked leaf by leaf against the script's networks
-    and loaded bit for bit."""
+    and loaded bit for bit. `script`: the script's file (default: the one config.json records, else algos/)."""
     run_dir = Path(run_dir)
     try:
-        flags = json.loads((run_dir / "config.json").read_text())["config"]
+        saved = json.loads((run_dir / "config.json").read_text())
+        flags = saved["config"]
     except (OSError, ValueError, KeyError) as error:
         raise runs.UsageError(f"{run_dir} is not a run folder (no readable config.json): {error}") from error
     steps = checkpoint_steps(run_dir)
@@ -123,7 +135,7 @@ def load_checkpoint(run_dir: str | Path, step: int | None = None) -> Checkpoint:
     step = steps[-1] if step is None else step
     if step not in steps:
         raise runs.UsageError(f"{run_dir} has no checkpoint at --step {step}; it has {', '.join(map(str, steps))}")
-    module = load_script(flags["script"])
+    module = load_script(flags["script"], script or saved.get("script_path"))
     config = load_config(module, flags)
     spec = envs.parse_env(config.env)
     obs_dim, action_dim = envs.env_dims(spec)
@@ -390,6 +402,8 @@ class Args:
 
     run_dir: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="RUN_DIR")]]
     """A run folder (holding config.json and checkpoints/)."""
+    script: str | None = None
+    """The script file that trained it; default: the file config.json records (a forked script too), else algos/."""
     step: int | None = None
     """The checkpoint's step; default: the latest."""
     test_time: tuple[Literal["opex", "ttt"], ...] = ()
@@ -428,7 +442,7 @@ def main(args: Args) -> dict:
                 (args.video_size >= 16, "--video-size must be >= 16"),
                 (args.video_stride >= 1, "--video-stride must be >= 1"),
                 (args.video_fps >= 1, "--video-fps must be >= 1")])
-    checkpoint = load_checkpoint(args.run_dir, args.step)
+    checkpoint = load_checkpoint(args.run_dir, args.step, args.script)
     spec, run_dir = checkpoint.spec, checkpoint.run_dir
     runs.check([(0 <= args.member < len(checkpoint.seeds),
                  f"--member {args.member} is out of range: the run has {len(checkpoint.seeds)} member(s)"),

@@ -453,7 +453,7 @@ class RunFolder:
     trackers (--track, --tensorboard: section 5), which get every record metrics.jsonl gets."""
 
     def __init__(self, path: str, config: dict, resume_step: int | None = None, from_table: dict | None = None,
-                 seeds: list[int] | None = None, validation: str = ""):
+                 seeds: list[int] | None = None, validation: str = "", script_path: str | None = None):
         self.path = Path(path)  # locked by the caller (Members), which holds the lock for the process's life
         if (self.path / "result.json").exists():
             raise UsageError(f"{self.path} already holds a complete run (result.json); choose another --out-dir")
@@ -477,8 +477,10 @@ class RunFolder:
         (self.path / "failure.json").unlink(missing_ok=True)  # an earlier attempt's, if any
         # from_table: which flags the user left unset and the dataset's row of envs.HYPERPARAMETERS filled, from where
         # validation: where the validation MSE's states come from (envs.load_splits: the -val file or a hold-out)
+        # script_path: the file that trained it, so that evaluate.py finds a forked script too
         write_json_atomic(self.path / "config.json", dict(config=config, from_table=from_table or {},
-                                                          validation=validation, versions=package_versions()))
+                                                          validation=validation, versions=package_versions(),
+                                                          script_path=script_path))
         self._metrics = open(metrics, "a" if resume_step is not None else "w")
         self.trackers = Trackers(self.path, config, seeds or [], kept and [json.loads(line) for line in kept])
 
@@ -725,8 +727,11 @@ class Members:
         if flags.get("resume"):
             common = set.intersection(*(set(resume_steps(Path(d))) for d in groups))
             self.resume_step = max(common) if common else None
+        source = getattr(sys.modules.get(type(config).__module__), "__file__", None)  # the script's own file
+        script_path = str(Path(source).resolve()) if source else None
         self.folders = [(RunFolder(out_dir, standalone[out_dir], self.resume_step, from_table,
-                                   [self.seeds[m] for m in ms], validation), ms) for out_dir, ms in groups.items()]
+                                   [self.seeds[m] for m in ms], validation, script_path), ms)
+                        for out_dir, ms in groups.items()]
         self._last_finite: list[dict] = []
 
     def keys(self):

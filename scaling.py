@@ -107,7 +107,8 @@ class Args:
     envs: tuple[str, ...] | None = None
     """Environments / datasets (`python envs.py list`). Default: pointmaze-medium-navigate-v0."""
     scripts: tuple[str, ...] | None = None
-    """Scripts from algos/ (e.g. iql_ddpgbc crl_awr bc). Default: iql_ddpgbc."""
+    """Scripts from algos/ (e.g. iql_ddpgbc crl_awr bc), or paths of script files (a fork: ../myexp/iql_myloss.py,
+    named by its file name). Default: iql_ddpgbc."""
     value_sizes: tuple[int, ...] | None = None
     """Value data sizes in transitions. Default: all training data."""
     policy_sizes: tuple[int, ...] | None = None
@@ -213,9 +214,18 @@ def resolve(args: Args, script_args: list[str]) -> dict:
     settings["test_time_cell"] = args.test_time_cell or preset.get("test_time_cell", False)
     for name in settings["envs"]:
         envs.parse_env(name)  # names the closest valid name on a typo
+    settings["script_files"] = {}  # name -> file, for every script given as a path (a fork)
     for name in settings["scripts"]:
-        if name not in SCRIPTS:
-            raise UsageError(f"--scripts: {name} is not a script; choose from {' '.join(SCRIPTS)}")
+        if name.endswith(".py"):
+            if not Path(name).is_file():
+                raise UsageError(f"--scripts: {name} is not a file; give a path to a script, or a name from algos/")
+            settings["script_files"][Path(name).stem] = str(Path(name).resolve())
+        elif name not in SCRIPTS:
+            raise UsageError(f"--scripts: {name} is not a script; choose from {' '.join(SCRIPTS)}, or give a script "
+                             "file's path (a fork: path/to/iql_myloss.py)")
+    settings["scripts"] = tuple(Path(name).stem if name.endswith(".py") else name for name in settings["scripts"])
+    if len(set(settings["scripts"])) != len(settings["scripts"]):
+        raise UsageError(f"--scripts names a script twice: {' '.join(settings['scripts'])}")
     for flag in ("value_sizes", "policy_sizes"):
         sizes = [s for s in settings[flag] if s is not None]
         if any(s < 1 for s in sizes) or len(set(settings[flag])) != len(settings[flag]) or not settings[flag]:
@@ -368,7 +378,8 @@ def processes(pending: list[Run], settings: dict) -> list[Process]:
     for (env, script, test_time, online, eval_interval), runs in groups.items():
         for start in range(0, len(runs), settings["pack"]):
             members = runs[start:start + settings["pack"]]
-            base = [sys.executable, str(ROOT / "algos" / f"{script}.py"), "--env", env, "--dataset-dir",
+            file = settings["script_files"].get(script, str(ROOT / "algos" / f"{script}.py"))
+            base = [sys.executable, file, "--env", env, "--dataset-dir",
                     settings["dataset_dir"], "--steps", str(settings["steps"] - online), "--no-progress", "--resume"]
             if settings["online_steps"] or online:
                 base += ["--online-steps", str(settings["online_steps"] or online)]

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import tyro
 from conftest import POINTMAZE, ROOT
@@ -97,3 +98,59 @@ def test_a_forked_script_runs_from_a_folder_of_its_own(data_dir, tmp_path):
     assert all(path.startswith(str(fork)) for path in imported), imported  # the copies, not the repository's
     result = json.loads((fork / "run" / "result.json").read_text())
     assert result["script"] == "iql_awr" and result["steps"] == 50 and 0 <= result["success"]["mean"] <= 1
+
+
+def test_a_renamed_fork_with_a_new_loss_trains_evaluates_sweeps_and_analyses(data_dir, tmp_path):
+    """Issue 37's fork, as the README says: copy one script and the three modules, rename it, change its critic target
+    to read the next action, and use it with no --alpha and no edit of a shared module: train, evaluate.py, a
+    scaling.py sweep of 2 members x 2 value sizes, analyze.py. Every step succeeds with finite numbers."""
+    fork = tmp_path / "myexp"
+    fork.mkdir()
+    for name in ("envs.py", "runs.py", "testtime.py"):
+        shutil.copy(ROOT / name, fork)
+    source = (ROOT / "algos" / "iql_ddpgbc.py").read_text()
+    renamed = source.replace('SCRIPT, TABLE_ROW = "iql_ddpgbc", "iql_ddpgbc"',
+                             'SCRIPT, TABLE_ROW = "iql_nextq", "iql_ddpgbc"')  # a new name; iql_ddpgbc's table row
+    old_target = '    next_v = value_fn(value_params, batch["next_observations"], batch.get("goals"))\n'
+    new_target = ('    s2, g = batch["next_observations"], batch.get("goals")\n'
+                  '    next_q = critic_fn(critic_params, s2, g, batch["next_actions"]).min(0)  # SARSA: Q(s2, a2)\n'
+                  '    next_v = 0.5 * (value_fn(value_params, s2, g) + jax.lax.stop_gradient(next_q))\n')
+    assert renamed != source and source.count(old_target) == 1
+    script = fork / "iql_nextq.py"
+    script.write_text(renamed.replace(old_target, new_target))
+    tiny = ["--hidden-dims", "16", "--batch-size", "32", "--eval-episodes", "1", "--mse-samples", "32",
+            "--eval-max-steps", "50", "--log-interval", "50", "--no-progress"]
+    run = fork / "run"
+    proc = subprocess.run([sys.executable, str(script), "--env", POINTMAZE, "--dataset-dir", str(data_dir), "--steps",
+                           "100", "--checkpoint-interval", "100", "--out-dir", str(run), *tiny],
+                          capture_output=True, text=True, cwd=fork, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["alpha"] == 0.003 and config["from_table"]["alpha"].startswith("0.003")  # iql_ddpgbc's
+    assert config["script_path"] == str(script.resolve())
+    result = json.loads((run / "result.json").read_text())
+    assert result["script"] == "iql_nextq" and all(
+        np.isfinite(result[k]["mean"]) for k in ("success", "train_mse", "val_mse", "eval_mse"))
+    # evaluate.py finds the fork's file from config.json and repeats the run's numbers
+    proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), str(run), "--dataset-dir", str(data_dir)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluation = json.loads(next(run.glob("eval_*.json")).read_text())
+    assert evaluation["script"] == "iql_nextq"
+    for key in runs.RESULT_METRICS:
+        assert evaluation[key]["per_member"] == result[key]["per_member"], key
+    # a sweep of the fork by its path: 2 seeds x 2 value sizes, packed, then analysed in a row and column of its own
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, str(ROOT / "scaling.py"), "--envs", POINTMAZE, "--scripts", str(script),
+                           "--value-sizes", "2000", "4000", "--seeds", "0", "1", "--steps", "100", "--pack", "4",
+                           "--dataset-dir", str(data_dir), "--sweep-dir", str(sweep), "--no-progress", "--", *tiny,
+                           "--eval-interval", "100"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    folders = sorted(p.parent.name for p in sweep.rglob("result.json"))
+    assert folders == ["v2000_pall_s0", "v2000_pall_s1", "v4000_pall_s0", "v4000_pall_s1"]
+    analyze.main(analyze.Args(sweep_dir=str(sweep), out=str(tmp_path / "analysis"), only=("table", "matrices")))
+    table = (tmp_path / "analysis" / "table.md").read_text()
+    assert "| env | metric | value | awr | ddpgbc | sfbc | nextq | bc |" in table
+    [row] = [r for r in json.loads((tmp_path / "analysis" / "summary.json").read_text())["table"]
+             if r["kind"] == "final"]
+    assert row["value"] == "iql" and np.isfinite(row["nextq"]["mean"]) and row["ddpgbc"] is None
