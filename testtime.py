@@ -48,6 +48,13 @@ def ttt_loss(actor_params, anchor_actions, params, obs, goals, q_value: Callable
     return q_loss + alpha * 0.5 * ((mu - anchor_actions) ** 2).sum(-1).mean()
 
 
+def ttt_gradient(actor_params, params, obs, goals, q_value: Callable, mean_action: Callable, alpha: float):
+    """The gradient of `ttt_loss` for the copy `actor_params`, anchored at the pre-trained policy's actions on these
+    states (`params["actor"]`, never the copy's own: then the anchor term would vanish)."""
+    anchor = mean_action(params["actor"], obs, goals)
+    return jax.grad(ttt_loss)(actor_params, anchor, params, obs, goals, q_value, mean_action, alpha)
+
+
 def sample_visited(key, valid, filled, count: int):
     """`count` buffer rows drawn uniformly among the states of episodes that were still running when stored (`valid`),
     or among all `filled` rows while there is none (a copy whose episodes all ended acts for nobody)."""
@@ -106,8 +113,7 @@ class TestTime:
                     actor, opt_state = inner
                     rows = sample_visited(key, valid, filled, harness.ttt_batch_size)
                     s, g = buffer_obs[rows], None if buffer_goals is None else buffer_goals[rows]
-                    anchor = mean_action(params["actor"], s, g)  # the pre-trained policy's actions on those states
-                    grads = jax.grad(ttt_loss)(actor, anchor, params, s, g, q_value, mean_action, harness.ttt_alpha)
+                    grads = ttt_gradient(actor, params, s, g, q_value, mean_action, harness.ttt_alpha)
                     updates, opt_state = optimizer.update(grads, opt_state, actor)
                     return (optax.apply_updates(actor, updates), opt_state), None
 
