@@ -989,7 +989,9 @@ def sample_batch(key, data, data_size, batch_size: int, goals: Literal["none", "
         return jnp.where(is_online, own, offline)
 
     batch = {k: rows(k, idxs) for k in ("observations", "actions", "next_observations", "rewards", "masks")}
-    final = jnp.minimum(data["final_idxs"][jnp.minimum(idxs, data_size - 1)], data_size - 1)
+    # each row's trajectory end inside the subset (a hand-made dict without final_idxs: one trajectory)
+    final = jnp.minimum(data["final_idxs"][jnp.minimum(idxs, data_size - 1)] if "final_idxs" in data
+                        else jnp.full_like(idxs, data_size - 1), data_size - 1)
     if online is not None:  # an online row's trajectory ends at its episode's last row (the newest row, if open)
         final = jnp.where(idxs >= data_size, data_size + rows("final_idxs", idxs), final)
     # a' for SARSA-style targets: the next row's action in the same trajectory and subset (at its last row, its own)

@@ -59,10 +59,11 @@ def test_each_value_learners_alpha_grid_is_centred_on_its_own_tuned_alpha(script
 @pytest.mark.parametrize("script", TD_SCRIPTS)
 def test_targets_move_towards_the_critic_before_its_update(script):
     """The reference's target_update averages the pre-update agent's critic into the target (`self.network.params`,
-    not the new network's): after one step, target = (1 - tau) * target_0 + tau * critic_0. With tau 0.5 and a large
-    learning rate the post-update critic is far from critic_0, so the other order fails."""
+    not the new network's): after one step, target = (1 - tau) * target_0 + tau * critic_0. With a large learning rate
+    the post-update critic is far from critic_0, so the other order fails; with tau 0.3 (not 0.5) a reversed rate,
+    0.3 * target_0 + 0.7 * critic_0, fails too (the targets sit 0.5 from the critic: 0.2 apart per entry)."""
     algo = load(script)
-    config = envs.fill_from_table(runs.make_config(algo.Config, hidden_dims=(16,), batch_size=8, tau=0.5, lr=0.05,
+    config = envs.fill_from_table(runs.make_config(algo.Config, hidden_dims=(16,), batch_size=8, tau=0.3, lr=0.05,
                                                    env="walker-run-random"), script)[0]
     rng = np.random.default_rng(0)
     data = {"observations": rng.standard_normal((64, 3)), "actions": rng.uniform(-1, 1, (64, 2)),
@@ -76,8 +77,8 @@ def test_targets_move_towards_the_critic_before_its_update(script):
     if hasattr(config, "alpha"):
         member["alpha"] = 1.0
     new, _ = jax.jit(lambda s: algo.update(s, data, member, config, False))(state)
-    expected = jax.tree_util.tree_map(lambda t, p: 0.5 * t + 0.5 * p, state["target_critic"], state["params"]["critic"])
-    after_update = jax.tree_util.tree_map(lambda t, p: 0.5 * t + 0.5 * p, state["target_critic"],
+    expected = jax.tree_util.tree_map(lambda t, p: 0.7 * t + 0.3 * p, state["target_critic"], state["params"]["critic"])
+    after_update = jax.tree_util.tree_map(lambda t, p: 0.7 * t + 0.3 * p, state["target_critic"],
                                           new["params"]["critic"])
     for got, want in zip(jax.tree_util.tree_leaves(new["target_critic"]), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
