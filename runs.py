@@ -434,8 +434,12 @@ def _step_of(line: str) -> int | None:
 
 
 def resume_steps(path: Path) -> list[int]:
-    """Steps of the complete resume states in a run folder (temporary files are never named state_*.npz)."""
-    return sorted(int(p.stem.split("_")[1]) for p in (Path(path) / RESUME_DIR).glob("state_*.npz"))
+    """Steps of the complete resume states in a run folder (temporary files are never named state_*.npz); [] also when
+    a finishing run removes the folder while it is being listed (a reader of a live sweep, tests/test_scaling.py)."""
+    try:
+        return sorted(int(p.stem.split("_")[1]) for p in (Path(path) / RESUME_DIR).glob("state_*.npz"))
+    except FileNotFoundError:
+        return []
 
 
 def flatten_tree(tree) -> dict[str, np.ndarray]:

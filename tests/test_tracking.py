@@ -7,6 +7,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -190,9 +191,24 @@ def test_trackers_are_closed_however_a_run_ends(tmp_path, monkeypatch):
             runs.exit_on_usage_error(lambda ending=ending: main(ending))
         assert status == 1 or stop.value.code == status
         assert folders[ending].trackers.sinks == [] and runs.Trackers._open == []
-        [path] = (tmp_path / ending).glob("wandb/offline-run-*/*.wandb")
-        exits = [r.exit.exit_code for r in wandb_records(path) if r.WhichOneof("record_type") == "exit"]
-        assert exits == [status], ending
+        assert exit_codes(tmp_path / ending) == [status], ending
+
+
+def exit_codes(folder, timeout: float = 120.0) -> list[int]:
+    """The exit codes of the W&B run's exit records, once its offline file holds one: wandb's service process writes
+    the file after finish() returns, later on a loaded machine, so the test waits for the record (up to `timeout`)
+    instead of reading the file at a moment that depends on load."""
+    deadline = time.time() + timeout
+    while True:
+        paths = list(Path(folder).glob("wandb/offline-run-*/*.wandb"))
+        try:
+            exits = [r.exit.exit_code for r in wandb_records(paths[0]) if r.WhichOneof("record_type") == "exit"] \
+                if len(paths) == 1 else []
+        except Exception:  # a file still being written: its last record cut short
+            exits = []
+        if exits or time.time() > deadline:
+            return exits
+        time.sleep(0.2)
 
 
 def test_nothing_of_wandb_or_tensorboard_is_imported_with_the_flags_off(tmp_path):
