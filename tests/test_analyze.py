@@ -66,7 +66,8 @@ def matrices_of(root: Path, metric: str = "success") -> dict[str, analyze.Matrix
 
 def test_verdicts_policy_value_both_flat_and_noise(tmp_path):
     """Known effects, 4 seeds a cell: each verdict names the axis that was built in, and each change's interval
-    covers the change that was built in (0.3 / 0 / 0.2 / 0 / 0.1)."""
+    covers the change that was built in (0.3 / 0 / 0.2 / 0 / 0.1 / -0.3: an axis matters when its interval excludes
+    zero on either side)."""
     rng = np.random.default_rng(0)
     patterns = {
         "iql_ddpgbc": (lambda i, j: 0.2 + 0.15 * j, 0.01),  # only the policy axis
@@ -74,6 +75,7 @@ def test_verdicts_policy_value_both_flat_and_noise(tmp_path):
         "iql_awr": (lambda i, j: 0.2 + 0.1 * (i + j), 0.01),  # both, equally
         "sarsa_awr": (lambda i, j: 0.4, 0.01),  # neither: seed noise only
         "crl_ddpgbc": (lambda i, j: 0.3 + 0.05 * j, 0.15),  # a policy trend buried in seed noise
+        "crl_awr": (lambda i, j: 0.6 - 0.15 * j, 0.01),  # more policy data hurts: an interval below zero matters
     }
     written = {}
     for script, (f, sd) in patterns.items():
@@ -86,7 +88,7 @@ def test_verdicts_policy_value_both_flat_and_noise(tmp_path):
     got = {script: analyze.verdict(matrices[script], BOOT) for script in patterns}
     assert {s: v["verdict"] for s, v in got.items()} == {
         "iql_ddpgbc": "policy-bounded", "sarsa_ddpgbc": "value-bounded", "iql_awr": "both", "sarsa_awr": "flat",
-        "crl_ddpgbc": "flat"}
+        "crl_ddpgbc": "flat", "crl_awr": "policy-bounded"}
     # the numbers behind them, by hand from what was written
     for script in patterns:
         mean = np.array([[np.mean(list(written[(script, i, j)].values())) for j in range(3)] for i in range(3)])
@@ -94,7 +96,7 @@ def test_verdicts_policy_value_both_flat_and_noise(tmp_path):
         assert got[script]["value_change"] == pytest.approx(np.mean(mean[2, :] - mean[0, :]))
         assert got[script]["n_seeds"] == 4
     truth = {"iql_ddpgbc": (0.3, 0.0), "sarsa_ddpgbc": (0.0, 0.3), "iql_awr": (0.2, 0.2), "sarsa_awr": (0.0, 0.0),
-             "crl_ddpgbc": (0.1, 0.0)}
+             "crl_ddpgbc": (0.1, 0.0), "crl_awr": (-0.3, 0.0)}
     for script, (policy, value) in truth.items():
         (p_low, p_high), (v_low, v_high) = got[script]["policy_ci"], got[script]["value_ci"]
         assert p_low <= policy <= p_high and v_low <= value <= v_high, (script, got[script])

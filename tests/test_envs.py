@@ -429,7 +429,7 @@ def test_geometric_value_goals_are_a_geometric_number_of_steps_ahead(part, disco
 
 
 @pytest.mark.parametrize("part", ["offline", "online"])
-@pytest.mark.parametrize("p_current, p_trajectory, p_random", [(0.2, 0.5, 0.3), (0.45, 0.15, 0.4)])
+@pytest.mark.parametrize("p_current, p_trajectory, p_random", [(0.2, 0.5, 0.3), (0.45, 0.15, 0.4), (0.0, 1.0, 0.0)])
 def test_value_goals_are_current_trajectory_or_random_with_the_configured_probabilities(part, p_current,
                                                                                         p_trajectory, p_random):
     """Each value goal is the row itself (reward 0, mask 0) with probability p_current, a later row of the same
