@@ -237,7 +237,9 @@ class Harness:
         interval = self.resume_interval
         check([
             (self.log_interval >= 1 and steps % self.log_interval == 0,
-             f"--steps {steps} must be a positive multiple of --log-interval {self.log_interval}"),
+             f"--steps {steps} must be a positive multiple of --log-interval {self.log_interval}: give "
+             f"--log-interval {math.gcd(steps, self.log_interval) or 1} (and an --eval-interval that is a multiple of "
+             "it), or --steps a multiple of it"),
             (self.eval_interval >= 1 and self.eval_interval % self.log_interval == 0,
              "--eval-interval must be a positive multiple of --log-interval"),
             (self.checkpoint_interval >= 0 and self.checkpoint_interval % self.log_interval == 0,
@@ -830,6 +832,9 @@ class Run(Members):
     def __init__(self, config, script: str, train_size: int, from_table: dict | None = None, validation: str = ""):
         super().__init__(config, script, train_size, from_table, validation)
         self.config, self.harness, self.script = config, config.harness, script
+        if from_table:  # the values this run takes from the per-dataset table, and where each comes from
+            print(f"{script} on {config.env}, from envs.HYPERPARAMETERS: "
+                  + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in from_table.items()), file=sys.stderr)
         self.total_steps = config.steps + self.online_steps
         interval = self.harness.resume_interval
         self.resume_interval = self.harness.eval_interval if interval is None else interval

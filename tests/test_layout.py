@@ -125,6 +125,8 @@ def test_a_renamed_fork_with_a_new_loss_trains_evaluates_sweeps_and_analyses(dat
                            "100", "--checkpoint-interval", "100", "--out-dir", str(run), *tiny],
                           capture_output=True, text=True, cwd=fork, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # its first line says which values came from the table (iql_ddpgbc's row, the script's TABLE_ROW) and from where
+    assert f"iql_nextq on {POINTMAZE}, from envs.HYPERPARAMETERS: --alpha 0.003 (reference)" in proc.stderr
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["alpha"] == 0.003 and config["from_table"]["alpha"].startswith("0.003")  # iql_ddpgbc's
     assert config["script_path"] == str(script.resolve())
