@@ -256,13 +256,16 @@ def hyperparameters(name: str) -> dict[str, tuple]:
     return entries
 
 
+def table_keys(key: str, script: str) -> tuple[str, ...]:
+    """The table entries that can give `key` to `script`, in order: "<key>/<script>", "<key>/<extractor>" (bc for
+    bc.py), "<key>"."""
+    return tuple(dict.fromkeys((f"{key}/{script}", f"{key}/{script.split('_')[-1]}", key)))
+
+
 def table_entry(entries: dict[str, tuple], key: str, script: str) -> tuple | None:
-    """The (value, source) of `key` for `script` among a dataset's entries: "<key>/<script>", else
-    "<key>/<extractor>" (bc for bc.py), else "<key>"; None where the table has none."""
-    for name in (f"{key}/{script}", f"{key}/{script.split('_')[-1]}", key):
-        if name in entries:
-            return entries[name]
-    return None
+    """The (value, source) of `key` for `script` among a dataset's entries: the first of `table_keys` it has; None
+    where the table has none."""
+    return next((entries[name] for name in table_keys(key, script) if name in entries), None)
 
 
 def fill_from_table(config, script: str):
@@ -277,9 +280,9 @@ def fill_from_table(config, script: str):
             continue
         entry = table_entry(entries, flag, script)
         if entry is None:
-            keys = " / ".join(dict.fromkeys((f"{flag}/{script}", f"{flag}/{script.split('_')[-1]}", flag)))
             raise runs.UsageError(
-                f"--{flag.replace('_', '-')} is unset and envs.HYPERPARAMETERS has no {keys} entry for "
+                f"--{flag.replace('_', '-')} is unset and envs.HYPERPARAMETERS has no "
+                f"{' / '.join(table_keys(flag, script))} entry for "
                 f"{config.env}: give --{flag.replace('_', '-')}, or set the script's TABLE_ROW to the script whose "
                 "entries it inherits (e.g. TABLE_ROW = \"iql_ddpgbc\")")
         flags[flag], source = entry
